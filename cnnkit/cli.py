@@ -1,0 +1,288 @@
+"""The `cnnkit` command line: thin typer functions over the library.
+
+Each command parses, calls one library function and formats its result. Heavy imports (torch,
+onnx) happen inside the commands that need them, so `cnnkit infer` starts without torch.
+With `--json`, a command prints exactly one JSON object on stdout; everything for humans goes to
+stderr.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import signal
+import sys
+from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from cnnkit.console import log
+from cnnkit.errors import CnnkitError
+
+app = typer.Typer(
+    help="Train a small image CNN, export it with a parity gate, and classify folders of PNGs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Get data as PNG folders: ROOT/training/<class>/*.png and ROOT/testing/<class>/*.png.",
+                       no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_INTERRUPTED = 130
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Format(str, Enum):
+    onnx = "onnx"
+    torchscript = "torchscript"
+
+
+class Exporter(str, Enum):
+    dynamo = "dynamo"
+    torchscript = "torchscript"
+
+
+class Split(str, Enum):
+    training = "training"
+    testing = "testing"
+
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (human output on stderr).")]
+
+
+def _reports_errors(fn: F) -> F:
+    """Turn CnnkitError into one line on stderr and a non-zero exit, instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except CnnkitError as e:
+            log(f"error: {e}")
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            log("interrupted")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _emit(obj: dict[str, Any], as_json: bool, human: str | None = None) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(obj, default=str) + "\n")
+        sys.stdout.flush()
+    if human:
+        log(human)
+
+
+def _parse_classes(classes: str | None) -> tuple[str, ...] | None:
+    if classes is None:
+        return None
+    names = tuple(c.strip() for c in classes.split(",") if c.strip())
+    if len(names) < 2:
+        raise CnnkitError("--classes needs at least two comma-separated class names, e.g. --classes 0,1")
+    return names
+
+
+# --------------------------------------------------------------------------------------------
+# train
+
+
+def _sigterm_as_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+@app.command()
+@_reports_errors
+def train(
+    data: Annotated[Path | None, typer.Argument(help="Folder with training/ (and testing/), or class folders. "
+                                                      "Default: the bundled 5,000 MNIST digits.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder. Default: runs/train-<time>.")] = None,
+    epochs: Annotated[int, typer.Option(min=1)] = 5,
+    batch_size: Annotated[int, typer.Option(min=1)] = 128,
+    arch: Annotated[str, typer.Option(help="small (default) or lecture (the lecture's exact network).")] = "small",
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate. Default: 1e-3 for lecture, 3e-3 otherwise.")]
+    = None,
+    classes: Annotated[str | None, typer.Option(help="Comma-separated class folder names, e.g. 0,1.")] = None,
+    val_split: Annotated[float | None, typer.Option(help="Hold out this fraction of training for validation. "
+                                                         "Default: 0 with a testing/ folder, else 0.1.")] = None,
+    device: Annotated[Device, typer.Option(help="auto uses CUDA when present.")] = Device.auto,
+    seed: int = 0,
+    workers: Annotated[int | None, typer.Option(help="PNG decoder processes. Default: one per core.")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train a CNN on a folder of PNGs; write checkpoints, metrics.json and plots to a run folder."""
+    from cnnkit.trainer.loop import Interrupted, TrainConfig, format_summary
+    from cnnkit.trainer.loop import train as run_training
+
+    cfg = TrainConfig(
+        data=str(data) if data else None,
+        out=str(out) if out else None,
+        arch=arch,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        classes=_parse_classes(classes),
+        val_split=val_split,
+        device=device.value,
+        seed=seed,
+        workers=workers,
+    )
+    previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    try:
+        result = run_training(cfg, resume=str(resume) if resume else None)
+    except Interrupted as e:
+        log(f"error: {e}")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    d = result.to_dict()
+    if as_json:
+        d = {k: v for k, v in d.items() if k != "history"}
+    _emit(d, as_json, format_summary(result))
+
+
+# --------------------------------------------------------------------------------------------
+# export
+
+
+@app.command()
+@_reports_errors
+def export(
+    checkpoint: Annotated[Path | None, typer.Argument(help="Default: runs/latest/best.pt.")] = None,
+    format: Annotated[Format, typer.Option("--format", "-f")] = Format.onnx,
+    out: Annotated[Path | None, typer.Option(help="Artifact path. Default: next to the checkpoint.")] = None,
+    data: Annotated[Path | None, typer.Option(help="Folder of class folders for the parity images. "
+                                                   "Default: the testing split the model was trained with.")] = None,
+    exporter: Annotated[Exporter | None, typer.Option(help="ONNX exporter (recorded in the file).")] = None,
+    opset: Annotated[int | None, typer.Option(help="ONNX opset. Default: the exporter's.")] = None,
+    tolerance: Annotated[float, typer.Option(help="Parity gate: max abs difference allowed.")] = 1e-4,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export a checkpoint to ONNX or TorchScript; keep it only if it answers like the eager model."""
+    from cnnkit.export import export as run_export
+
+    kwargs: dict[str, Any] = {}
+    if exporter is not None:
+        kwargs["exporter"] = exporter.value
+    result = run_export(
+        checkpoint=str(checkpoint) if checkpoint else None,
+        fmt=format.value,
+        out=str(out) if out else None,
+        data=str(data) if data else None,
+        opset=opset,
+        max_abs_tol=tolerance,
+        **kwargs,
+    )
+    p = result.parity
+    human = (
+        f"parity on {p.n_images} images at batch sizes {', '.join(map(str, p.batch_sizes))}: "
+        f"max abs diff {p.max_abs_diff:.2e}, mean {p.mean_abs_diff:.2e}, "
+        f"argmax agreement {p.argmax_agreement:.2%} -> passed\n"
+        f"wrote {result.path} ({result.format}, exporter {result.exporter}); report {result.report_path}"
+    )
+    _emit(result.to_dict(), as_json, human)
+
+
+# --------------------------------------------------------------------------------------------
+# infer
+
+
+@app.command()
+@_reports_errors
+def infer(
+    folder: Annotated[Path, typer.Argument(help="Folder of PNGs (searched recursively).")],
+    model: Annotated[Path | None, typer.Option(help="ONNX model. Default: runs/latest/model.onnx.")] = None,
+    device: Annotated[Device, typer.Option(help="auto uses the CUDA provider when it works.")] = Device.auto,
+    batch_size: Annotated[int, typer.Option(min=1)] = 256,
+    output: Annotated[Path | None, typer.Option(help="CSV of predictions. Default: predictions.csv next to "
+                                                     "the model.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Decoder processes. Default: one per core.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Classify every PNG under FOLDER with ONNX Runtime; write a CSV and print a summary."""
+    from cnnkit.runtime.infer import format_summary
+    from cnnkit.runtime.infer import infer as run_infer
+
+    result = run_infer(
+        str(folder),
+        model=str(model) if model else None,
+        device=device.value,
+        batch_size=batch_size,
+        output=str(output) if output else None,
+        workers=workers,
+    )
+    _emit(result.to_dict(), as_json, format_summary(result))
+
+
+# --------------------------------------------------------------------------------------------
+# data
+
+
+@data_app.command("sample")
+@_reports_errors
+def data_sample(
+    out: Annotated[Path, typer.Option(help="Where to write the PNG tree.")] = Path("data/mnist-sample"),
+    overwrite: bool = False,
+) -> None:
+    """Write the bundled 5,000 MNIST digits (400 training + 100 testing per digit) as PNGs."""
+    from cnnkit.datasets.sample import write_sample
+
+    splits = write_sample(str(out), overwrite=overwrite)
+    log(f"wrote {splits.train} and {splits.test}")
+
+
+@data_app.command("mnist")
+@_reports_errors
+def data_mnist(
+    out: Annotated[Path, typer.Option(help="Where to put training/ and testing/.")] = Path("data/mnist_png"),
+    url: Annotated[str | None, typer.Option(help="Archive URL (a mirror of mnist_png.tgz).")] = None,
+) -> None:
+    """Download the lecture's MNIST PNG archive (70,000 digits), verify it and unpack it safely."""
+    from cnnkit.datasets.mnist import MNIST_URL, fetch_mnist
+
+    splits = fetch_mnist(str(out), url=url or MNIST_URL)
+    log(f"MNIST ready: {splits.train} and {splits.test}")
+
+
+@data_app.command("idx")
+@_reports_errors
+def data_idx(
+    images: Annotated[Path, typer.Argument(help="IDX images file (.gz or raw).")],
+    labels: Annotated[Path, typer.Argument(help="IDX labels file (.gz or raw).")],
+    out: Annotated[Path, typer.Option(help="Root folder of the PNG tree.")],
+    split: Annotated[Split, typer.Option(help="Which split these files are.")],
+    names: Annotated[str | None, typer.Option(help="Comma-separated class names for labels 0..K-1 "
+                                                   "(or 'fashion' for Fashion-MNIST's). Default: the label numbers.")]
+    = None,
+) -> None:
+    """Convert IDX files (the MNIST / Fashion-MNIST format) to ROOT/<split>/<class>/*.png."""
+    from cnnkit.datasets.idx import FASHION_MNIST_CLASSES, idx_to_tree
+
+    class_names: tuple[str, ...] | None = None
+    if names == "fashion":
+        class_names = tuple(FASHION_MNIST_CLASSES)
+    elif names:
+        class_names = tuple(n.strip() for n in names.split(","))
+    n = idx_to_tree(str(images), str(labels), str(out), split.value, class_names=class_names)
+    log(f"wrote {n:,} images to {out}/{split.value}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""Errors a user can act on.
+
+Every failure that a user can fix raises a `CnnkitError` subclass whose message says what to do.
+The CLI prints it on one line and exits with `exit_code`; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class CnnkitError(Exception):
+    """Base class of the errors the CLI reports in one line."""
+
+    exit_code = 2
+
+
+class DataError(CnnkitError):
+    """A data folder, archive or image that cannot be used as asked."""
+
+
+class ModelError(CnnkitError):
+    """A checkpoint or model file that is missing, malformed or not cnnkit's."""
+
+
+class DeviceError(CnnkitError):
+    """A device or execution provider that was asked for but is not available."""
+
+
+class ParityError(CnnkitError):
+    """An exported artifact that does not answer like the eager model."""
+
+    exit_code = 3
+
+
+class DownloadError(CnnkitError):
+    """A download that failed or did not verify."""

@@ -1,0 +1,58 @@
+"""Run folders: where `cnnkit train` writes and where export and infer look by default.
+
+    runs/<name>/checkpoint.pt     last epoch (written after every epoch)
+    runs/<name>/best.pt           best epoch by the documented rule (what export reads by default)
+    runs/<name>/model.onnx        `cnnkit export --format onnx`
+    runs/<name>/model.ts          `cnnkit export --format torchscript`
+    runs/<name>/predictions.csv   `cnnkit infer` without --output
+    runs/latest -> <name>         symlink to the newest run
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from cnnkit.errors import ModelError
+from cnnkit.files import point_symlink
+
+RUNS_DIR = "runs"
+LATEST = "latest"
+ONNX_NAME = "model.onnx"
+TORCHSCRIPT_NAME = "model.ts"
+PREDICTIONS_NAME = "predictions.csv"
+
+
+def new_run_dir(runs_dir: str = RUNS_DIR, name: str | None = None) -> str:
+    """Create a fresh run folder (`train-YYYYmmdd-HHMMSS`, suffixed if taken) and return it."""
+    os.makedirs(runs_dir, exist_ok=True)
+    base = name or time.strftime("train-%Y%m%d-%H%M%S")
+    for i in range(1000):
+        path = os.path.join(runs_dir, base if i == 0 else f"{base}-{i + 1}")
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+    raise ModelError(f"cannot create a new run folder under {runs_dir}")
+
+
+def mark_latest(run_dir: str) -> None:
+    """Point `runs/latest` at `run_dir` (a relative symlink, replaced atomically)."""
+    parent = os.path.dirname(os.path.abspath(run_dir))
+    point_symlink(os.path.join(parent, LATEST), os.path.basename(os.path.abspath(run_dir)))
+
+
+def latest_run(runs_dir: str = RUNS_DIR) -> str:
+    path = os.path.join(runs_dir, LATEST)
+    if not os.path.isdir(path):
+        raise ModelError(f"no {path}: train a model first (`cnnkit train`) or pass the path explicitly")
+    return path
+
+
+def latest_file(name: str, hint: str, runs_dir: str = RUNS_DIR) -> str:
+    """`runs/latest/<name>`, or a ModelError whose message says which command makes it."""
+    path = os.path.join(latest_run(runs_dir), name)
+    if not os.path.isfile(path):
+        raise ModelError(f"no {path}: {hint}")
+    return path

@@ -1,0 +1,80 @@
+"""Checkpoints: tensors and plain data only, so `torch.load(weights_only=True)` reads them.
+
+Layout (a dict):
+    format:     "cnnkit.checkpoint/1"
+    meta:       the model record (`cnnkit.meta.ModelMeta.to_dict()`)
+    model:      the model's state_dict (keys `net.<i>.<param>`, no `module.` prefixes)
+    epoch:      epochs completed
+    optimizer:  the optimizer's state_dict (for `--resume`)
+    history:    list of per-epoch metric dicts
+    config:     the training config as a plain dict
+    rng:        {"torch": ByteTensor} generator state, so a resumed run draws the same batches
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from typing import Any
+
+import torch
+
+from cnnkit.errors import ModelError
+from cnnkit.files import atomic_path
+from cnnkit.meta import ModelMeta
+from cnnkit.trainer.models import Classifier, build_model
+
+FORMAT = "cnnkit.checkpoint/1"
+CHECKPOINT_NAME = "checkpoint.pt"  # the latest epoch, written after every epoch
+BEST_NAME = "best.pt"  # the epoch with the best validation metric (what export uses)
+
+
+def save_checkpoint(path: str, state: dict[str, Any]) -> None:
+    """Write atomically: a kill during the write leaves the previous checkpoint intact."""
+    with atomic_path(path) as tmp:
+        torch.save({"format": FORMAT, **state}, tmp)
+
+
+def load_checkpoint(path: str) -> dict[str, Any]:
+    """Load and validate a cnnkit checkpoint (never unpickles objects).
+
+    Raises:
+        ModelError: missing, truncated, foreign or unsafe file.
+    """
+    if not os.path.isfile(path):
+        raise ModelError(f"{path}: no such checkpoint (train one with `cnnkit train`)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message is a page long; keep the line that names what the file wanted to unpickle.
+        lines = [ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln or "global" in ln.lower()]
+        why = lines[0].split(" was not")[0] if lines else "it holds Python objects"
+        raise ModelError(f"{path}: refused to load, it is not plain tensors and data ({why})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise ModelError(f"{path}: not a readable checkpoint (truncated or not a torch file: {e})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise ModelError(f"{path}: not a cnnkit checkpoint (expected format {FORMAT!r})")
+    for key in ("meta", "model"):
+        if key not in ckpt:
+            raise ModelError(f"{path}: cnnkit checkpoint without {key!r}; it may be truncated")
+    ModelMeta.from_dict(ckpt["meta"])  # validate now, not at first use
+    return ckpt
+
+
+def model_from_checkpoint(path: str) -> tuple[Classifier, ModelMeta, dict[str, Any]]:
+    """Rebuild the eval-mode model a checkpoint describes.
+
+    Returns:
+        (model on the CPU in eval mode, its metadata record, the raw checkpoint dict).
+    """
+    ckpt = load_checkpoint(path)
+    meta = ModelMeta.from_dict(ckpt["meta"])
+    _, h, w = meta.input_shape
+    model, _ = build_model(meta.arch, meta.num_classes, h, w)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        raise ModelError(f"{path}: weights do not match arch {meta.arch!r}: {' '.join(lines[1:3])}") from None
+    return model.eval(), meta, ckpt

@@ -1,0 +1,115 @@
+"""Loading a PNG tree into memory as uint8 arrays, with the same decoder `cnnkit infer` uses."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from cnnkit.console import Progress, log
+from cnnkit.errors import DataError
+from cnnkit.images import ImageError, class_of, decode_batches, list_pngs, png_size
+
+
+@dataclass
+class LoadedSplit:
+    """A split in memory.
+
+    Attributes:
+        folder: where it came from.
+        images: uint8 (N, 1, H, W).
+        labels: int64 (N,), indices into `classes`.
+        classes: class names (folder names), in label order.
+        paths: file paths relative to `folder`, in the same order as `images`.
+    """
+
+    folder: str
+    images: np.ndarray
+    labels: np.ndarray
+    classes: tuple[str, ...]
+    paths: list[str]
+
+
+def class_names(folder: str) -> list[str]:
+    """The class subfolders of `folder`, sorted (hidden folders ignored)."""
+    if not os.path.isdir(folder):
+        raise DataError(f"{folder}: no such folder")
+    names = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    if not names:
+        raise DataError(f"{folder}: no class subfolders; expected {folder}/<class>/*.png")
+    return names
+
+
+def load_split(
+    folder: str,
+    classes: tuple[str, ...],
+    size: tuple[int, int] | None = None,
+    workers: int | None = None,
+    desc: str = "loading",
+) -> LoadedSplit:
+    """Decode every PNG under `folder/<class>/` for the given classes.
+
+    Args:
+        folder: a folder of class subfolders.
+        classes: the class names to load, in label order (subfolders not listed are ignored).
+        size: (H, W) all images must have; None takes the first image's size.
+        workers: decoder processes (None: one per core).
+
+    Raises:
+        DataError: a class folder is missing or empty, or images are not uniform 8-bit grayscale.
+    """
+    listing = list_pngs(folder)
+    wanted = {c: i for i, c in enumerate(classes)}
+    files = [f for f in listing.files if class_of(f) in wanted]
+    for c in classes:
+        if not os.path.isdir(os.path.join(folder, c)):
+            raise DataError(f"{folder}: no class folder {c!r} (found: {', '.join(class_names(folder))})")
+    counts = np.bincount([wanted[class_of(f)] for f in files], minlength=len(classes)) if files else None
+    if counts is None or (counts == 0).any():
+        empty = [c for c, n in zip(classes, counts if counts is not None else [0] * len(classes)) if n == 0]
+        raise DataError(f"{folder}: no PNG images for class(es) {', '.join(empty)}")
+    if size is None:
+        size = _first_size(folder, files)
+    images = np.empty((len(files), 1, *size), dtype=np.uint8)
+    keep = np.zeros(len(files), dtype=bool)
+    failures: list[tuple[int, str]] = []
+    converted = 0
+    with Progress(len(files), desc, unit="img") as bar:
+        for batch in decode_batches(folder, files, size, batch_size=1024, workers=workers):
+            images[batch.positions, 0] = batch.images
+            keep[batch.positions] = True
+            failures.extend(batch.failures)
+            converted += batch.converted
+            bar.update(len(batch.positions) + len(batch.failures))
+    if converted:
+        raise DataError(
+            f"{folder}: {converted} image(s) are not 8-bit grayscale {size[0]}x{size[1]} like the first one; "
+            "training needs images of one size and mode"
+        )
+    if failures:
+        log(f"warning: skipped {len(failures)} unreadable image(s) under {folder}:")
+        for pos, reason in failures[:5]:
+            log(f"  {files[pos]}: {reason}")
+    labels = np.array([wanted[class_of(f)] for f in files], dtype=np.int64)
+    return LoadedSplit(folder, images[keep], labels[keep], tuple(classes), [f for f, k in zip(files, keep) if k])
+
+
+def _first_size(folder: str, files: list[str]) -> tuple[int, int]:
+    """The (H, W) of the first readable image: what the whole split must match."""
+    for rel in files[:100]:
+        try:
+            with open(os.path.join(folder, rel), "rb") as f:
+                return png_size(f.read(64))
+        except (ImageError, OSError):
+            continue
+    raise DataError(f"{folder}: none of the first images is a readable PNG")
+
+
+def split_validation(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic (train, validation) index arrays holding out `fraction` of n."""
+    if not 0.0 < fraction < 1.0:
+        raise DataError(f"--val-split must be between 0 and 1, got {fraction}")
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = max(1, int(round(n * fraction)))
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
