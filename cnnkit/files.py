@@ -22,6 +22,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
     os.close(fd)
     try:
+        os.chmod(tmp, _default_mode())  # mkstemp makes 0600; outputs are meant to be shared
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -30,6 +31,13 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _default_mode() -> int:
+    """The mode a plain `open(path, "w")` would give: 0666 less the umask."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
