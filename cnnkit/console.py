@@ -95,4 +95,4 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
         return "  ".join(out).rstrip()
 
     sep = "  ".join("-" * w for w in widths)
-    return "\n".join([line(list(headers), list(headers)), sep, *(line(c, r) for c, r in zip(cells, rows))])
+    return "\n".join([line(list(headers), list(headers)), sep, *(line(c, r) for c, r in zip(cells, rows, strict=True))])

@@ -1,0 +1,9 @@
+"""The torch-free inference room: onnxruntime + numpy + a PNG decoder, nothing else.
+
+    cnnkit.runtime.session   create_session(): provider choice, metadata and input checks, run()
+    cnnkit.runtime.infer     infer(): folder -> predictions CSV, accuracy; format_summary()
+
+Nothing here (nor in the core modules it uses) imports torch, torchvision or onnx, so a machine with
+only `pip install 'cnnkit[cpu]'` can classify folders; `tests/test_runtime.py` proves it in a fresh
+interpreter. (No re-exports here: `cnnkit.runtime.infer` stays the module, not the function.)
+"""

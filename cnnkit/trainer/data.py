@@ -65,9 +65,9 @@ def load_split(
     for c in classes:
         if not os.path.isdir(os.path.join(folder, c)):
             raise DataError(f"{folder}: no class folder {c!r} (found: {', '.join(class_names(folder))})")
-    counts = np.bincount([wanted[class_of(f)] for f in files], minlength=len(classes)) if files else None
-    if counts is None or (counts == 0).any():
-        empty = [c for c, n in zip(classes, counts if counts is not None else [0] * len(classes)) if n == 0]
+    counts = np.bincount([wanted[class_of(f)] for f in files], minlength=len(classes))
+    if (counts == 0).any():
+        empty = [c for c, n in zip(classes, counts, strict=True) if n == 0]
         raise DataError(f"{folder}: no PNG images for class(es) {', '.join(empty)}")
     if size is None:
         size = _first_size(folder, files)
@@ -92,7 +92,8 @@ def load_split(
         for pos, reason in failures[:5]:
             log(f"  {files[pos]}: {reason}")
     labels = np.array([wanted[class_of(f)] for f in files], dtype=np.int64)
-    return LoadedSplit(folder, images[keep], labels[keep], tuple(classes), [f for f, k in zip(files, keep) if k])
+    paths = [f for f, k in zip(files, keep, strict=True) if k]
+    return LoadedSplit(folder, images[keep], labels[keep], tuple(classes), paths)
 
 
 def _first_size(folder: str, files: list[str]) -> tuple[int, int]:

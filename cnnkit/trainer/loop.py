@@ -227,6 +227,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> TrainResult:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["rng"]["torch"])
+        torch.set_rng_state(state["rng"]["cpu"])
         history = list(state.get("history", []))
         start_epoch = int(state["epoch"])
         best_epoch = int(state.get("best_epoch", 0))
@@ -306,7 +307,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> TrainResult:
                 "optimizer": opt.state_dict(),
                 "history": history,
                 "config": {**asdict(cfg), "classes": list(cfg.classes) if cfg.classes else None},
-                "rng": {"torch": gen.get_state()},
+                "rng": {"torch": gen.get_state(), "cpu": torch.get_rng_state()},  # batches, dropout
                 "best_epoch": best_epoch,
             }
             save_checkpoint(os.path.join(run_dir, CHECKPOINT_NAME), ckpt)
