@@ -46,6 +46,7 @@ class Device(str, Enum):
 class Format(str, Enum):
     onnx = "onnx"
     torchscript = "torchscript"
+    pt2 = "pt2"
 
 
 class Exporter(str, Enum):
@@ -148,6 +149,8 @@ def train(
         raise typer.Exit(EXIT_INTERRUPTED) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if result.rank != 0:
+        return  # under torchrun only rank 0 reports
     d = result.to_dict()
     if as_json:
         d = {k: v for k, v in d.items() if k != "history"}
@@ -158,20 +161,36 @@ def train(
 # export
 
 
+class Quantize(str, Enum):
+    int8 = "int8"
+
+
 @app.command()
 @_reports_errors
 def export(
     checkpoint: Annotated[Path | None, typer.Argument(help="Default: runs/latest/best.pt.")] = None,
     format: Annotated[Format, typer.Option("--format", "-f")] = Format.onnx,
     out: Annotated[Path | None, typer.Option(help="Artifact path. Default: next to the checkpoint.")] = None,
-    data: Annotated[Path | None, typer.Option(help="Folder of class folders for the parity images. "
-                                                   "Default: the testing split the model was trained with.")] = None,
+    data: Annotated[Path | None, typer.Option(help="Folder of class folders for the parity images (and the int8 "
+                                                   "accuracy gate). Default: the testing split the model was "
+                                                   "trained with.")] = None,
     exporter: Annotated[Exporter | None, typer.Option(help="ONNX exporter (recorded in the file).")] = None,
     opset: Annotated[int | None, typer.Option(help="ONNX opset. Default: the exporter's.")] = None,
-    tolerance: Annotated[float, typer.Option(help="Parity gate: max abs difference allowed.")] = 1e-4,
+    tolerance: Annotated[float | None, typer.Option(help="Parity gate: max abs difference allowed. "
+                                                         "Default: 1e-4 (fp32), 5e-2 (--half).")] = None,
+    quantize: Annotated[Quantize | None, typer.Option(help="ONNX: static INT8 quantization (QDQ, per-channel) "
+                                                           "-> model.int8.onnx, gated on test accuracy.")] = None,
+    half: Annotated[bool, typer.Option("--half", help="ONNX: float16 weights and math for the CUDA provider "
+                                                      "-> model.fp16.onnx (uint8 in, float32 out).")] = False,
+    calibration: Annotated[Path | None, typer.Option(help="INT8: folder of PNGs to calibrate on. "
+                                                          "Default: the run's training data.")] = None,
+    calibration_size: Annotated[int, typer.Option(min=1, help="INT8: calibration images (spread over the "
+                                                              "folder).")] = 1024,
+    max_accuracy_drop: Annotated[float, typer.Option(help="INT8: top-1 accuracy points the int8 file may lose "
+                                                          "against fp32 on the testing split.")] = 0.5,
     as_json: JsonOpt = False,
 ) -> None:
-    """Export a checkpoint to ONNX or TorchScript; keep it only if it answers like the eager model."""
+    """Export a checkpoint to ONNX (fp32, int8, fp16), TorchScript or pt2; keep it only if it passes its gate."""
     from cnnkit.export import export as run_export
 
     kwargs: dict[str, Any] = {}
@@ -184,16 +203,36 @@ def export(
         data=str(data) if data else None,
         opset=opset,
         max_abs_tol=tolerance,
+        quantize=quantize.value if quantize else None,
+        half=half,
+        calibration=str(calibration) if calibration else None,
+        calibration_size=calibration_size,
+        max_accuracy_drop=max_accuracy_drop,
         **kwargs,
     )
     p = result.parity
-    human = (
-        f"parity on {p.n_images} images at batch sizes {', '.join(map(str, p.batch_sizes))}: "
-        f"max abs diff {p.max_abs_diff:.2e}, mean {p.mean_abs_diff:.2e}, "
-        f"argmax agreement {p.argmax_agreement:.2%} -> passed\n"
-        f"wrote {result.path} ({result.format}, exporter {result.exporter}); report {result.report_path}"
-    )
-    _emit(result.to_dict(), as_json, human)
+    what = {"int8": "fp32 graph parity", "fp16": "fp16 parity"}.get(result.precision, "parity")
+    lines = []
+    if p is not None:
+        lines.append(
+            f"{what} on {p.n_images} images at batch sizes {', '.join(map(str, p.batch_sizes))}"
+            f"{' on ' + p.provider if p.provider != 'cpu' else ''}: max abs diff {p.max_abs_diff:.2e}, "
+            f"mean {p.mean_abs_diff:.2e}, argmax agreement {p.argmax_agreement:.2%} -> passed"
+        )
+    else:
+        lines.append(f"{what}: NOT VERIFIED here ({'; '.join(result.notes)})")
+    if result.accuracy is not None:
+        a = result.accuracy
+        lines.append(
+            f"int8 accuracy on {a['n_images']} test images: {a['int8_accuracy']:.2%} vs fp32 {a['fp32_accuracy']:.2%} "
+            f"(drop {a['drop_points']:+.2f} points, limit {a['max_drop_points']:g}) -> passed; argmax agreement "
+            f"{a['argmax_agreement']:.2%}; {a['int8_bytes']:,} vs {a['fp32_bytes']:,} bytes ({a['size_ratio']:.0%}); "
+            f"CPU {a['int8_images_per_second']:,.0f} vs {a['fp32_images_per_second']:,.0f} img/s at batch "
+            f"{a['batch_size']} ({a['speedup']:.2f}x)"
+        )
+    lines.append(f"wrote {result.path} ({result.format} {result.precision}, exporter {result.exporter}); "
+                 f"report {result.report_path}")
+    _emit(result.to_dict(), as_json, "\n".join(lines))
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,6 +264,48 @@ def infer(
         workers=workers,
     )
     _emit(result.to_dict(), as_json, format_summary(result))
+
+
+# --------------------------------------------------------------------------------------------
+# bench, doctor
+
+
+@app.command()
+@_reports_errors
+def bench(
+    data: Annotated[Path | None, typer.Argument(help="Folder of PNGs (class folders give accuracy). "
+                                                     "Default: the run's testing split.")] = None,
+    run: Annotated[Path | None, typer.Option(help="Run folder. Default: runs/latest.")] = None,
+    device: Annotated[Device, typer.Option(help="auto: every device that works here.")] = Device.auto,
+    batch_size: Annotated[int, typer.Option(min=1, help="Batch size of the throughput column.")] = 256,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many images (spread over the folder).")] = 10_000,
+    as_json: JsonOpt = False,
+) -> None:
+    """Benchmark every artifact of a run on every usable device: size, accuracy, parity, latency, speed."""
+    from cnnkit.bench import bench as run_bench
+    from cnnkit.bench import format_table
+
+    result = run_bench(
+        str(data) if data else None,
+        run=str(run) if run else None,
+        device=device.value,
+        batch_size=batch_size,
+        limit=limit,
+    )
+    _emit(result.to_dict(), as_json, format_table(result))
+
+
+@app.command()
+@_reports_errors
+def doctor(as_json: JsonOpt = False) -> None:
+    """Check the onnxruntime install, its providers, CUDA versions and the GPU; exit 1 on a problem."""
+    from cnnkit.doctor import doctor as run_doctor
+    from cnnkit.doctor import format_report
+
+    report = run_doctor()
+    _emit(report.to_dict(), as_json, format_report(report))
+    if not report.healthy:
+        raise typer.Exit(1)
 
 
 # --------------------------------------------------------------------------------------------

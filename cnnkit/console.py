@@ -19,13 +19,16 @@ class Progress:
             bar.update(n, loss=0.12)
     """
 
-    def __init__(self, total: int | None, desc: str, unit: str = "it", min_interval: float = 0.2):
+    def __init__(
+        self, total: int | None, desc: str, unit: str = "it", min_interval: float = 0.2, enabled: bool = True
+    ):
         self.total, self.desc, self.unit = total, desc, unit
         self.n = 0
         self.fields: dict[str, object] = {}
         self.t0 = self._last = time.perf_counter()
         self.min_interval = min_interval
         self.tty = sys.stderr.isatty()
+        self.enabled = enabled  # False: count, print nothing (e.g. on the non-zero ranks of a job)
 
     def __enter__(self) -> Progress:
         return self
@@ -59,6 +62,8 @@ class Progress:
         return f"{head} {self.rate:,.0f} {self.unit}/s {extras}".rstrip()
 
     def _draw(self, final: bool) -> None:
+        if not self.enabled:
+            return
         if self.tty:
             sys.stderr.write("\r\x1b[K" + self._line() + ("\n" if final else ""))
         else:

@@ -47,6 +47,8 @@ def load_split(
     size: tuple[int, int] | None = None,
     workers: int | None = None,
     desc: str = "loading",
+    shard: tuple[int, int] = (0, 1),
+    progress: bool = True,
 ) -> LoadedSplit:
     """Decode every PNG under `folder/<class>/` for the given classes.
 
@@ -55,6 +57,7 @@ def load_split(
         classes: the class names to load, in label order (subfolders not listed are ignored).
         size: (H, W) all images must have; None takes the first image's size.
         workers: decoder processes (None: one per core).
+        shard: (k, n): load only every n-th file starting at the k-th (a distributed rank's share).
 
     Raises:
         DataError: a class folder is missing or empty, or images are not uniform 8-bit grayscale.
@@ -70,12 +73,13 @@ def load_split(
         empty = [c for c, n in zip(classes, counts, strict=True) if n == 0]
         raise DataError(f"{folder}: no PNG images for class(es) {', '.join(empty)}")
     if size is None:
-        size = _first_size(folder, files)
+        size = _first_size(folder, files)  # before sharding, so every rank agrees
+    files = files[shard[0] :: shard[1]]
     images = np.empty((len(files), 1, *size), dtype=np.uint8)
     keep = np.zeros(len(files), dtype=bool)
     failures: list[tuple[int, str]] = []
     converted = 0
-    with Progress(len(files), desc, unit="img") as bar:
+    with Progress(len(files), desc, unit="img", enabled=progress) as bar:
         for batch in decode_batches(folder, files, size, batch_size=1024, workers=workers):
             images[batch.positions, 0] = batch.images
             keep[batch.positions] = True

@@ -18,17 +18,19 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from cnnkit import __version__
 from cnnkit.console import Progress, log, table
-from cnnkit.errors import DataError, DeviceError, ModelError
+from cnnkit.errors import DataError, ModelError
 from cnnkit.files import write_json
 from cnnkit.meta import OUTPUT_SIGMOID, ModelMeta
 from cnnkit.runs import RUNS_DIR, mark_latest, new_run_dir
 from cnnkit.trainer.checkpoint import BEST_NAME, CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from cnnkit.trainer.data import LoadedSplit, class_names, load_split, split_validation
+from cnnkit.trainer.distributed import Dist, setup, teardown
 from cnnkit.trainer.models import DEFAULT_ARCH, build_model, count_parameters
 
 
@@ -72,6 +74,8 @@ class TrainResult:
     parameters: int
     plots: list[str] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
+    world_size: int = 1
+    rank: int = 0  # under torchrun, which process this is (only rank 0 reports)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,19 +90,6 @@ class Interrupted(Exception):
             f"(continue with `cnnkit train --resume {run_dir}`)"
         )
         self.run_dir = run_dir
-
-
-def resolve_device(device: str) -> torch.device:
-    """`auto|cpu|cuda[:N]` -> torch.device; an explicit CUDA request without CUDA is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise DeviceError("--device cuda: torch sees no CUDA device (use --device cpu or auto)")
-        return torch.device(device)
-    if device == "cpu":
-        return torch.device("cpu")
-    raise DeviceError(f"unknown device {device!r}; use auto, cpu or cuda")
 
 
 def resolve_splits(data: str | None) -> tuple[str, str | None, str]:
@@ -138,20 +129,24 @@ def _predict_labels(out: torch.Tensor, sigmoid: bool) -> torch.Tensor:
     return (out[:, 0] >= 0.5).long() if sigmoid else out.argmax(1)
 
 
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, sigmoid: bool, batch: int = 2048):
-    """(mean loss, accuracy, scores (N,) or (N, K) on the CPU) of `model` in eval mode."""
+def evaluate(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, sigmoid: bool, d: Dist, batch: int = 2048
+) -> tuple[float, float, torch.Tensor]:
+    """(mean loss, accuracy) over every process's shard, and this shard's outputs (on the CPU)."""
     was_training = model.training
     model.eval()
-    outs = [model(x[i : i + batch]).float() for i in range(0, len(x), batch)]
+    out = torch.cat([model(x[i : i + batch]).float() for i in range(0, len(x), batch)])
     model.train(was_training)
-    out = torch.cat(outs)
-    loss = _loss(out, y, sigmoid).item()
-    acc = (_predict_labels(out, sigmoid) == y).float().mean().item()
-    return loss, acc, out.cpu()
+    loss_sum = _loss(out, y, sigmoid).item() * len(y)
+    correct = (_predict_labels(out, sigmoid) == y).sum().item()
+    loss_sum, correct, count = d.all_sum(loss_sum, correct, len(y))
+    return loss_sum / count, correct / count, out.cpu()
 
 
-def _load_data(cfg: TrainConfig) -> tuple[LoadedSplit, LoadedSplit | None, LoadedSplit | None, dict[str, Any]]:
+def _load_data(cfg: TrainConfig, d: Dist) -> tuple[LoadedSplit, LoadedSplit | None, LoadedSplit | None, dict]:
+    """(train, validation, test) splits of this process's shard, and where they came from."""
     train_dir, test_dir, root = resolve_splits(cfg.data)
     available = class_names(train_dir)
     classes = tuple(cfg.classes) if cfg.classes else tuple(available)
@@ -160,7 +155,8 @@ def _load_data(cfg: TrainConfig) -> tuple[LoadedSplit, LoadedSplit | None, Loade
         raise DataError(f"--classes {','.join(missing)} not found in {train_dir} (has: {', '.join(available)})")
     if len(classes) < 2:
         raise DataError(f"{train_dir}: training needs at least two classes, found {', '.join(classes)}")
-    train = load_split(train_dir, classes, workers=cfg.workers, desc="loading training")
+    kw = {"workers": cfg.workers, "shard": (d.rank, d.world), "progress": d.main}
+    train = load_split(train_dir, classes, desc="loading training", **kw)
     test = None
     if test_dir is not None:
         test_classes = class_names(test_dir)
@@ -168,12 +164,12 @@ def _load_data(cfg: TrainConfig) -> tuple[LoadedSplit, LoadedSplit | None, Loade
             raise DataError(
                 f"{test_dir}: classes {', '.join(test_classes)} differ from training's {', '.join(classes)}"
             )
-        size = tuple(train.images.shape[2:])
-        test = load_split(test_dir, classes, size=size, workers=cfg.workers, desc="loading testing")  # type: ignore[arg-type]
+        size = (train.images.shape[2], train.images.shape[3])
+        test = load_split(test_dir, classes, size=size, desc="loading testing", **kw)
     val_fraction = cfg.val_split if cfg.val_split is not None else (0.0 if test is not None else 0.1)
     val = test
     if val_fraction > 0:
-        tr_idx, va_idx = split_validation(len(train.labels), val_fraction, cfg.seed)
+        tr_idx, va_idx = split_validation(len(train.labels), val_fraction, cfg.seed + d.rank)
         val = LoadedSplit(train.folder, train.images[va_idx], train.labels[va_idx], classes, [])
         train = LoadedSplit(train.folder, train.images[tr_idx], train.labels[tr_idx], classes, [])
     data_info = {"root": os.path.abspath(root), "train": train_dir, "test": test_dir, "val_split": val_fraction}
@@ -183,8 +179,11 @@ def _load_data(cfg: TrainConfig) -> tuple[LoadedSplit, LoadedSplit | None, Loade
 def train(cfg: TrainConfig, resume: str | None = None) -> TrainResult:
     """Train a model as `cfg` says and write the run folder.
 
+    Runs as one process, or as one rank of a `torchrun` job (DistributedDataParallel; each rank
+    loads its own shard, `batch_size` is the global batch, only rank 0 writes).
+
     Args:
-        cfg: the configuration (ignored except `epochs`/`device`/`workers` when resuming).
+        cfg: the configuration (only `epochs`, `device` and `workers` are used when resuming).
         resume: a run folder whose `checkpoint.pt` to continue from.
 
     Returns:
@@ -193,20 +192,33 @@ def train(cfg: TrainConfig, resume: str | None = None) -> TrainResult:
     Raises:
         CnnkitError subclasses for bad data, devices or checkpoints; Interrupted on SIGINT/SIGTERM.
     """
+    d, device = setup(cfg.device)
+    try:
+        return _train(cfg, resume, d, device)
+    finally:
+        teardown(d)
+
+
+def _train(cfg: TrainConfig, resume: str | None, d: Dist, device: torch.device) -> TrainResult:
     state = None
     if resume is not None:
         state = load_checkpoint(os.path.join(resume, CHECKPOINT_NAME))
         saved = dict(state.get("config", {}))
         saved["classes"] = tuple(saved["classes"]) if saved.get("classes") else None
         cfg = TrainConfig(**{**saved, "epochs": cfg.epochs, "device": cfg.device, "workers": cfg.workers})
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
+        if len(state["rng"]["batches"]) != d.world:
+            raise ModelError(f"{resume} was trained with {len(state['rng']['batches'])} process(es); "
+                             f"resume it with the same number (this job has {d.world})")
+    if cfg.batch_size % d.world:
+        raise DataError(f"--batch-size {cfg.batch_size} is the global batch: make it a multiple of {d.world} processes")
+    say = log if d.main else (lambda *_: None)
     t_load = time.perf_counter()
-    train_split, val_split, test_split, data_info = _load_data(cfg)
+    train_split, val_split, test_split, data_info = _load_data(cfg, d)
     load_seconds = time.perf_counter() - t_load
     classes = train_split.classes
     _, _, h, w = train_split.images.shape
-    model, output = build_model(cfg.arch, len(classes), h, w)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    net, output = build_model(cfg.arch, len(classes), h, w)
     sigmoid = output == OUTPUT_SIGMOID
     meta = ModelMeta(
         arch=cfg.arch,
@@ -217,55 +229,69 @@ def train(cfg: TrainConfig, resume: str | None = None) -> TrainResult:
         extra={"data": data_info},
     )
     lr = cfg.lr if cfg.lr is not None else (1e-3 if cfg.arch == "lecture" else 3e-3)
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=cfg.weight_decay)
     history: list[dict[str, Any]] = []
     start_epoch, best_epoch = 0, 0
-    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + d.rank)  # dropout masks differ between ranks
+    gen = torch.Generator().manual_seed(cfg.seed + d.rank)
     if state is not None:
         if state["meta"]["classes"] != list(classes) or state["meta"]["arch"] != cfg.arch:
             raise ModelError(f"{resume}: the data's classes or the arch no longer match the checkpoint")
-        model.load_state_dict(state["model"])
+        net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["rng"]["torch"])
-        torch.set_rng_state(state["rng"]["cpu"])
+        gen.set_state(state["rng"]["batches"][d.rank])
+        torch.set_rng_state(state["rng"]["dropout"][d.rank])
         history = list(state.get("history", []))
         start_epoch = int(state["epoch"])
         best_epoch = int(state.get("best_epoch", 0))
         run_dir = resume
     else:
-        run_dir = cfg.out or new_run_dir(cfg.runs_dir)
-        os.makedirs(run_dir, exist_ok=True)
+        run_dir = d.broadcast(_run_folder(cfg) if d.main else None)
 
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
     use_amp = device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    model.to(device)
+    net.to(device)
+    model: torch.nn.Module = net
+    if d.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     x_train = torch.from_numpy(train_split.images).to(device)
     y_train = torch.from_numpy(train_split.labels).to(device)
     x_val = torch.from_numpy(val_split.images).to(device) if val_split is not None else None
     y_val = torch.from_numpy(val_split.labels).to(device) if val_split is not None else None
 
-    n = len(x_train)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    # Every rank takes the same number of equal-sized steps: shards differ by at most one image,
+    # and the smaller ones wrap around. One process: plain epochs with a partial last batch.
+    n_local = len(x_train)
+    n_max = d.all_max(n_local)
+    n_total = int(d.all_sum(n_local)[0])
+    per_rank = cfg.batch_size // d.world
+    steps_per_epoch = math.ceil(n_max / per_rank)
     total_steps = steps_per_epoch * cfg.epochs
-    log(
-        f"training {cfg.arch} ({count_parameters(model):,} parameters) on {n:,} images, "
-        f"{len(classes)} classes, {cfg.epochs} epochs, batch {cfg.batch_size}, device {device} -> {run_dir}"
+    say(
+        f"training {cfg.arch} ({count_parameters(net):,} parameters) on {n_total:,} images, "
+        f"{len(classes)} classes, {cfg.epochs} epochs, batch {cfg.batch_size}"
+        f"{f' ({d.world} processes x {per_rank})' if d.active else ''}, device {device} -> {run_dir}"
     )
     train_seconds = sum(r["seconds"] for r in history)
+    best_state = {k: v.clone() for k, v in net.state_dict().items()}
     epoch = start_epoch
     model.train()
     try:
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
-            perm = torch.randperm(n, generator=gen).to(device)
+            perm = torch.randperm(n_local, generator=gen).to(device)
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device, dtype=torch.long)
-            with Progress(n, f"epoch {epoch + 1}/{cfg.epochs}", unit="img") as bar:
+            progress = Progress(n_total, f"epoch {epoch + 1}/{cfg.epochs}", unit="img", enabled=d.main)
+            with progress as bar:
                 for i in range(steps_per_epoch):
-                    idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+                    lo, hi = i * per_rank, min((i + 1) * per_rank, n_max)
+                    idx = perm[torch.arange(lo, hi, device=device) % n_local] if d.active else perm[lo:hi]
                     xb, yb = x_train[idx], y_train[idx]
                     for group in opt.param_groups:
                         group["lr"] = _lr_at(epoch * steps_per_epoch + i, total_steps, lr, cfg.arch == "lecture")
@@ -278,70 +304,84 @@ def train(cfg: TrainConfig, resume: str | None = None) -> TrainResult:
                     scaler.update()
                     loss_sum += loss.detach() * len(idx)
                     correct += (_predict_labels(out.detach(), sigmoid) == yb).sum()
-                    if i % 20 == 0 or i == steps_per_epoch - 1:  # .item() syncs a GPU: not every step
-                        seen = min(n, (i + 1) * cfg.batch_size)
-                        bar.update(seen - bar.n, loss=loss_sum.item() / seen, acc=correct.item() / seen)
+                    if d.main and (i % 20 == 0 or i == steps_per_epoch - 1):  # .item() syncs a GPU
+                        seen = hi
+                        bar.update(seen * d.world - bar.n, loss=loss_sum.item() / seen, acc=correct.item() / seen)
             seconds = time.perf_counter() - t0
+            seen_loss, seen_correct, seen = d.all_sum(loss_sum.item(), correct.item(), n_max if d.active else n_local)
             record: dict[str, Any] = {
                 "epoch": epoch + 1,
-                "train_loss": loss_sum.item() / n,
-                "train_accuracy": correct.item() / n,
+                "train_loss": seen_loss / seen,
+                "train_accuracy": seen_correct / seen,
                 "val_loss": None,
                 "val_accuracy": None,
                 "seconds": seconds,
-                "images_per_second": n / seconds,
+                "images_per_second": seen / seconds,
                 "lr": opt.param_groups[0]["lr"],
             }
             if x_val is not None:
-                record["val_loss"], record["val_accuracy"], _ = evaluate(model, x_val, y_val, sigmoid)
+                record["val_loss"], record["val_accuracy"], _ = evaluate(net, x_val, y_val, sigmoid, d)
             history.append(record)
             train_seconds += seconds
             # best.pt: the highest validation accuracy, ties broken by the lower validation loss;
             # without validation data, the last epoch.
             improved = _is_better(record, history[best_epoch - 1] if best_epoch else None)
             best_epoch = epoch + 1 if improved else best_epoch
-            ckpt = {
-                "meta": meta.to_dict(),
-                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "epoch": epoch + 1,
-                "optimizer": opt.state_dict(),
-                "history": history,
-                "config": {**asdict(cfg), "classes": list(cfg.classes) if cfg.classes else None},
-                "rng": {"torch": gen.get_state(), "cpu": torch.get_rng_state()},  # batches, dropout
-                "best_epoch": best_epoch,
-            }
-            save_checkpoint(os.path.join(run_dir, CHECKPOINT_NAME), ckpt)
+            weights = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
             if improved:
-                save_checkpoint(os.path.join(run_dir, BEST_NAME), ckpt)
-            write_json(os.path.join(run_dir, "metrics.json"), {"config": ckpt["config"], "history": history})
-            mark_latest(run_dir)
+                best_state = weights
+            rng = {"batches": d.gather(gen.get_state()), "dropout": d.gather(torch.get_rng_state())}
+            if d.main:
+                ckpt = {
+                    "meta": meta.to_dict(),
+                    "model": weights,  # the bare module's: no DDP `module.` prefixes
+                    "epoch": epoch + 1,
+                    "optimizer": opt.state_dict(),
+                    "history": history,
+                    "config": _plain_config(cfg),
+                    "rng": rng,
+                    "best_epoch": best_epoch,
+                    "world_size": d.world,
+                }
+                save_checkpoint(os.path.join(run_dir, CHECKPOINT_NAME), ckpt)
+                if improved:
+                    save_checkpoint(os.path.join(run_dir, BEST_NAME), ckpt)
+                write_json(os.path.join(run_dir, "metrics.json"), {"config": ckpt["config"], "history": history})
+                mark_latest(run_dir)
     except KeyboardInterrupt:
         raise Interrupted(run_dir, epoch) from None
 
-    from cnnkit.trainer.plots import write_plots
-
-    # Report on best.pt, the checkpoint that export reads.
+    # Report on the best epoch's weights: what best.pt holds and export reads.
+    net.load_state_dict(best_state)
+    scores: dict[str, torch.Tensor] = {}
+    labels: dict[str, Any] = {}
     test_accuracy = None
-    best_model = model
-    best_model.load_state_dict(load_checkpoint(os.path.join(run_dir, BEST_NAME))["model"])
-    scores = {}
-    x_tr_eval = x_train[:20000]  # plenty for the label-vs-score plot
-    _, _, scores["training"] = evaluate(best_model, x_tr_eval, y_train[: len(x_tr_eval)], sigmoid)
-    labels = {"training": train_split.labels[: len(x_tr_eval)]}
+    n_plot = min(len(x_train), 20000 // d.world)  # plenty for the label-vs-score plot
+    parts = [("training", x_train[:n_plot], y_train[:n_plot])]
     if test_split is not None:
-        x_test = torch.from_numpy(test_split.images).to(device)
-        y_test = torch.from_numpy(test_split.labels).to(device)
-        _, test_accuracy, scores["testing"] = evaluate(best_model, x_test, y_test, sigmoid)
-        labels["testing"] = test_split.labels
-    elif val_split is not None:
-        _, _, scores["validation"] = evaluate(best_model, x_val, y_val, sigmoid)
-        labels["validation"] = val_split.labels
-    plots = write_plots(run_dir, history, scores, labels, classes, sigmoid)
-    write_json(
-        os.path.join(run_dir, "metrics.json"),
-        {"config": ckpt["config"], "history": history, "best_epoch": best_epoch, "test_accuracy": test_accuracy},
-    )
-    total_images = sum(len(x_train) for _ in history)
+        parts.append(("testing", torch.from_numpy(test_split.images).to(device),
+                      torch.from_numpy(test_split.labels).to(device)))
+    elif x_val is not None:
+        parts.append(("validation", x_val, y_val))
+    for name, x, y in parts:
+        _, acc, out = evaluate(net, x, y, sigmoid, d)
+        if name == "testing":
+            test_accuracy = acc
+        gathered = d.gather((out, y.cpu().numpy()))
+        scores[name] = torch.cat([o for o, _ in gathered])
+        labels[name] = np.concatenate([lab for _, lab in gathered])
+    plots: list[str] = []
+    if d.main:
+        from cnnkit.trainer.plots import write_plots
+
+        plots = write_plots(run_dir, history, scores, labels, classes, sigmoid)
+        write_json(
+            os.path.join(run_dir, "metrics.json"),
+            {"config": _plain_config(cfg), "history": history, "best_epoch": best_epoch,
+             "test_accuracy": test_accuracy, "world_size": d.world},
+        )
+    d.barrier()  # rank 0's files exist before anyone returns
+    total_images = sum(r["images_per_second"] * r["seconds"] for r in history)
     return TrainResult(
         run_dir=run_dir,
         checkpoint=os.path.join(run_dir, BEST_NAME),
@@ -352,18 +392,34 @@ def train(cfg: TrainConfig, resume: str | None = None) -> TrainResult:
         train_images_per_second=total_images / train_seconds if train_seconds else 0.0,
         test_accuracy=test_accuracy,
         best_epoch=best_epoch,
-        val_accuracy=history[best_epoch - 1]["val_accuracy"],
+        val_accuracy=history[best_epoch - 1]["val_accuracy"] if best_epoch else None,
         load_seconds=load_seconds,
-        parameters=count_parameters(model),
+        parameters=count_parameters(net),
         plots=plots,
         history=history,
+        world_size=d.world,
+        rank=d.rank,
     )
 
 
+def _run_folder(cfg: TrainConfig) -> str:
+    if cfg.out:
+        os.makedirs(cfg.out, exist_ok=True)
+        return cfg.out
+    return new_run_dir(cfg.runs_dir)
+
+
+def _plain_config(cfg: TrainConfig) -> dict[str, Any]:
+    return {**asdict(cfg), "classes": list(cfg.classes) if cfg.classes else None}
+
+
 def format_summary(result: TrainResult) -> str:
+    def opt(v: float | None) -> float | str:
+        return "-" if v is None else v
+
     rows = [
-        [r["epoch"], r["train_loss"], r["train_accuracy"], r["val_loss"] if r["val_loss"] is not None else "-",
-         r["val_accuracy"] if r["val_accuracy"] is not None else "-", round(r["images_per_second"]), r["seconds"]]
+        [r["epoch"], r["train_loss"], r["train_accuracy"], opt(r["val_loss"]), opt(r["val_accuracy"]),
+         round(r["images_per_second"]), r["seconds"]]
         for r in result.history
     ]
     lines = [table(["epoch", "train loss", "train acc", "val loss", "val acc", "img/s", "s"], rows), ""]
