@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -20,13 +21,18 @@ pytestmark = pytest.mark.slow
 def _torchrun(args: list[str], cwd) -> dict:
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     assert torchrun, "torchrun comes with torch"
-    proc = subprocess.run(
-        [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "cnnkit", "train", *args, "--json"],
-        cwd=cwd, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    assert len(lines) == 1, proc.stdout  # only rank 0 reports
+    cmd = [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "cnnkit", "train", *args, "--json"]
+    # A new session, so a timeout can end torchrun's workers too, not only torchrun.
+    with subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    assert proc.returncode == 0, stderr[-3000:]
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
+    assert len(lines) == 1, stdout  # only rank 0 reports
     return json.loads(lines[0])
 
 
