@@ -71,6 +71,7 @@ class TrainResult:
     best_epoch: int
     val_accuracy: float | None
     load_seconds: float
+    images_loaded: int
     parameters: int
     plots: list[str] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -166,13 +167,15 @@ def _load_data(cfg: TrainConfig, d: Dist) -> tuple[LoadedSplit, LoadedSplit | No
             )
         size = (train.images.shape[2], train.images.shape[3])
         test = load_split(test_dir, classes, size=size, desc="loading testing", **kw)
+    n_loaded = len(train.labels) + (len(test.labels) if test is not None else 0)
     val_fraction = cfg.val_split if cfg.val_split is not None else (0.0 if test is not None else 0.1)
     val = test
     if val_fraction > 0:
         tr_idx, va_idx = split_validation(len(train.labels), val_fraction, cfg.seed + d.rank)
         val = LoadedSplit(train.folder, train.images[va_idx], train.labels[va_idx], classes, [])
         train = LoadedSplit(train.folder, train.images[tr_idx], train.labels[tr_idx], classes, [])
-    data_info = {"root": os.path.abspath(root), "train": train_dir, "test": test_dir, "val_split": val_fraction}
+    data_info = {"root": os.path.abspath(root), "train": train_dir, "test": test_dir, "val_split": val_fraction,
+                 "n_loaded": n_loaded}
     return train, val, test, data_info
 
 
@@ -215,6 +218,7 @@ def _train(cfg: TrainConfig, resume: str | None, d: Dist, device: torch.device) 
     t_load = time.perf_counter()
     train_split, val_split, test_split, data_info = _load_data(cfg, d)
     load_seconds = time.perf_counter() - t_load
+    images_loaded = int(d.all_sum(data_info.pop("n_loaded"))[0])
     classes = train_split.classes
     _, _, h, w = train_split.images.shape
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -394,6 +398,7 @@ def _train(cfg: TrainConfig, resume: str | None, d: Dist, device: torch.device) 
         best_epoch=best_epoch,
         val_accuracy=history[best_epoch - 1]["val_accuracy"] if best_epoch else None,
         load_seconds=load_seconds,
+        images_loaded=images_loaded,
         parameters=count_parameters(net),
         plots=plots,
         history=history,
