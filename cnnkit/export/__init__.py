@@ -1,9 +1,19 @@
-"""Export a checkpoint to ONNX or TorchScript, behind a parity gate.
+"""Export a checkpoint to ONNX (fp32, INT8, FP16), TorchScript or torch.export (pt2), behind a gate.
 
 `export()` writes the artifact to a temporary file next to its destination, loads *that file* back
-(onnxruntime / torch.jit.load) and compares it with the eager model on real images at several batch
-sizes. Only a file that passes is renamed onto the destination, with a JSON report beside it
-(`<artifact>.parity.json`). A failing export leaves nothing behind and raises `ParityError`.
+(onnxruntime / torch.jit.load / torch.export.load) and compares it with the eager model on real
+images at several batch sizes. Only a file that passes is renamed onto the destination, with a JSON
+report beside it (`<artifact>.parity.json`). A failing export leaves nothing behind and raises
+`ParityError`.
+
+The gate depends on the precision (`cnnkit.export.parity.TIERS`):
+  - fp32 (ONNX, TorchScript, pt2): max |diff| <= 1e-4 and every decision the same.
+  - INT8 (`quantize="int8"`): the fp32 graph is exported and parity-gated first, then quantized
+    (`cnnkit.export.quantize`) and gated on top-1 accuracy on the labeled testing split: at most
+    `max_accuracy_drop` points below the fp32 file.
+  - FP16 (`half=True`): the fp32 graph is exported and gated, converted, and the fp16 file gated with
+    the fp16 tier on the CUDA provider where one works, else on the CPU provider where it can run the
+    file (saying so), else written with `verified=False` and an explicit "not verified here".
 
 The CLI calls `export(...)` and prints `result.to_dict()` as JSON; everything for humans goes to stderr.
 """
@@ -11,6 +21,7 @@ The CLI calls `export(...)` and prints `result.to_dict()` as JSON; everything fo
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -18,19 +29,41 @@ from typing import Any
 import numpy as np
 
 from cnnkit.console import log
-from cnnkit.errors import CnnkitError, DataError, ModelError, ParityError
+from cnnkit.errors import CnnkitError, DataError, DeviceError, ModelError, ParityError
 from cnnkit.export.onnx import DEFAULT_EXPORTER, EXPORTERS, check_options
-from cnnkit.export.parity import ParityReport, run_parity
+from cnnkit.export.parity import TIERS, ParityReport, run_parity
+from cnnkit.export.quantize import DEFAULT_CALIBRATION_SIZE, DEFAULT_EVAL_LIMIT, DEFAULT_MAX_ACCURACY_DROP
 from cnnkit.files import atomic_path, write_json
 from cnnkit.images import ImageError, list_pngs, read_image
 from cnnkit.meta import ModelMeta
 from cnnkit.runs import ONNX_NAME, TORCHSCRIPT_NAME, latest_file
 
-__all__ = ["DEFAULT_EXPORTER", "EXPORTERS", "FORMATS", "ExportResult", "ParityReport", "export", "sample_images"]
+__all__ = [
+    "ARTIFACT_NAMES",
+    "DEFAULT_EXPORTER",
+    "EXPORTERS",
+    "FORMATS",
+    "ExportResult",
+    "ParityReport",
+    "export",
+    "sample_images",
+]
 
-FORMATS = ("onnx", "torchscript")
-ARTIFACT_NAMES = {"onnx": ONNX_NAME, "torchscript": TORCHSCRIPT_NAME}
+FORMATS = ("onnx", "torchscript", "pt2")
+QUANTIZE = ("int8",)
+INT8_NAME = "model.int8.onnx"
+FP16_NAME = "model.fp16.onnx"
+PT2_NAME = "model.pt2"
+# Artifact kind -> default file name in the run folder (`cnnkit bench` looks for these).
+ARTIFACT_NAMES = {
+    "onnx": ONNX_NAME,
+    "onnx-int8": INT8_NAME,
+    "onnx-fp16": FP16_NAME,
+    "torchscript": TORCHSCRIPT_NAME,
+    "pt2": PT2_NAME,
+}
 REPORT_SUFFIX = ".parity.json"
+NOT_VERIFIED = "not verified here: no CUDA provider"
 
 
 @dataclass
@@ -38,31 +71,52 @@ class ExportResult:
     """What `export()` wrote.
 
     Attributes:
-        format: `onnx` or `torchscript`.
+        format: `onnx`, `torchscript` or `pt2`.
         path: the artifact.
-        exporter: `dynamo` / `torchscript` for ONNX, `torch.jit.trace` for TorchScript.
-        parity: the gate's numbers.
+        exporter: `dynamo` / `torchscript` for ONNX, `torch.jit.trace`, `torch.export`.
+        parity: the gate's numbers. For INT8, the fp32 graph it was quantized from (the INT8 file is
+            gated by `accuracy`); for FP16, the fp16 file; None when FP16 parity could not run here.
         report_path: the JSON report next to the artifact.
         seconds: wall time of the whole export, parity included.
-        opset: the ONNX opset (None for TorchScript).
+        opset: the ONNX opset (None for TorchScript and pt2).
         checkpoint: the checkpoint exported.
         data: the folder the parity images came from.
-        info: the exporter's own details (sizes, shapes, export seconds).
+        info: the exporter's own details (sizes, shapes, export seconds; quantization details).
+        precision: `fp32`, `int8` or `fp16`.
+        verified: False only for an FP16 file written without a parity check (see `notes`).
+        accuracy: INT8 only: the accuracy gate (`cnnkit.export.quantize.AccuracyGate.to_dict()`).
+        notes: remarks for the user (where a gate ran, what it could not check).
     """
 
     format: str
     path: str
     exporter: str
-    parity: ParityReport
+    parity: ParityReport | None
     report_path: str
     seconds: float
     opset: int | None
     checkpoint: str = ""
     data: str = ""
     info: dict[str, Any] = field(default_factory=dict)
+    precision: str = "fp32"
+    verified: bool = True
+    accuracy: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _precision(fmt: str, quantize: str | None, half: bool) -> str:
+    if fmt not in FORMATS:
+        raise ModelError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    if quantize is not None and quantize not in QUANTIZE:
+        raise ModelError(f"unknown quantization {quantize!r}; choose one of: {', '.join(QUANTIZE)}")
+    if (quantize or half) and fmt != "onnx":
+        raise ModelError("--quantize and --half apply to --format onnx only")
+    if quantize and half:
+        raise ModelError("choose one of --quantize int8 and --half")
+    return "int8" if quantize else "fp16" if half else "fp32"
 
 
 def export(
@@ -72,42 +126,62 @@ def export(
     data: str | None = None,
     exporter: str = DEFAULT_EXPORTER,
     opset: int | None = None,
-    max_abs_tol: float = 1e-4,
+    max_abs_tol: float | None = None,
     n_images: int = 512,
+    *,
+    quantize: str | None = None,
+    half: bool = False,
+    calibration: str | None = None,
+    calibration_size: int = DEFAULT_CALIBRATION_SIZE,
+    max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP,
+    eval_limit: int = DEFAULT_EVAL_LIMIT,
 ) -> ExportResult:
-    """Export a checkpoint and gate the artifact on parity with the eager model.
+    """Export a checkpoint and gate the artifact against the eager model.
 
     Args:
         checkpoint: a cnnkit checkpoint (default `runs/latest/best.pt`).
-        fmt: `onnx` or `torchscript`.
-        out: the artifact's path, or a folder for it (default: `model.onnx` / `model.ts` beside the
-            checkpoint).
+        fmt: `onnx`, `torchscript` or `pt2`.
+        out: the artifact's path, or a folder for it (default: `ARTIFACT_NAMES` beside the checkpoint).
         data: a folder of PNGs for the parity check (default: the test folder, else the train
-            folder, recorded in the checkpoint).
+            folder, recorded in the checkpoint); for INT8 also the accuracy gate's labeled images
+            (class folders; default the recorded test folder).
         exporter: ONNX only: `dynamo` (default) or `torchscript` (torch's legacy ONNX exporter).
         opset: ONNX only: the opset (default `cnnkit.export.onnx.DEFAULT_OPSET`).
-        max_abs_tol: the largest |artifact - eager| output difference allowed.
+        max_abs_tol: the largest |artifact - eager| output difference allowed (default: the precision
+            tier's, 1e-4 for fp32 and for the fp32 graph INT8 starts from, `TIERS["fp16"]` for FP16).
         n_images: how many images (spread over the folder's sorted listing) to compare on.
+        quantize: `int8` for a statically quantized ONNX file (`model.int8.onnx`).
+        half: an FP16 ONNX file for the CUDA provider (`model.fp16.onnx`).
+        calibration: INT8: a folder of PNGs to calibrate on (default: the recorded training folder).
+        calibration_size: INT8: how many calibration images (spread over the folder).
+        max_accuracy_drop: INT8: top-1 accuracy points the INT8 file may lose against fp32.
+        eval_limit: INT8: at most this many testing images in the accuracy gate (spread).
 
     Returns:
         The result; `result.to_dict()` is the JSON the CLI prints.
 
     Raises:
         ModelError: missing/foreign/truncated checkpoint, weights not matching the arch, bad options.
-        DataError: no usable parity images.
-        ParityError: the artifact does not answer like the eager model; nothing was written.
+        DataError: no usable parity, calibration or labeled testing images.
+        ParityError: the artifact does not answer like the eager model, or INT8 loses more accuracy
+            than allowed; nothing was written.
     """
     t0 = time.perf_counter()
-    if fmt not in FORMATS:
-        raise ModelError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    precision = _precision(fmt, quantize, half)
+    tier = TIERS["fp16" if precision == "fp16" else "fp32"]
+    tol = tier.max_abs if max_abs_tol is None else max_abs_tol
     if fmt == "onnx":
         opset = check_options(exporter, opset)
     elif opset is not None:
-        log("export: --opset applies to ONNX only; ignored for torchscript")
+        log(f"export: --opset applies to ONNX only; ignored for {fmt}")
     if n_images < 1:
         raise CnnkitError(f"n_images must be at least 1, got {n_images}")
-    if not max_abs_tol >= 0:  # also refuses NaN
-        raise CnnkitError(f"the parity tolerance must be a number >= 0, got {max_abs_tol}")
+    if not tol >= 0:  # also refuses NaN
+        raise CnnkitError(f"the parity tolerance must be a number >= 0, got {tol}")
+    if precision == "int8":
+        from cnnkit.export.quantize import check_options as check_int8
+
+        check_int8(calibration_size, max_accuracy_drop, eval_limit)
     from cnnkit.trainer.checkpoint import BEST_NAME, model_from_checkpoint  # imports torch: not at module level
 
     if checkpoint is None:
@@ -115,23 +189,42 @@ def export(
     model, meta, _ = model_from_checkpoint(checkpoint)
     c, h, w = meta.input_shape
     log(f"export: {checkpoint}: arch {meta.arch}, {meta.num_classes} classes, input {c}x{h}x{w}, {meta.output} output")
-    out = _resolve_out(out, checkpoint, fmt)
+    kind = fmt if precision == "fp32" else f"onnx-{precision}"
+    out = _resolve_out(out, checkpoint, kind)
     data_dir = _resolve_data(data, meta, checkpoint)
     images = sample_images(data_dir, meta, n_images)
+    # INT8 inputs are read before any export work: a missing folder fails in a second, not a minute.
+    int8_inputs = _int8_inputs(data, calibration, calibration_size, eval_limit, meta, checkpoint) if quantize else None
 
+    from cnnkit.export.parity import torch_runner
+
+    reference = torch_runner(model)
+    accuracy: dict[str, Any] | None = None
+    notes: list[str] = []
     try:
         with atomic_path(out) as tmp:
-            info, candidate = _export_to(tmp, model, meta, fmt, exporter, opset)
-            used_exporter = info["exporter"]
-            how = f"{used_exporter}, opset {opset}" if fmt == "onnx" else used_exporter
-            log(f"export: {fmt} via {how} in {info['seconds']:.2f} s")
-
-            from cnnkit.export.parity import torch_runner
-
-            report = run_parity(torch_runner(model), candidate, images, meta.output, max_abs_tol)
-            log(f"export: {report.summary()}")
-            if not report.passed:  # atomic_path removes the temporary file
-                raise ParityError(f"{fmt} export of {checkpoint} ({how}): {report.summary()}; nothing was written")
+            if precision == "fp32":
+                info, candidate = _export_to(tmp, model, meta, fmt, exporter, opset)
+                used_exporter = info["exporter"]
+                how = f"{used_exporter}, opset {opset}" if fmt == "onnx" else used_exporter
+                log(f"export: {fmt} via {how} in {info['seconds']:.2f} s")
+                report: ParityReport | None = run_parity(reference, candidate, images, meta.output, tol)
+                log(f"export: {report.summary()}")
+                if not report.passed:  # atomic_path removes the temporary file
+                    raise ParityError(f"{fmt} export of {checkpoint} ({how}): {report.summary()}; nothing was written")
+            else:
+                with tempfile.TemporaryDirectory(prefix=".cnnkit-export-", dir=os.path.dirname(tmp)) as work:
+                    fp32 = os.path.join(work, "model.fp32.onnx")
+                    base_tol = tol if precision == "int8" else TIERS["fp32"].max_abs
+                    base_info, base = _fp32_base(fp32, model, meta, exporter, opset, images, base_tol, checkpoint)
+                    used_exporter = base_info["exporter"]
+                    if precision == "int8":
+                        assert int8_inputs is not None
+                        info, accuracy = _int8(fp32, tmp, meta, checkpoint, *int8_inputs, max_accuracy_drop)
+                        report = base
+                    else:
+                        info, report, notes = _fp16(fp32, tmp, meta, checkpoint, reference, images, tol)
+                    info = {**info, "exporter": used_exporter, "fp32": base_info}
     except PermissionError as e:
         raise ModelError(f"cannot write {out}: {e.strerror or e}; pass another --out") from None
 
@@ -142,10 +235,14 @@ def export(
         parity=report,
         report_path=out + REPORT_SUFFIX,
         seconds=0.0,
-        opset=opset if fmt == "onnx" else None,
+        opset=info.get("opset", opset) if fmt == "onnx" else None,
         checkpoint=checkpoint,
         data=data_dir,
         info=info,
+        precision=precision,
+        verified=report is not None,
+        accuracy=accuracy,
+        notes=notes,
     )
     result.seconds = round(time.perf_counter() - t0, 3)
     write_json(result.report_path, {**result.to_dict(), "meta": meta.to_dict()})
@@ -153,17 +250,125 @@ def export(
     return result
 
 
+def _fp32_base(
+    path: str, model: Any, meta: ModelMeta, exporter: str, opset: int | None, images: np.ndarray, tol: float,
+    checkpoint: str,
+) -> tuple[dict[str, Any], ParityReport]:
+    """Export the fp32 ONNX graph that INT8/FP16 start from, and gate it like a plain ONNX export."""
+    from cnnkit.export import onnx as onnx_export
+    from cnnkit.export import parity
+
+    info = onnx_export.export_onnx(model, meta, path, exporter, opset)
+    _check_record(_onnx_record(path), meta, path)
+    report = run_parity(parity.torch_runner(model), parity.onnx_runner(path), images, meta.output, tol)
+    log(f"export: fp32 graph ({info['exporter']}, opset {info['opset']}): {report.summary()}")
+    if not report.passed:
+        raise ParityError(f"onnx export of {checkpoint}: the fp32 graph fails parity: {report.summary()}; "
+                          "nothing was written")
+    return info, report
+
+
+def _int8_inputs(
+    data: str | None, calibration: str | None, calibration_size: int, eval_limit: int, meta: ModelMeta,
+    checkpoint: str,
+) -> tuple[np.ndarray, str, np.ndarray, np.ndarray, str]:
+    """(calibration images, their folder, labeled test images, labels, their folder)."""
+    from cnnkit.bench import load_images
+
+    recorded = meta.extra.get("data") if isinstance(meta.extra.get("data"), dict) else {}
+    calib_dir = calibration or recorded.get("train")
+    if not calib_dir or not os.path.isdir(calib_dir):
+        what = f"the training folder recorded in {checkpoint} ({calib_dir}) is gone" if calib_dir else (
+            f"{checkpoint} records no training folder")
+        if calibration:
+            what = f"{calibration}: no such folder"
+        raise DataError(f"int8 calibration: {what}; pass --calibration DIR (PNGs like the training data)")
+    eval_dir = data or recorded.get("test")
+    if not eval_dir or not os.path.isdir(eval_dir):
+        raise DataError(
+            f"the int8 accuracy gate needs the labeled testing split, and {checkpoint} records "
+            f"{'none' if not eval_dir else 'a folder that is gone: ' + eval_dir}; pass --data DIR (DIR/<class>/*.png)"
+        )
+    calib = sample_images(calib_dir, meta, calibration_size)
+    loaded = load_images(eval_dir, meta, eval_limit)
+    if loaded.labels is None:
+        raise DataError(
+            f"{eval_dir}: the int8 accuracy gate needs labeled images, DIR/<class>/*.png with the model's classes "
+            f"({', '.join(meta.classes[:5])}{', ...' if meta.num_classes > 5 else ''}); pass --data DIR"
+        )
+    log(f"export: int8: calibrating on {len(calib)} images from {calib_dir}; accuracy gate on "
+        f"{len(loaded.images)} labeled images from {eval_dir}")
+    return calib, str(calib_dir), loaded.images, loaded.labels, str(eval_dir)
+
+
+def _int8(
+    fp32: str, tmp: str, meta: ModelMeta, checkpoint: str, calib: np.ndarray, calib_dir: str,
+    eval_images: np.ndarray, labels: np.ndarray, eval_dir: str, max_drop: float,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    from cnnkit.export import quantize as q
+
+    info = q.quantize_int8(fp32, tmp, meta, calib, calib_dir)
+    log(f"export: int8 (QDQ, per-channel, {len(calib)} calibration images) in {info['seconds']:.2f} s")
+    gate = q.accuracy_gate(fp32, tmp, eval_images, labels, meta, max_drop, data=eval_dir)
+    if not gate.passed:  # atomic_path removes the temporary file
+        raise ParityError(f"int8 export of {checkpoint}: {gate.summary()}; nothing was written "
+                          "(calibrate on more images with --calibration-size, or allow more with --max-accuracy-drop)")
+    q.record_gate(tmp, meta, gate)
+    info["bytes"] = os.path.getsize(tmp)
+    return info, gate.to_dict()
+
+
+def _fp16(
+    fp32: str, tmp: str, meta: ModelMeta, checkpoint: str, reference: Any, images: np.ndarray, tol: float
+) -> tuple[dict[str, Any], ParityReport | None, list[str]]:
+    from cnnkit.export import onnx as onnx_export
+    from cnnkit.export import parity
+
+    info = onnx_export.convert_fp16(fp32, tmp, meta)
+    log(f"export: fp16 conversion in {info['seconds']:.2f} s")
+    tier = TIERS["fp16"]
+    notes: list[str] = []
+    try:
+        candidate, provider = parity.onnx_runner(tmp, "cuda"), "cuda"
+    except DeviceError as e:
+        cuda_why = str(e)
+        try:
+            candidate, provider = parity.onnx_runner(tmp, "cpu"), "cpu"
+            candidate(images[:1])
+        except Exception:  # the CPU provider cannot run this fp16 graph
+            note = f"fp16 parity {NOT_VERIFIED} ({cuda_why}) and the CPU provider cannot run the file"
+            log(f"export: {note}; check it on the GPU machine: `cnnkit bench --device cuda`")
+            return info, None, [note]
+        notes.append(
+            f"fp16 parity checked on the CPU provider ({cuda_why}): it runs the fp16 graph by casting to "
+            "float32 internally, so this checks the fp16 weights and graph, not the CUDA provider's float16 "
+            "arithmetic; check that on the GPU machine with `cnnkit bench --device cuda`"
+        )
+        log(f"export: note: {notes[-1]}")
+    report = run_parity(reference, candidate, images, meta.output, tol, min_agreement=tier.min_agreement,
+                        provider=provider)
+    log(f"export: fp16 {report.summary()}")
+    if not report.passed:
+        raise ParityError(f"fp16 export of {checkpoint}: {report.summary()}; nothing was written")
+    return info, report, notes
+
+
 def _export_to(
     path: str, model: Any, meta: ModelMeta, fmt: str, exporter: str, opset: int | None
 ) -> tuple[dict[str, Any], Any]:
     """Write the artifact to `path`; return (info, a parity runner over the file as written)."""
     from cnnkit.export import onnx as onnx_export
-    from cnnkit.export import parity, torchscript
+    from cnnkit.export import parity, pt2, torchscript
 
     if fmt == "onnx":
         info = onnx_export.export_onnx(model, meta, path, exporter, opset)
         _check_record(_onnx_record(path), meta, path)
         return info, parity.onnx_runner(path)
+    if fmt == "pt2":
+        info = pt2.export_pt2(model, meta, path)
+        module, record = pt2.load_pt2(path)
+        _check_record(record, meta, path)
+        return info, parity.pt2_runner(module)
     info = torchscript.export_torchscript(model, meta, path)
     module, record = torchscript.load_torchscript(path)
     _check_record(record, meta, path)
@@ -188,8 +393,8 @@ def _check_record(record: ModelMeta, meta: ModelMeta, path: str) -> None:
         raise ModelError(f"{path}: the metadata written into the artifact does not match the checkpoint's")
 
 
-def _resolve_out(out: str | None, checkpoint: str, fmt: str) -> str:
-    name = ARTIFACT_NAMES[fmt]
+def _resolve_out(out: str | None, checkpoint: str, kind: str) -> str:
+    name = ARTIFACT_NAMES[kind]
     if out is None:
         out = os.path.join(os.path.dirname(checkpoint), name)
     elif out.endswith(("/", os.sep)) or os.path.isdir(out):

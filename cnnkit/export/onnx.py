@@ -191,26 +191,20 @@ def export_onnx(
                 "exporter": exporter,
                 "opset": opset,
                 "ir_version": int(proto.ir_version),
+                "precision": "fp32",
                 "torch": str(torch.__version__),
             },
         }
     )
-    for prop in [p for p in proto.metadata_props if p.key == METADATA_KEY]:
-        proto.metadata_props.remove(prop)
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, record.to_json()
-
-    _check_graph(proto, meta)
-    data = proto.SerializeToString()
-    _check_session(data, meta)
-    write_bytes(path, data)
+    write_record(proto, record)
+    size = finish(proto, meta, path)
     return {
         "format": "onnx",
         "exporter": exporter,
         "opset": opset,
         "ir_version": int(proto.ir_version),
         "seconds": round(seconds, 3),
-        "bytes": len(data),
+        "bytes": size,
         "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": [BATCH_DIM, c, h, w]},
         "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": [BATCH_DIM, _out_width(meta)]},
     }
@@ -259,3 +253,80 @@ def _check_session(data: bytes, meta: ModelMeta) -> None:
     shape = session.get_inputs()[0].shape
     if not isinstance(shape[0], str) or list(shape[1:]) != list(meta.input_shape):
         raise ModelError(f"onnxruntime sees input shape {shape}, expected [{BATCH_DIM}, *{list(meta.input_shape)}]")
+
+
+def read_record(proto: Any) -> ModelMeta:
+    """The cnnkit record in an ONNX ModelProto's `metadata_props`."""
+    text = next((p.value for p in proto.metadata_props if p.key == METADATA_KEY), None)
+    if text is None:
+        raise ModelError(f"ONNX model without a {METADATA_KEY!r} metadata record")
+    return ModelMeta.from_json(text)
+
+
+def write_record(proto: Any, record: ModelMeta) -> None:
+    """Replace the cnnkit record in `proto.metadata_props` (in place)."""
+    for prop in [p for p in proto.metadata_props if p.key == METADATA_KEY]:
+        proto.metadata_props.remove(prop)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, record.to_json()
+
+
+def opset_of(proto: Any) -> int | None:
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def finish(proto: Any, meta: ModelMeta, path: str) -> int:
+    """Check a derived graph (int8, fp16) like a fresh export, then write it atomically; returns its bytes."""
+    _check_graph(proto, meta)
+    data = proto.SerializeToString()
+    _check_session(data, meta)
+    write_bytes(path, data)
+    return len(data)
+
+
+def convert_fp16(src: str, path: str, meta: ModelMeta) -> dict[str, Any]:
+    """Convert a cnnkit fp32 ONNX file to float16 weights and activations, for the CUDA provider.
+
+    The conversion is onnxruntime's own (`onnxruntime.transformers.float16`, shipped in both the CPU
+    and the GPU wheel) with `keep_io_types=True`: the input stays uint8 (its Cast now goes straight to
+    float16; 0..255 are exact in float16) and the output gets a Cast back to float32, so the file keeps
+    the cnnkit input/output contract and `cnnkit infer` reads it unchanged.
+
+    Args:
+        src: the fp32 model (as written by `export_onnx`).
+        path: the file to write.
+        meta: the checkpoint's record (checked against the graph's input and output).
+
+    Returns:
+        Plain info: format, precision, converter, opset, ir_version, seconds, bytes.
+    """
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    t0 = time.perf_counter()
+    proto = onnx.load(src)
+    record = read_record(proto)
+    with quiet():
+        half = convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=False)
+    export_info = dict(record.extra.get("export", {}))
+    export_info.update(
+        {
+            "precision": "fp16",
+            "opset": opset_of(half),
+            "ir_version": int(half.ir_version),
+            "fp16": {"converter": "onnxruntime.transformers.float16", "keep_io_types": True,
+                     "onnxruntime": ort.__version__},
+        }
+    )
+    write_record(half, record.replace(extra={**record.extra, "export": export_info}))
+    size = finish(half, meta, path)
+    return {
+        "format": "onnx",
+        "precision": "fp16",
+        "converter": "onnxruntime.transformers.float16 (keep_io_types)",
+        "opset": export_info["opset"],
+        "ir_version": export_info["ir_version"],
+        "seconds": round(time.perf_counter() - t0, 3),
+        "bytes": size,
+    }

@@ -1,0 +1,518 @@
+"""`cnnkit bench`: every artifact of a run x every usable device, with the parity columns.
+
+For each artifact in the run folder (`best.pt` run eagerly as the reference, `model.onnx`,
+`model.int8.onnx`, `model.fp16.onnx` where a CUDA provider works, `model.ts`, `model.pt2`) and each
+device it can run on here (onnxruntime's CPU / CUDA providers through `cnnkit.runtime`, the session
+`cnnkit infer` uses; torch on the CPU / CUDA for the eager model, TorchScript and pt2), one row:
+
+  - file size; top-1 accuracy on DATA (default: the run's testing split) and its change against the
+    eager model, in points;
+  - max |output - eager output| and argmax agreement with the eager model on every image (the eager
+    reference runs in float32 on the CPU, so GPU rows show what TF32 / fp16 do to the numbers);
+  - load time, then the first call at batch 1 right after loading (cold), the median of warm calls at
+    batch 1 (p50), and images/s at `batch_size` (the fastest of a few passes over all images).
+
+Every runtime gets the same number of intra-op threads (`threads`, default 1: how `cnnkit infer` runs
+the model beside its decoder processes). One thread also keeps the table honest on a shared machine:
+with 2 threads on a busy 2-core box, torch's OpenMP pool measured 48 ms per batch-1 call against
+1.2 ms with one thread, which would compare the machine's load rather than the artifacts. Rows run
+one after another in this process, so compare rows of one table, not numbers across tables.
+
+Torch rows need torch; without it the ONNX rows still run (the reference columns are then empty),
+so the benchmark works on an edge device with onnxruntime + numpy only.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cnnkit.console import log, table
+from cnnkit.errors import DataError, DeviceError, ModelError
+from cnnkit.images import ImageError, class_of, list_pngs, read_image
+from cnnkit.meta import ModelMeta, predict
+from cnnkit.runs import latest_run
+
+DEVICES = ("auto", "cpu", "cuda")
+DEFAULT_LIMIT = 10_000  # images of DATA used (spread over the folder): all of an MNIST-style test split
+DEFAULT_BATCH = 256  # `cnnkit infer`'s default
+DEFAULT_THREADS = 1
+P50_CALLS = 200  # batch-1 calls for the median (fewer when they take more than P50_SECONDS)
+P50_SECONDS = 2.0
+THROUGHPUT_PASSES = 3
+THROUGHPUT_SECONDS = 3.0  # stop adding passes after this long
+# Artifact kind -> (file name, runtime); the names `cnnkit.export.ARTIFACT_NAMES` writes (a test checks
+# they agree), repeated here so that benchmarking never imports the export room.
+ARTIFACTS = (
+    ("eager", "best.pt", "torch"),
+    ("onnx", "model.onnx", "onnxruntime"),
+    ("onnx-int8", "model.int8.onnx", "onnxruntime"),
+    ("onnx-fp16", "model.fp16.onnx", "onnxruntime"),
+    ("torchscript", "model.ts", "torch"),
+    ("pt2", "model.pt2", "torch"),
+)
+
+Runner = Callable[[np.ndarray], np.ndarray]
+
+
+# --------------------------------------------------------------------------------------------
+# Images with labels
+
+
+@dataclass
+class Images:
+    """Decoded images, with labels when every file sits under a folder named like a class.
+
+    Attributes:
+        root: the folder.
+        images: uint8 (N, C, H, W).
+        labels: int64 (N,) class indices, or None when the files are not all labeled.
+        n_files: PNG files in the folder (N may be smaller: `limit`, undecodable files).
+    """
+
+    root: str
+    images: np.ndarray
+    labels: np.ndarray | None
+    n_files: int
+
+
+def load_images(root: str, meta: ModelMeta, limit: int | None = DEFAULT_LIMIT) -> Images:
+    """Decode up to `limit` PNGs under `root` (spread over the sorted listing) for `meta`'s model.
+
+    Files under `root/<class>/` are labeled with the class's index in `meta.classes`, as in
+    `cnnkit infer`. Undecodable files are skipped (and counted in the log line).
+
+    Raises:
+        DataError: no folder, no PNGs, or none decodable.
+    """
+    files = list_pngs(root).files
+    n_files = len(files)
+    if not files:
+        raise DataError(f"{root}: no PNG files found (searched recursively for *.png)")
+    if limit is not None and len(files) > limit:
+        picks = np.unique(np.linspace(0, len(files) - 1, num=limit).round().astype(np.int64))
+        files = [files[i] for i in picks.tolist()]
+    index = {c: i for i, c in enumerate(meta.classes)}
+    _, h, w = meta.input_shape
+    out = np.empty((len(files), 1, h, w), dtype=np.uint8)
+    labels = np.empty(len(files), dtype=np.int64)
+    n = failed = 0
+    for rel in files:
+        try:
+            out[n, 0], _ = read_image(os.path.join(root, rel), (h, w))
+        except ImageError:
+            failed += 1
+            continue
+        labels[n] = index.get(class_of(rel) or "", -1)
+        n += 1
+    if n == 0:
+        raise DataError(f"{root}: none of {len(files)} PNGs could be decoded")
+    if failed:
+        log(f"bench: {failed} of {len(files)} PNGs under {root} could not be decoded; skipped")
+    labels = labels[:n]
+    return Images(root, out[:n], labels if bool((labels >= 0).all()) else None, n_files)
+
+
+def top1(outputs: np.ndarray, labels: np.ndarray, output_kind: str) -> float:
+    """Top-1 accuracy (0..1) of raw model outputs."""
+    return float((predict(outputs, output_kind)[0] == labels).mean())
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass
+class BenchRow:
+    """One artifact on one device.
+
+    Attributes:
+        artifact: `eager`, `onnx`, `onnx-int8`, `onnx-fp16`, `torchscript` or `pt2`.
+        path: the file.
+        device: `cpu` or `cuda`.
+        runtime: `torch` or `onnxruntime`, with the provider for onnxruntime.
+        bytes: file size.
+        accuracy: top-1 accuracy (0..1), None without labels.
+        accuracy_change: (accuracy - eager accuracy) in points, None without labels or eager.
+        max_abs_diff: largest |output - eager output| over all images, None without eager.
+        argmax_agreement: share (0..1) of images predicted as the eager model does, None without eager.
+        load_ms: loading the file / creating the session.
+        cold_ms: the first call (batch 1) right after loading.
+        p50_ms: median warm call at batch 1.
+        images_per_second: at `batch_size`.
+        error: why the row could not run (the other numbers are then None).
+    """
+
+    artifact: str
+    path: str
+    device: str
+    runtime: str
+    bytes: int
+    accuracy: float | None = None
+    accuracy_change: float | None = None
+    max_abs_diff: float | None = None
+    argmax_agreement: float | None = None
+    load_ms: float | None = None
+    cold_ms: float | None = None
+    p50_ms: float | None = None
+    images_per_second: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class BenchResult:
+    """What `bench` measured.
+
+    Attributes:
+        run_dir: the run folder.
+        data: the folder of images.
+        n_images: images used; labeled: whether accuracy columns are filled.
+        batch_size: batch size of the throughput column.
+        reference: what the diff columns compare against.
+        threads: intra-op threads of every runtime.
+        rows: one per artifact x device.
+        notes: artifacts or devices skipped, and why.
+        versions: library versions; seconds: wall time.
+    """
+
+    run_dir: str
+    data: str
+    n_images: int
+    labeled: bool
+    batch_size: int
+    reference: str
+    rows: list[BenchRow]
+    notes: list[str] = field(default_factory=list)
+    threads: int = DEFAULT_THREADS
+    versions: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+TABLE_HEADERS = ("artifact", "device", "KB", "acc %", "Δacc pts", "max|diff|", "agree %", "load ms", "cold ms",
+                 "p50 ms b1", "img/s")
+
+
+def format_table(result: BenchResult) -> str:
+    """The human table (stderr): one line per row, `-` where a number does not apply."""
+
+    def num(v: float | None, fmt: str) -> object:
+        return "-" if v is None else format(v, fmt)
+
+    rows = []
+    for r in result.rows:
+        if r.error:
+            rows.append([r.artifact, r.device, round(r.bytes / 1024), f"error: {r.error}", *[""] * 7])
+            continue
+        rows.append([
+            r.artifact,
+            r.device,
+            round(r.bytes / 1024),
+            num(None if r.accuracy is None else r.accuracy * 100, ".2f"),
+            num(r.accuracy_change, "+.2f"),
+            num(r.max_abs_diff, ".1e"),
+            num(None if r.argmax_agreement is None else r.argmax_agreement * 100, ".2f"),
+            num(r.load_ms, ".1f"),
+            num(r.cold_ms, ".2f"),
+            num(r.p50_ms, ".3f"),
+            num(r.images_per_second, ",.0f"),
+        ])
+    head = (f"bench: {result.run_dir} on {result.n_images:,} images from {result.data}; "
+            f"{result.threads} thread(s); throughput at batch {result.batch_size}; diffs against {result.reference}")
+    lines = [head, table(TABLE_HEADERS, rows)]
+    lines += [f"note: {n}" for n in result.notes]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading artifacts
+
+
+def _have_torch() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _torch_cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def _onnx_cuda_works(path: str) -> tuple[bool, str]:
+    from cnnkit.runtime.session import create_session
+
+    try:
+        create_session(path, device="cuda", threads=None)
+    except DeviceError as e:
+        return False, str(e)
+    return True, ""
+
+
+def _load(artifact: str, path: str, device: str, threads: int | None = DEFAULT_THREADS) -> tuple[Runner, str]:
+    """(runner: uint8 batch -> float32 outputs, runtime description); torch's threads are set by `bench`."""
+    if artifact.startswith("onnx"):
+        from cnnkit.runtime.session import create_session
+
+        session = create_session(path, device=device, threads=threads)
+        return session.run, f"onnxruntime {session.provider.replace('ExecutionProvider', '')}"
+    import torch
+
+    dev = torch.device(device)
+    if artifact == "eager":
+        from cnnkit.trainer.checkpoint import model_from_checkpoint
+
+        module = model_from_checkpoint(path)[0].to(dev).eval()
+    elif artifact == "torchscript":
+        from cnnkit.export.torchscript import load_torchscript
+
+        module = load_torchscript(path)[0].to(dev)
+    else:
+        from cnnkit.export.pt2 import load_pt2
+
+        module = load_pt2(path, device=device)[0]
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return module(torch.from_numpy(np.ascontiguousarray(x)).to(dev)).float().cpu().numpy()
+
+    return run, f"torch {torch.__version__}"
+
+
+def _measure(run: Runner, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, float, float, float]:
+    """(outputs over all images, cold ms, p50 ms at batch 1, images/s at batch_size)."""
+    t = time.perf_counter()
+    run(images[:1])
+    cold = (time.perf_counter() - t) * 1e3
+    times: list[float] = []
+    t_end = time.perf_counter() + P50_SECONDS
+    for i in range(P50_CALLS):
+        x = images[i % len(images)][None]
+        t = time.perf_counter()
+        run(x)
+        times.append(time.perf_counter() - t)
+        if time.perf_counter() > t_end and len(times) >= 10:
+            break
+    p50 = statistics.median(times) * 1e3
+    best, outputs = float("inf"), None
+    t_end = time.perf_counter() + THROUGHPUT_SECONDS
+    for _ in range(THROUGHPUT_PASSES):
+        t = time.perf_counter()
+        outs = [run(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+        best = min(best, time.perf_counter() - t)
+        if outputs is None:
+            outputs = np.concatenate(outs).astype(np.float32)
+        if time.perf_counter() > t_end:
+            break
+    assert outputs is not None
+    return outputs, cold, p50, len(images) / best
+
+
+# --------------------------------------------------------------------------------------------
+# The benchmark
+
+
+def _meta_of(run_dir: str, found: dict[str, str]) -> ModelMeta:
+    """The model record, torch-free when an ONNX file is there."""
+    from cnnkit.runtime.session import read_meta
+
+    for kind in ("onnx", "onnx-int8", "onnx-fp16"):
+        if kind in found:
+            return read_meta(found[kind])
+    if "eager" in found and _have_torch():
+        from cnnkit.trainer.checkpoint import load_checkpoint
+
+        return ModelMeta.from_dict(load_checkpoint(found["eager"])["meta"])
+    raise ModelError(f"{run_dir}: no ONNX model (and no usable checkpoint) to benchmark; run `cnnkit export` first")
+
+
+def _resolve_data(data: str | None, meta: ModelMeta, run_dir: str) -> str:
+    if data is not None:
+        if not os.path.isdir(data):
+            raise DataError(f"{data}: no such folder")
+        return data
+    recorded = meta.extra.get("data")
+    folder = recorded.get("test") if isinstance(recorded, dict) else None
+    if not folder or not os.path.isdir(folder):
+        raise DataError(
+            f"the model in {run_dir} records no testing folder{'' if not folder else ' that exists (' + folder + ')'}; "
+            "pass DATA (a folder of PNGs, DIR/<class>/*.png for accuracy)"
+        )
+    return str(folder)
+
+
+def bench(
+    data: str | None = None,
+    run: str | None = None,
+    device: str = "auto",
+    batch_size: int = DEFAULT_BATCH,
+    limit: int | None = DEFAULT_LIMIT,
+    threads: int = DEFAULT_THREADS,
+) -> BenchResult:
+    """Benchmark every artifact of a run on every usable device.
+
+    Args:
+        data: a folder of PNGs (class folders give accuracy); default: the run's testing split.
+        run: the run folder; default `runs/latest`.
+        device: `auto` (every device that works here), `cpu`, or `cuda` (an error if none works).
+        batch_size: batch size of the throughput column.
+        limit: at most this many images (spread over the folder); None for all.
+        threads: intra-op threads for every runtime (onnxruntime's CPU provider and torch on the CPU).
+
+    Returns:
+        A `BenchResult`; `format_table(result)` is the human table, `to_dict()` the JSON.
+
+    Raises:
+        ModelError: no run folder or nothing to benchmark in it.
+        DataError: no usable images.
+        DeviceError: unknown device, or `cuda` with neither torch CUDA nor a working CUDA provider.
+    """
+    t0 = time.perf_counter()
+    if device not in DEVICES:
+        raise DeviceError(f"unknown device {device!r}; choose one of: {', '.join(DEVICES)}")
+    if batch_size < 1 or threads < 1:
+        raise DataError("batch size and threads must be at least 1")
+    run_dir = run if run is not None else latest_run()
+    if not os.path.isdir(run_dir):
+        raise ModelError(f"{run_dir}: no such run folder")
+    found = {kind: os.path.join(run_dir, name) for kind, name, _ in ARTIFACTS
+             if os.path.isfile(os.path.join(run_dir, name))}
+    meta = _meta_of(run_dir, found)
+    folder = _resolve_data(data, meta, run_dir)
+    loaded = load_images(folder, meta, limit)
+    images, labels = loaded.images, loaded.labels
+    log(f"bench: {len(images):,} images from {folder}" + ("" if labels is not None else " (unlabeled: no accuracy)"))
+
+    notes: list[str] = []
+    torch_ok = _have_torch()
+    if not torch_ok:
+        skipped = [k for k in ("eager", "torchscript", "pt2") if k in found]
+        if skipped:
+            notes.append(f"torch is not installed: skipped {', '.join(skipped)}")
+        found = {k: v for k, v in found.items() if k not in skipped}
+    torch_devices = ["cpu"] + (["cuda"] if torch_ok and _torch_cuda() else [])
+    onnx_probe = next((found[k] for k in ("onnx", "onnx-int8", "onnx-fp16") if k in found), None)
+    ort_cuda, why = _onnx_cuda_works(onnx_probe) if onnx_probe else (False, "")
+    ort_devices = ["cpu"] + (["cuda"] if ort_cuda else [])
+    if device == "cuda":
+        if "cuda" not in torch_devices and not ort_cuda:
+            raise DeviceError(f"device cuda: neither torch nor onnxruntime can use a GPU here ({why or 'no CUDA'})")
+        torch_devices, ort_devices = [d for d in torch_devices if d == "cuda"], [d for d in ort_devices if d == "cuda"]
+        if not ort_cuda and onnx_probe:
+            notes.append(f"ONNX files skipped: the onnxruntime CUDA provider is not usable ({why})")
+        if "cuda" not in torch_devices and torch_ok:
+            notes.append("torch rows skipped: torch sees no CUDA device")
+    elif device == "cpu":
+        torch_devices, ort_devices = ["cpu"], ["cpu"]
+    elif why and onnx_probe:
+        notes.append(f"onnxruntime CUDA provider not used: {why}")
+
+    plan: list[tuple[str, str, str]] = []
+    for kind, _, runtime in ARTIFACTS:
+        if kind not in found:
+            continue
+        devices = torch_devices if runtime == "torch" else ort_devices
+        if kind == "onnx-fp16":
+            # FP16 is for the CUDA provider; the CPU provider would time a float32 run in disguise.
+            if "cuda" not in devices:
+                notes.append(f"{found[kind]}: skipped, FP16 runs on the CUDA provider and none works here")
+            devices = [d for d in devices if d == "cuda"]
+        plan += [(kind, found[kind], d) for d in devices]
+
+    restore = _torch_threads(threads) if torch_ok else None
+    try:
+        rows, reference = _run_plan(plan, found, images, labels, meta, batch_size, threads)
+    finally:
+        if restore is not None:
+            restore()
+    if reference is None and rows:
+        notes.append("no eager reference (torch missing or no best.pt in the run): diff columns empty")
+    if not rows:
+        raise ModelError(f"{run_dir}: nothing to benchmark here ({'; '.join(notes) or 'no artifacts'})")
+    return BenchResult(
+        run_dir=run_dir,
+        data=folder,
+        n_images=len(images),
+        labeled=labels is not None,
+        batch_size=batch_size,
+        reference="eager (best.pt), float32 on the CPU",
+        rows=rows,
+        notes=notes,
+        threads=threads,
+        versions=_versions(),
+        seconds=round(time.perf_counter() - t0, 3),
+    )
+
+
+def _torch_threads(threads: int) -> Callable[[], None]:
+    """Set torch's intra-op threads; returns the function that puts the previous number back."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    return lambda: torch.set_num_threads(previous)
+
+
+def _run_plan(
+    plan: list[tuple[str, str, str]], found: dict[str, str], images: np.ndarray, labels: np.ndarray | None,
+    meta: ModelMeta, batch_size: int, threads: int,
+) -> tuple[list[BenchRow], np.ndarray | None]:
+    """Measure each (artifact, path, device) of the plan; the eager CPU run is the reference."""
+    reference: np.ndarray | None = None
+    ref_acc: float | None = None
+    if "eager" in found and ("eager", found["eager"], "cpu") not in plan:
+        # --device cuda: the reference still runs in float32 on the CPU
+        ref_run, _ = _load("eager", found["eager"], "cpu", threads)
+        reference = np.concatenate([ref_run(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+        ref_acc = None if labels is None else top1(reference, labels, meta.output)
+    rows: list[BenchRow] = []
+    for kind, path, dev in plan:
+        row = BenchRow(artifact=kind, path=path, device=dev, runtime="", bytes=os.path.getsize(path))
+        try:
+            t = time.perf_counter()
+            runner, row.runtime = _load(kind, path, dev, threads)
+            row.load_ms = round((time.perf_counter() - t) * 1e3, 2)
+            outputs, cold, p50, ips = _measure(runner, images, batch_size)
+        except Exception as e:  # a row that fails is reported, the others still run
+            row.error = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            log(f"bench: {kind} on {dev}: {row.error}")
+            rows.append(row)
+            continue
+        row.cold_ms, row.p50_ms, row.images_per_second = round(cold, 3), round(p50, 4), round(ips, 1)
+        if labels is not None:
+            row.accuracy = top1(outputs, labels, meta.output)
+        if kind == "eager" and dev == "cpu":
+            reference, ref_acc = outputs, row.accuracy
+        if reference is not None:
+            diff = np.abs(outputs.astype(np.float64) - reference)
+            row.max_abs_diff = float("nan") if np.isnan(diff).any() else float(diff.max())
+            same = predict(outputs, meta.output)[0] == predict(reference, meta.output)[0]
+            row.argmax_agreement = float(same.mean())
+            if row.accuracy is not None and ref_acc is not None:
+                row.accuracy_change = round((row.accuracy - ref_acc) * 100, 4)
+        rows.append(row)
+        log(f"bench: {kind} on {dev}: {row.images_per_second:,.0f} img/s")
+    return rows, reference
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for dist in ("cnnkit", "onnxruntime", "onnxruntime-gpu", "torch", "numpy"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
