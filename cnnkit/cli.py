@@ -54,6 +54,11 @@ class Exporter(str, Enum):
     torchscript = "torchscript"
 
 
+class Augment(str, Enum):
+    none = "none"
+    flip = "flip"
+
+
 class Split(str, Enum):
     training = "training"
     testing = "testing"
@@ -110,11 +115,14 @@ def train(
     data: Annotated[Path | None, typer.Argument(help="Folder with training/ (and testing/), or class folders. "
                                                       "Default: the bundled 5,000 MNIST digits.")] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder. Default: runs/train-<time>.")] = None,
-    epochs: Annotated[int, typer.Option(min=1)] = 5,
-    batch_size: Annotated[int, typer.Option(min=1)] = 128,
-    arch: Annotated[str, typer.Option(help="small (default) or lecture (the lecture's exact network).")] = "small",
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate. Default: 1e-3 for lecture, 3e-3 otherwise.")]
+    epochs: Annotated[int | None, typer.Option(min=1, help="Default: the arch's (small 10, lecture 5).")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Global batch. Default: small 256, lecture 128.")]
     = None,
+    arch: Annotated[str, typer.Option(help="small (default) or lecture (the lecture's exact network).")] = "small",
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate. Default: small 3e-3 (warm-up + cosine), "
+                                                  "lecture 1e-3 (constant).")] = None,
+    augment: Annotated[Augment, typer.Option(help="flip: mirror half of each batch (clothes, not digits).")]
+    = Augment.none,
     classes: Annotated[str | None, typer.Option(help="Comma-separated class folder names, e.g. 0,1.")] = None,
     val_split: Annotated[float | None, typer.Option(help="Hold out this fraction of training for validation. "
                                                          "Default: 0 with a testing/ folder, else 0.1.")] = None,
@@ -135,6 +143,7 @@ def train(
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
+        augment=augment.value,
         classes=_parse_classes(classes),
         val_split=val_split,
         device=device.value,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -31,31 +31,50 @@ from cnnkit.runs import RUNS_DIR, mark_latest, new_run_dir
 from cnnkit.trainer.checkpoint import BEST_NAME, CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from cnnkit.trainer.data import LoadedSplit, class_names, load_split, split_validation
 from cnnkit.trainer.distributed import Dist, setup, teardown
-from cnnkit.trainer.models import DEFAULT_ARCH, build_model, count_parameters
+from cnnkit.trainer.models import DEFAULT_ARCH, RECIPES, build_model, count_parameters
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a run depends on. Stored in the checkpoint; `--resume` reuses it.
 
-    `lr=None` picks the arch's default: the lecture's Adam default (1e-3, constant) for `lecture`,
-    a 3e-3 peak with warm-up and cosine decay for the others. `val_split=None` holds out 10% of
-    training for validation only when there is no `testing/` folder; otherwise `testing/` validates.
+    `epochs`, `batch_size` and `lr` left as None take the arch's recipe (`models.RECIPES`).
+    `val_split=None` holds out 10% of training for validation only when there is no `testing/`
+    folder; otherwise `testing/` validates. `augment="flip"` mirrors a random half of each batch
+    left-right (right for clothes, wrong for digits: off by default).
     """
 
     data: str | None = None
     out: str | None = None
     arch: str = DEFAULT_ARCH
-    epochs: int = 5
-    batch_size: int = 128
+    epochs: int | None = None
+    batch_size: int | None = None
     lr: float | None = None
     weight_decay: float = 0.0
+    augment: str = "none"
     classes: tuple[str, ...] | None = None
     val_split: float | None = None
     device: str = "auto"
     seed: int = 0
     workers: int | None = None
     runs_dir: str = RUNS_DIR
+
+    def resolved(self) -> TrainConfig:
+        """This config with the arch's recipe filled in where a value was left as None."""
+        if self.arch not in RECIPES:
+            raise ModelError(f"unknown arch {self.arch!r}; choose one of: {', '.join(RECIPES)}")
+        if self.augment not in AUGMENTS:
+            raise DataError(f"unknown --augment {self.augment!r}; choose one of: {', '.join(AUGMENTS)}")
+        r = RECIPES[self.arch]
+        return replace(
+            self,
+            epochs=self.epochs if self.epochs is not None else r.epochs,
+            batch_size=self.batch_size if self.batch_size is not None else r.batch_size,
+            lr=self.lr if self.lr is not None else r.lr,
+        )
+
+
+AUGMENTS = ("none", "flip")
 
 
 @dataclass
@@ -208,10 +227,13 @@ def _train(cfg: TrainConfig, resume: str | None, d: Dist, device: torch.device) 
         state = load_checkpoint(os.path.join(resume, CHECKPOINT_NAME))
         saved = dict(state.get("config", {}))
         saved["classes"] = tuple(saved["classes"]) if saved.get("classes") else None
-        cfg = TrainConfig(**{**saved, "epochs": cfg.epochs, "device": cfg.device, "workers": cfg.workers})
+        epochs = cfg.epochs if cfg.epochs is not None else saved["epochs"]
+        cfg = TrainConfig(**{**saved, "epochs": epochs, "device": cfg.device, "workers": cfg.workers})
         if len(state["rng"]["batches"]) != d.world:
             raise ModelError(f"{resume} was trained with {len(state['rng']['batches'])} process(es); "
                              f"resume it with the same number (this job has {d.world})")
+    cfg = cfg.resolved()
+    assert cfg.epochs is not None and cfg.batch_size is not None and cfg.lr is not None
     if cfg.batch_size % d.world:
         raise DataError(f"--batch-size {cfg.batch_size} is the global batch: make it a multiple of {d.world} processes")
     say = log if d.main else (lambda *_: None)
@@ -232,7 +254,7 @@ def _train(cfg: TrainConfig, resume: str | None, d: Dist, device: torch.device) 
         versions={"cnnkit": __version__, "torch": str(torch.__version__)},
         extra={"data": data_info},
     )
-    lr = cfg.lr if cfg.lr is not None else (1e-3 if cfg.arch == "lecture" else 3e-3)
+    lr, constant_lr = cfg.lr, RECIPES[cfg.arch].schedule == "constant"
     opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=cfg.weight_decay)
     history: list[dict[str, Any]] = []
     start_epoch, best_epoch = 0, 0
@@ -257,7 +279,8 @@ def _train(cfg: TrainConfig, resume: str | None, d: Dist, device: torch.device) 
     use_amp = device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    net.to(device)
+    # NHWC lets oneDNN (CPU) and cuDNN (GPU) pick faster convolution kernels: ~1.35x here on the CPU.
+    net.to(device, memory_format=torch.channels_last)
     model: torch.nn.Module = net
     if d.active:
         from torch.nn.parallel import DistributedDataParallel
@@ -297,8 +320,11 @@ def _train(cfg: TrainConfig, resume: str | None, d: Dist, device: torch.device) 
                     lo, hi = i * per_rank, min((i + 1) * per_rank, n_max)
                     idx = perm[torch.arange(lo, hi, device=device) % n_local] if d.active else perm[lo:hi]
                     xb, yb = x_train[idx], y_train[idx]
+                    if cfg.augment == "flip":
+                        flip = torch.rand(len(idx), generator=gen).to(device) < 0.5
+                        xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
                     for group in opt.param_groups:
-                        group["lr"] = _lr_at(epoch * steps_per_epoch + i, total_steps, lr, cfg.arch == "lecture")
+                        group["lr"] = _lr_at(epoch * steps_per_epoch + i, total_steps, lr, constant_lr)
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                         out = model(xb)
                     loss = _loss(out, yb, sigmoid)

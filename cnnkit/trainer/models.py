@@ -7,6 +7,7 @@ to [0, 1] is the model's first step (`ToFloat`), so the exported graph carries i
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -88,6 +89,25 @@ def small(num_classes: int, height: int, width: int) -> tuple[nn.Sequential, str
 
 ARCHS: dict[str, Callable[[int, int, int], tuple[nn.Sequential, str]]] = {"small": small, "lecture": lecture}
 DEFAULT_ARCH = "small"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """An arch's default training settings (each overridable on the command line)."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    schedule: str  # "constant" or "cosine" (linear warm-up over 5% of the steps, then cosine to 0)
+
+
+RECIPES = {
+    # The lecture's: Adam with its default learning rate, batch 128, 5 epochs.
+    "lecture": Recipe(epochs=5, batch_size=128, lr=1e-3, schedule="constant"),
+    # Tuned on Fashion-MNIST on a 2-core CPU: 10 epochs of 60,000 images fit in 3 minutes and reach
+    # ~0.92 test accuracy; batch 256 keeps the CPU busy with fewer optimizer steps.
+    "small": Recipe(epochs=10, batch_size=256, lr=3e-3, schedule="cosine"),
+}
 
 
 def build_model(arch: str, num_classes: int, height: int, width: int) -> tuple[Classifier, str]:
