@@ -253,7 +253,7 @@ class DecodedBatch:
 
 
 def _decode_chunk(root: str, files: Sequence[str], start: int, size: tuple[int, int]) -> DecodedBatch:
-    # The hot loop of `cnnkit infer` (~20 us per 28 x 28 image: 12 us of it is libspng + zlib).
+    # The hot loop of `cnnkit infer` (~25 us per 28 x 28 image: ~12 us of it is libspng + zlib).
     out = np.empty((len(files), *size), dtype=np.uint8)
     ok = np.empty(len(files), dtype=np.int64)
     failures: list[tuple[int, str]] = []

@@ -1,0 +1,300 @@
+"""An onnxruntime session for a cnnkit model: provider chosen once, metadata and input checked up front.
+
+Torch-free by design (numpy + onnxruntime only); `onnxruntime` is imported inside the functions that
+need it, so importing this module costs nothing and a bad model file fails before the runtime loads.
+
+Device policy (the one place where `auto|cpu|cuda` becomes an execution provider):
+  - `cpu`: CPUExecutionProvider.
+  - `cuda`: CUDAExecutionProvider, and an error if it does not actually run. onnxruntime-gpu lists
+    the CUDA provider even where its libraries cannot load and then silently runs on the CPU, so the
+    check is on `session.get_providers()` after creation, not on `get_available_providers()`.
+  - `auto`: CUDA when this onnxruntime build has the provider and it loads, else the CPU.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cnnkit.errors import DeviceError, ModelError
+from cnnkit.meta import METADATA_KEY, OUTPUT_SIGMOID, ModelMeta
+
+DEVICES = ("auto", "cpu", "cuda")
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+CPU_SLICE = 64  # images per onnxruntime call on the CPU provider (see `Session.run`)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading the metadata record without onnxruntime
+
+
+def _varint(buf: Any, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _metadata_props(buf: Any) -> dict[str, str]:
+    """`ModelProto.metadata_props` (field 14) from serialized ONNX, skipping everything else.
+
+    A dozen lines of protobuf wire format instead of the `onnx` package, which the runtime must not
+    import; the graph (field 7) is skipped by its length, never parsed.
+    """
+    props: dict[str, str] = {}
+    pos, end = 0, len(buf)
+    while pos < end:
+        tag, pos = _varint(buf, pos)
+        fnum, wire = tag >> 3, tag & 7
+        if wire == 0:
+            _, pos = _varint(buf, pos)
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        elif wire == 2:
+            n, pos = _varint(buf, pos)
+            if pos + n > end:
+                raise ValueError("truncated field")
+            if fnum == 14:  # StringStringEntryProto {key = 1, value = 2}
+                entry = {1: "", 2: ""}
+                p, e = pos, pos + n
+                while p < e:
+                    t, p = _varint(buf, p)
+                    if t & 7 != 2:
+                        raise ValueError("unexpected wire type in metadata entry")
+                    m, p = _varint(buf, p)
+                    entry[t >> 3] = bytes(buf[p : p + m]).decode("utf-8")
+                    p += m
+                props[entry[1]] = entry[2]
+            pos += n
+        else:
+            raise ValueError(f"unexpected wire type {wire}")
+    if pos != end:
+        raise ValueError("truncated model")
+    return props
+
+
+def _check_model_file(path: str) -> None:
+    if not os.path.isfile(path):
+        raise ModelError(f"{path}: no such model file (export one with `cnnkit export --format onnx`)")
+
+
+def read_meta(path: str) -> ModelMeta:
+    """The cnnkit record of an ONNX model, read without onnxruntime (cheap, and safe before forking).
+
+    Raises:
+        ModelError: the file is missing, is not ONNX, or carries no valid cnnkit record.
+    """
+    _check_model_file(path)
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            props = _metadata_props(buf)
+    except (ValueError, IndexError, UnicodeDecodeError, OSError) as e:
+        raise ModelError(f"{path}: not a readable ONNX model ({e})") from None
+    return _meta_from_props(path, props)
+
+
+def _meta_from_props(path: str, props: dict[str, str]) -> ModelMeta:
+    text = props.get(METADATA_KEY)
+    if text is None:
+        raise ModelError(
+            f"{path}: ONNX model without a {METADATA_KEY!r} metadata record; export it with "
+            "`cnnkit export --format onnx` so it carries its classes and input shape"
+        )
+    try:
+        return ModelMeta.from_json(text)
+    except ModelError as e:
+        raise ModelError(f"{path}: {e}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# The session
+
+
+@dataclass
+class Session:
+    """A checked onnxruntime session.
+
+    Attributes:
+        path: the model file.
+        meta: its cnnkit record.
+        provider: the execution provider that actually runs it.
+        input_name / output_name: the graph's tensor names.
+        threads: intra-op threads (CPU provider), None for onnxruntime's default.
+        notes: one-line remarks for the user (e.g. why `auto` did not use CUDA).
+        cpu_slice: the CPU provider runs larger batches in slices of this many images.
+    """
+
+    path: str
+    meta: ModelMeta
+    provider: str
+    input_name: str
+    output_name: str
+    threads: int | None
+    ort_session: Any = field(repr=False)
+    notes: list[str] = field(default_factory=list)
+    cpu_slice: int = CPU_SLICE
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.provider == CUDA else "cpu"
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Model outputs for a uint8 batch of shape (N, C, H, W) or (N, H, W) (1 channel)."""
+        if batch.ndim == 3:
+            batch = batch[:, None]
+        batch = np.ascontiguousarray(batch, dtype=np.uint8)
+        if self.provider == CUDA:
+            return self._run_cuda(batch)
+        n, step = len(batch), self.cpu_slice
+        if n <= step:
+            return self.ort_session.run([self.output_name], {self.input_name: batch})[0]
+        # Cache-sized slices: the lecture CNN costs 11 us per image in runs of 64 (its conv
+        # activations, 2.4 MB, stay in L2/L3) and 17 us in runs of 256 or more, on one core.
+        parts = [
+            self.ort_session.run([self.output_name], {self.input_name: batch[i : i + step]})[0]
+            for i in range(0, n, step)
+        ]
+        return np.concatenate(parts)
+
+    def _run_cuda(self, batch: np.ndarray) -> np.ndarray:
+        # IOBinding, the CUDA pattern onnxruntime documents: the output is bound on the device and
+        # copied back once, explicitly. The input comes from host memory (the decoders), so it is
+        # bound as a CPU input and onnxruntime copies it over (uint8: 4x fewer bytes than float).
+        # Outputs are (N, K) floats, too small for a pinned buffer to matter. Not measured: the
+        # tuning machine has no GPU.
+        binding = self.ort_session.io_binding()
+        binding.bind_cpu_input(self.input_name, batch)
+        binding.bind_output(self.output_name, "cuda")
+        self.ort_session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+
+def _installed(dist: str) -> bool:
+    from importlib import metadata
+
+    try:
+        metadata.version(dist)
+        return True
+    except metadata.PackageNotFoundError:
+        return False
+
+
+def _cuda_fix() -> str:
+    """Why CUDA is not usable and what to do, in one clause (only called on the error path)."""
+    if _installed("onnxruntime") and _installed("onnxruntime-gpu"):
+        return (
+            "both onnxruntime and onnxruntime-gpu are installed, and they overwrite each other's "
+            "files; `pip uninstall -y onnxruntime onnxruntime-gpu && pip install 'cnnkit[gpu]'`"
+        )
+    if not _installed("onnxruntime-gpu"):
+        return (
+            "this is the CPU build of onnxruntime; install onnxruntime-gpu instead of it (never both): "
+            "`pip uninstall -y onnxruntime && pip install 'cnnkit[gpu]'`"
+        )
+    return (
+        "onnxruntime-gpu is installed but its CUDA provider did not load (no GPU, or the CUDA 13 / "
+        "cuDNN 9 libraries are missing: `pip install 'onnxruntime-gpu[cuda,cudnn]'`; check `nvidia-smi`)"
+    )
+
+
+def _providers(device: str, ort: Any) -> list[Any]:
+    if device not in DEVICES:
+        raise DeviceError(f"unknown device {device!r}; choose one of: {', '.join(DEVICES)}")
+    available = ort.get_available_providers()
+    if device == "cuda" and CUDA not in available:
+        raise DeviceError(f"device cuda: no CUDA provider in onnxruntime {ort.__version__}: {_cuda_fix()}")
+    if device == "cuda" or (device == "auto" and CUDA in available):
+        # HEURISTIC: no per-shape cuDNN benchmark, which the ragged last batch would pay again.
+        return [(CUDA, {"device_id": 0, "cudnn_conv_algo_search": "HEURISTIC"}), CPU]
+    return [CPU]
+
+
+def _session_options(ort: Any, threads: int | None) -> Any:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.inter_op_num_threads = 1
+    if threads is not None:
+        so.intra_op_num_threads = max(1, int(threads))
+    # Spinning pool threads burn the cores the PNG decoders need between two batches.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    so.log_severity_level = 3  # errors only: no warnings about unused initializers and the like
+    return so
+
+
+def _check_io(path: str, meta: ModelMeta, sess: Any) -> tuple[str, str]:
+    inputs, outputs = sess.get_inputs(), sess.get_outputs()
+    if len(inputs) != 1 or len(outputs) < 1:
+        raise ModelError(f"{path}: expected one input and an output, found {len(inputs)} and {len(outputs)}")
+    inp, out = inputs[0], outputs[0]
+    if inp.type != "tensor(uint8)":
+        raise ModelError(f"{path}: input {inp.name!r} is {inp.type}, cnnkit models take tensor(uint8)")
+    shape = list(inp.shape)
+    if len(shape) != 4 or shape[1:] != list(meta.input_shape):
+        raise ModelError(
+            f"{path}: input {inp.name!r} has shape {shape}, the model record says "
+            f"[batch, {', '.join(map(str, meta.input_shape))}]"
+        )
+    if isinstance(shape[0], int):
+        raise ModelError(
+            f"{path}: input {inp.name!r} has a fixed batch size {shape[0]}; re-export it with a dynamic "
+            "batch axis (`cnnkit export --format onnx` does)"
+        )
+    width = 1 if meta.output == OUTPUT_SIGMOID else meta.num_classes
+    oshape = list(out.shape)
+    if len(oshape) != 2 or (isinstance(oshape[1], int) and oshape[1] != width):
+        raise ModelError(f"{path}: output {out.name!r} has shape {oshape}, expected [batch, {width}]")
+    return inp.name, out.name
+
+
+def create_session(path: str, device: str = "auto", threads: int | None = None) -> Session:
+    """Open an ONNX model for inference.
+
+    Args:
+        path: the .onnx file (with a cnnkit metadata record).
+        device: `auto`, `cpu` or `cuda` (see the module docstring).
+        threads: intra-op threads for the CPU provider; None lets onnxruntime use one per core.
+
+    Returns:
+        A `Session`; `session.provider` is the provider that really runs the model.
+
+    Raises:
+        ModelError: missing file, no/malformed metadata, or an input/output that does not match it.
+        DeviceError: `cuda` asked for but not available.
+    """
+    meta = read_meta(path)  # fail on a foreign model before loading onnxruntime
+    import onnxruntime as ort
+
+    providers = _providers(device, ort)
+    try:
+        sess = ort.InferenceSession(path, sess_options=_session_options(ort, threads), providers=providers)
+    except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelError(f"{path}: onnxruntime cannot load it: {first}") from None
+    text = sess.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+    if text is None:  # read_meta found it, so this would be a bug in one of the two readers
+        raise ModelError(f"{path}: onnxruntime sees no {METADATA_KEY!r} metadata record")
+    meta = _meta_from_props(path, {METADATA_KEY: text})
+    used = sess.get_providers()
+    notes: list[str] = []
+    if providers[0] != CPU and CUDA not in used:  # onnxruntime-gpu's silent fallback to the CPU
+        if device == "cuda":
+            raise DeviceError(f"device cuda: the CUDA provider did not load: {_cuda_fix()}")
+        notes.append(f"device auto: the CUDA provider did not load, running on the CPU: {_cuda_fix()}")
+    input_name, output_name = _check_io(path, meta, sess)
+    provider = CUDA if CUDA in used else CPU
+    return Session(path, meta, provider, input_name, output_name, threads, sess, notes)
