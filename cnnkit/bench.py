@@ -35,7 +35,7 @@ import numpy as np
 
 from cnnkit.console import log, table
 from cnnkit.errors import DataError, DeviceError, ModelError
-from cnnkit.images import ImageError, class_of, list_pngs, read_image
+from cnnkit.images import Sample, sample_folder
 from cnnkit.meta import ModelMeta, predict
 from cnnkit.runs import latest_run
 
@@ -65,58 +65,16 @@ Runner = Callable[[np.ndarray], np.ndarray]
 # Images with labels
 
 
-@dataclass
-class Images:
-    """Decoded images, with labels when every file sits under a folder named like a class.
-
-    Attributes:
-        root: the folder.
-        images: uint8 (N, C, H, W).
-        labels: int64 (N,) class indices, or None when the files are not all labeled.
-        n_files: PNG files in the folder (N may be smaller: `limit`, undecodable files).
-    """
-
-    root: str
-    images: np.ndarray
-    labels: np.ndarray | None
-    n_files: int
-
-
-def load_images(root: str, meta: ModelMeta, limit: int | None = DEFAULT_LIMIT) -> Images:
-    """Decode up to `limit` PNGs under `root` (spread over the sorted listing) for `meta`'s model.
+def load_images(root: str, meta: ModelMeta, limit: int | None = DEFAULT_LIMIT) -> Sample:
+    """Decode up to `limit` PNGs under `root` for `meta`'s model (`cnnkit.images.sample_folder`).
 
     Files under `root/<class>/` are labeled with the class's index in `meta.classes`, as in
     `cnnkit infer`. Undecodable files are skipped (and counted in the log line).
-
-    Raises:
-        DataError: no folder, no PNGs, or none decodable.
     """
-    files = list_pngs(root).files
-    n_files = len(files)
-    if not files:
-        raise DataError(f"{root}: no PNG files found (searched recursively for *.png)")
-    if limit is not None and len(files) > limit:
-        picks = np.unique(np.linspace(0, len(files) - 1, num=limit).round().astype(np.int64))
-        files = [files[i] for i in picks.tolist()]
-    index = {c: i for i, c in enumerate(meta.classes)}
-    _, h, w = meta.input_shape
-    out = np.empty((len(files), 1, h, w), dtype=np.uint8)
-    labels = np.empty(len(files), dtype=np.int64)
-    n = failed = 0
-    for rel in files:
-        try:
-            out[n, 0], _ = read_image(os.path.join(root, rel), (h, w))
-        except ImageError:
-            failed += 1
-            continue
-        labels[n] = index.get(class_of(rel) or "", -1)
-        n += 1
-    if n == 0:
-        raise DataError(f"{root}: none of {len(files)} PNGs could be decoded")
-    if failed:
-        log(f"bench: {failed} of {len(files)} PNGs under {root} could not be decoded; skipped")
-    labels = labels[:n]
-    return Images(root, out[:n], labels if bool((labels >= 0).all()) else None, n_files)
+    sample = sample_folder(root, meta.input_shape[1:], meta.classes, limit)
+    if sample.n_failed:
+        log(f"bench: {sample.n_failed} of {sample.n_files} PNGs under {root} could not be decoded; skipped")
+    return sample
 
 
 def top1(outputs: np.ndarray, labels: np.ndarray, output_kind: str) -> float:

@@ -20,7 +20,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from cnnkit.console import log
-from cnnkit.errors import CnnkitError
+from cnnkit.errors import EXIT_FILES_FAILED, CnnkitError
 
 app = typer.Typer(
     help="Train a small image CNN, export it with a parity gate, and classify folders of PNGs.",
@@ -259,21 +259,67 @@ def infer(
     output: Annotated[Path | None, typer.Option(help="CSV of predictions. Default: predictions.csv next to "
                                                      "the model.")] = None,
     workers: Annotated[int | None, typer.Option(help="Decoder processes. Default: one per core.")] = None,
+    shard: Annotated[str | None, typer.Option(help="K/N: only shard K (0..N-1) of N, by a hash of each file's "
+                                                   "path; output predictions.shard-K-of-N.csv + .json, "
+                                                   "combined by `cnnkit merge`.")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Stop at the first file that cannot be used "
+                                                          "(exit 4, nothing written) instead of listing it "
+                                                          "in <output>.failures.csv.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Classify every PNG under FOLDER with ONNX Runtime; write a CSV and print a summary."""
+    """Classify every PNG under FOLDER with ONNX Runtime; write a CSV and print a summary.
+
+    Exit status: 0 every file predicted; 4 some files could not be used (listed in
+    <output>.failures.csv; the rest predicted), or with --strict the run stopped at the first one.
+    """
     from cnnkit.runtime.infer import format_summary
     from cnnkit.runtime.infer import infer as run_infer
+    from cnnkit.runtime.shard import parse_shard
 
-    result = run_infer(
-        str(folder),
-        model=str(model) if model else None,
-        device=device.value,
-        batch_size=batch_size,
-        output=str(output) if output else None,
-        workers=workers,
-    )
+    picked = parse_shard(shard) if shard is not None else None  # a bad value fails before any work
+    previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)  # a clean stop: no temporary file left
+    try:
+        result = run_infer(
+            str(folder),
+            model=str(model) if model else None,
+            device=device.value,
+            batch_size=batch_size,
+            output=str(output) if output else None,
+            workers=workers,
+            shard=picked,
+            strict=strict,
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     _emit(result.to_dict(), as_json, format_summary(result))
+    if result.n_failed:
+        raise typer.Exit(EXIT_FILES_FAILED)
+
+
+@app.command()
+@_reports_errors
+def merge(
+    shards: Annotated[list[Path], typer.Argument(help="CSVs of `cnnkit infer --shard K/N` runs, each with its "
+                                                      ".json summary next to it.")],
+    output: Annotated[Path, typer.Option(help="The merged CSV; its summary goes to <output>.json.")],
+    check_folder: Annotated[bool, typer.Option("--check-folder", help="Walk the folder again and list its files "
+                                                                      "that are in no shard's output.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Merge sharded `cnnkit infer` outputs into one CSV (byte for byte an unsharded run's) and summary.
+
+    Exit status: 0 complete; 1 shards missing, files in two shards or (--check-folder) in none; 4
+    complete but some files could not be used (listed in <output>.failures.csv), as `infer`.
+    """
+    from cnnkit.runtime.shard import format_merge
+    from cnnkit.runtime.shard import merge as run_merge
+
+    result = run_merge([str(p) for p in shards], str(output), check_folder=check_folder)
+    _emit(result.to_dict(), as_json, format_merge(result))
+    if not result.complete:
+        raise typer.Exit(1)
+    if result.n_failed:
+        raise typer.Exit(EXIT_FILES_FAILED)
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,6 +17,17 @@ class DataError(CnnkitError):
     """A data folder, archive or image that cannot be used as asked."""
 
 
+# `cnnkit infer`: the run finished but some input files could not be used (they are listed), or
+# `--strict` stopped it at the first such file.
+EXIT_FILES_FAILED = 4
+
+
+class FileFailedError(DataError):
+    """An input file that could not be used, with `--strict`: the run stops at it."""
+
+    exit_code = EXIT_FILES_FAILED
+
+
 class ModelError(CnnkitError):
     """A checkpoint or model file that is missing, malformed or not cnnkit's."""
 

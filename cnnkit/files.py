@@ -14,12 +14,16 @@ from typing import Any
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
     """Yield a temporary path next to `path`; on success fsync it and rename it onto `path`.
 
-    On an exception the temporary file is removed and `path` is untouched.
+    On an exception (Ctrl-C and SIGTERM included, which the CLI turns into one) the temporary file
+    is removed and `path` is untouched. A process killed outright (SIGKILL, power loss) cannot clean
+    up: its temporary file stays as the hidden `.<name>.<pid>.<random>.tmp`, `path` itself still
+    untouched, and the next write of the same `path` removes it (`remove_stale_temps`).
     """
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{os.getpid()}.", suffix=".tmp", dir=parent)
     os.close(fd)
     try:
         os.chmod(tmp, _default_mode())  # mkstemp makes 0600; outputs are meant to be shared
@@ -31,6 +35,42 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):  # another user's process, or not a pid
+        return True
+    return True
+
+
+def remove_stale_temps(path: str | os.PathLike[str]) -> list[str]:
+    """Remove temporary files that killed writers of `path` left behind (see `atomic_path`).
+
+    Only files named `.<name>.<pid>.<random>.tmp` whose process no longer runs on this machine are
+    removed: a concurrent writer's file is left alone.
+
+    Returns:
+        The paths removed.
+    """
+    path = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    prefix = f".{os.path.basename(path)}."
+    removed = []
+    try:
+        names = [n for n in os.listdir(parent) if n.startswith(prefix) and n.endswith(".tmp")]
+    except OSError:
+        return removed
+    for name in names:
+        parts = name[len(prefix) : -len(".tmp")].split(".")  # <pid>.<random>, nothing else
+        if len(parts) == 2 and parts[0].isdigit() and not _alive(int(parts[0])):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(parent, name))
+                removed.append(os.path.join(parent, name))
+    return removed
 
 
 def _default_mode() -> int:

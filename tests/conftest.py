@@ -50,3 +50,48 @@ def tiny_tree(tmp_path_factory) -> str:
 def binary_tree(tmp_path_factory) -> str:
     """The lecture's task on the bundled digits: 0 vs 1, 400 training and 100 testing images each."""
     return make_tree(os.fspath(tmp_path_factory.mktemp("binary")), (0, 1), 400, 100)
+
+
+def export_onnx(path: str, classes: tuple[str, ...] = ("ant", "bee", "cat"), size: int = 28, seed: int = 0) -> str:
+    """The lecture CNN with random weights (from `seed`), exported to ONNX the way cnnkit's exporter
+    does (dynamic batch axis, uint8 input) with the cnnkit metadata record attached."""
+    import warnings
+
+    torch = pytest.importorskip("torch")
+    onnx = pytest.importorskip("onnx")
+    from cnnkit.meta import METADATA_KEY, ModelMeta
+    from cnnkit.trainer.models import build_model
+
+    torch.manual_seed(seed)
+    model, _ = build_model("lecture", len(classes), size, size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model.eval(),
+            (torch.zeros((2, 1, size, size), dtype=torch.uint8),),
+            path,
+            dynamo=False,
+            input_names=["images"],
+            output_names=["output"],
+            dynamic_axes={"images": {0: "batch"}, "output": {0: "batch"}},
+        )
+    meta = ModelMeta(arch="lecture", classes=tuple(classes), input_shape=(1, size, size), output="logits")
+    proto = onnx.load(path)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, meta.to_json()
+    onnx.save(proto, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def onnx_model_factory(tmp_path_factory):
+    """`make(seed=0)` -> path of a 3-class ("ant", "bee", "cat") 28 x 28 ONNX model, built once per seed."""
+    folder = tmp_path_factory.mktemp("onnx-models")
+    made: dict[int, str] = {}
+
+    def make(seed: int = 0) -> str:
+        if seed not in made:
+            made[seed] = export_onnx(str(folder / f"model-{seed}.onnx"), seed=seed)
+        return made[seed]
+
+    return make

@@ -34,7 +34,7 @@ from cnnkit.export.onnx import DEFAULT_EXPORTER, EXPORTERS, check_options
 from cnnkit.export.parity import TIERS, ParityReport, run_parity
 from cnnkit.export.quantize import DEFAULT_CALIBRATION_SIZE, DEFAULT_EVAL_LIMIT, DEFAULT_MAX_ACCURACY_DROP
 from cnnkit.files import atomic_path, write_json
-from cnnkit.images import ImageError, list_pngs, read_image
+from cnnkit.images import sample_folder
 from cnnkit.meta import ModelMeta
 from cnnkit.runs import ONNX_NAME, TORCHSCRIPT_NAME, latest_file
 
@@ -422,30 +422,14 @@ def _resolve_data(data: str | None, meta: ModelMeta, checkpoint: str) -> str:
 
 
 def sample_images(root: str, meta: ModelMeta, n_images: int) -> np.ndarray:
-    """Up to `n_images` images spread evenly over the sorted listing of `root`, decoded for the model.
-
-    The listing is sorted by class folder, so the first N files would all be one class; an even
-    spread covers every class and is the same on every run.
+    """Up to `n_images` real images from `root` for the model (`cnnkit.images.sample_folder`).
 
     Returns:
         uint8 (n, C, H, W).
     """
-    files = list_pngs(root).files
-    if not files:
-        raise DataError(f"{root}: no PNG files for the parity check; pass --data DIR with PNGs")
-    picks = np.unique(np.linspace(0, len(files) - 1, num=min(n_images, len(files))).round().astype(np.int64))
     _, h, w = meta.input_shape
-    images, failed, converted = [], 0, 0
-    for i in picks:
-        try:
-            img, conv = read_image(os.path.join(root, files[i]), (h, w))
-        except ImageError:
-            failed += 1
-            continue
-        images.append(img)
-        converted += conv
-    if not images:
-        raise DataError(f"{root}: none of {len(picks)} sampled PNGs could be decoded; pass --data DIR")
-    if failed or converted:
-        log(f"export: parity images: {failed} unreadable skipped, {converted} converted to {h}x{w} grayscale")
-    return np.stack(images)[:, None, :, :]
+    sample = sample_folder(root, (h, w), meta.classes, n_images)
+    if sample.n_failed or sample.n_converted:
+        log(f"export: parity images: {sample.n_failed} unreadable skipped, "
+            f"{sample.n_converted} converted to {h}x{w} grayscale")
+    return sample.images

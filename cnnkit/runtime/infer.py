@@ -8,8 +8,11 @@ The pipeline, tuned on a 2-core machine (measurements in `scripts/bench_infer.py
 The decoder is started (and its first batch received) before the onnxruntime session exists, so
 the workers fork from a process without runtime thread pools. About 37k images/s on 2 cores.
 
-Memory is bounded whatever the folder size: the file list, a few batches in flight, and running
-counts for the accuracy and confusion matrix; predictions go straight to the CSV.
+Memory is bounded whatever the folder size: the folder is walked lazily (`iter_pngs`: the entries of
+the folders on the current path, plus up to `LOOKAHEAD_FILES` paths read ahead), a few batches are in
+flight, the accuracy and confusion matrix are running counts, and predictions go straight to the CSV.
+With `shard`, the run keeps its 1/N of the files (`cnnkit.runtime.shard`) and writes a summary for
+`cnnkit merge` next to its CSV.
 """
 
 from __future__ import annotations
@@ -21,22 +24,27 @@ import itertools
 import os
 import re
 import time
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from cnnkit.console import Progress, log, table
-from cnnkit.errors import DataError
-from cnnkit.files import atomic_path
-from cnnkit.images import decode_batches, default_workers, list_pngs
+from cnnkit.errors import DataError, FileFailedError
+from cnnkit.files import atomic_path, remove_stale_temps
+from cnnkit.images import Listing, decode_batches, default_workers, describe_ignored, iter_pngs
 from cnnkit.meta import predict
 from cnnkit.runs import ONNX_NAME, PREDICTIONS_NAME, latest_file
 from cnnkit.runtime.session import create_session, read_meta
+from cnnkit.runtime.shard import Shard, ShardFilter, parse_shard, write_shard_summary
 
 CSV_COLUMNS = ("path", "predicted", "score", "label")
 _NEEDS_QUOTING = re.compile(r'[,"\r\n]')
-FAILURES_KEPT = 1000  # failures listed in the result (all are counted)
+FAILURES_KEPT = 1000  # failures listed in the result (all are counted, and all go to the failures file)
+FAILURES_SUFFIX = ".failures.csv"  # <output>.failures.csv: every file that failed, with its reason
+FAILURE_COLUMNS = ("path", "reason")
 FAILURES_PRINTED = 5
 # Files per decode task. Every task costs a round trip through the process pool (pickling, a pipe,
 # thread wake-ups); over 60k images, 2048 files per task ran at 37k img/s, 512 at 34k. Smaller
@@ -49,6 +57,9 @@ TASKS_PER_WORKER = 8
 # break-even near 4,000 28 x 28 images on 2 cores (about 0.3 s of work; forking and the first task's
 # latency cost ~50 ms).
 MIN_FILES_FOR_WORKERS = 4096
+# Paths read ahead of decoding (~90 bytes each): a folder with fewer files is counted before the run
+# starts (exact task sizes and a progress bar with a total); a larger one streams, its bar counting up.
+LOOKAHEAD_FILES = 1 << 16
 
 
 def _task_files(n_files: int, workers: int, batch_size: int, image_bytes: int) -> int:
@@ -58,11 +69,20 @@ def _task_files(n_files: int, workers: int, batch_size: int, image_bytes: int) -
     return batch_size * -(-want // batch_size)
 
 
+def _chunked(files: Iterator[str], size: int, in_flight: deque[list[str]]) -> Iterator[tuple[int, list[str]]]:
+    """(position, up to `size` files) pairs; each chunk is also queued on `in_flight` for its batch."""
+    start = 0
+    while chunk := list(itertools.islice(files, size)):
+        in_flight.append(chunk)
+        yield start, chunk
+        start += len(chunk)
+
+
 def _labels(files: list[str], classes: list[str]) -> np.ndarray:
     """Class index of each file from its top-level folder, -1 for none.
 
-    `files` is sorted, so the files under `c/` are the contiguous range ["c/", "c0") ("0" follows "/"):
-    two bisections per class instead of a Python call per file.
+    `files` is sorted (a chunk of the walk), so the files under `c/` are the contiguous range
+    ["c/", "c0") ("0" follows "/"): two bisections per class instead of a Python call per file.
     """
     labels = np.full(len(files), -1, dtype=np.int64)
     for i, c in enumerate(classes):
@@ -89,6 +109,9 @@ class InferResult:
         confusion: counts [true][predicted] in class order, when `accuracy` is set.
         failures: (path, reason) of the first failed files.
         notes: remarks for the user (e.g. why `device=auto` did not use the GPU).
+        failures_output: `<output>.failures.csv`, every failed file and its reason; None when none failed.
+        ignored: entries of the folder left out on purpose, by kind (`cnnkit.images.Listing.ignored`).
+        png_folders: folders named like a PNG (searched like any folder; the first `FAILURES_KEPT`).
     """
 
     model: str
@@ -106,6 +129,11 @@ class InferResult:
     batch_size: int = 0
     workers: int = 0
     threads: int | None = None
+    shard: str | None = None
+    summary: str | None = None
+    failures_output: str | None = None
+    ignored: dict[str, int] = field(default_factory=dict)
+    png_folders: list[str] = field(default_factory=list)
 
     @property
     def images_per_second(self) -> float:
@@ -129,6 +157,11 @@ class InferResult:
             "batch_size": self.batch_size,
             "workers": self.workers,
             "threads": self.threads,
+            "shard": self.shard,
+            "summary": self.summary,
+            "failures_output": self.failures_output,
+            "ignored": dict(self.ignored),
+            "png_folders": list(self.png_folders),
         }
 
 
@@ -150,6 +183,8 @@ def infer(
     threads: int | None = None,
     min_files_for_workers: int = MIN_FILES_FOR_WORKERS,
     progress: bool = True,
+    shard: Shard | str | None = None,
+    strict: bool = False,
 ) -> InferResult:
     """Classify every PNG under `folder` and write one CSV row per image.
 
@@ -164,12 +199,20 @@ def infer(
         threads: onnxruntime intra-op threads; default tuned to the worker count.
         min_files_for_workers: below this many files, decode in this process (no process start-up).
         progress: draw a progress bar on stderr.
+        shard: `Shard(K, N)` or "K/N": keep only the files of shard K of N (by a hash of their path,
+            `cnnkit.runtime.shard`); default output `predictions.shard-K-of-N.csv` next to the model,
+            and a summary `<output>.json` for `cnnkit merge`.
+        strict: stop at the first file that cannot be used (`FileFailedError`, nothing written)
+            instead of listing it in `<output>.failures.csv` and going on.
 
     Returns:
-        An `InferResult` (`to_dict()` for JSON).
+        An `InferResult` (`to_dict()` for JSON). Files that failed are not in the CSV; they are
+        counted, listed in `<output>.failures.csv` (written atomically; a stale one from an earlier
+        run is removed when none failed) and the first `FAILURES_KEPT` in `result.failures`.
 
     Raises:
         ModelError, DeviceError, DataError: a model, device or folder that cannot be used.
+        FileFailedError: with `strict`, a file that could not be used.
     """
     t0 = time.perf_counter()
     if batch_size < 1:
@@ -177,50 +220,71 @@ def infer(
     if model is None:
         model = latest_file(ONNX_NAME, "export one with `cnnkit export --format onnx`, or pass the model path")
     meta = read_meta(model)  # a foreign or broken model fails here, before any work
+    if isinstance(shard, str):
+        shard = parse_shard(shard)
     if output is None:
-        output = os.path.join(os.path.dirname(os.path.abspath(model)), PREDICTIONS_NAME)
-    listing = list_pngs(folder)
-    files = listing.files
-    if not files:
-        raise DataError(f"{folder}: no PNG files found (searched recursively for *.png)")
+        name = PREDICTIONS_NAME if shard is None else shard.default_output
+        output = os.path.join(os.path.dirname(os.path.abspath(model)), name)
+    # The folder is walked as the run goes, in the order of its sorted paths. The first files are
+    # read ahead: a folder (or shard) smaller than that is sized exactly as a listed one would be;
+    # past it, decode tasks are at their largest whatever the size, so a lower bound is enough.
+    listing = Listing(root=folder, files=[])  # what the walk skipped or ignored, filled as it goes
+    walk = iter_pngs(folder, listing)
+    picker = ShardFilter(walk, shard) if shard is not None else None
+    selected = iter(picker if picker is not None else walk)
     workers = default_workers() if workers is None else max(0, workers)
-    task = _task_files(len(files), workers, batch_size, meta.input_shape[1] * meta.input_shape[2])
-    if len(files) < min_files_for_workers or len(files) <= task:
+    image_bytes = meta.input_shape[1] * meta.input_shape[2]
+    largest = _task_files(1 << 40, workers, batch_size, image_bytes)
+    ahead = 1 + max(LOOKAHEAD_FILES, min_files_for_workers, TASKS_PER_WORKER * max(1, workers) * largest)
+    head = list(itertools.islice(selected, ahead))
+    n_known = len(head)  # every file when below `ahead`, else a lower bound
+    if not head and (picker is None or picker.n_seen == 0):
+        raise DataError(f"{folder}: no PNG files found (searched recursively for *.png{_what_else(listing)})")
+    task = _task_files(n_known, workers, batch_size, image_bytes)
+    if n_known < min_files_for_workers or n_known <= task:
         workers = 0  # what decode_batches does: a small folder is not worth starting processes
     if threads is None:
         threads = _threads_for(workers)
 
     classes = list(meta.classes)
     k = len(classes)
-    labels = _labels(files, classes)
-    labeled = bool((labels >= 0).all())
+    labeled = True  # every file so far sits under a class folder
     names = [*classes, ""]  # names[-1] == "": one lookup gives the label column for -1 too
     confusion = np.zeros((k, k), dtype=np.int64)
+    failures: list[tuple[str, str]] = []
+    n_failed = n_images = n_converted = 0
 
-    # A folder named like a PNG is listed in `skipped` only as a note; everything else there failed.
-    failures = [(p, why) for p, why in listing.skipped if not why.startswith("a folder named like a PNG")]
-    n_failed = len(failures)
-    n_images = n_converted = 0
-
-    batches = decode_batches(
-        folder, files, meta.input_shape[1:], task, workers=workers, min_files_for_workers=min_files_for_workers
-    )
+    in_flight: deque[list[str]] = deque()  # the files of the chunks being decoded, in order
+    chunks = _chunked(itertools.chain(head, selected) if n_known == ahead else iter(head), task, in_flight)
+    del head
+    batches = decode_batches(folder, (), meta.input_shape[1:], task, workers=workers, chunks=chunks)
     with contextlib.closing(batches):
         # Fork the decoders (first batch) before onnxruntime starts its threads.
-        first = next(batches)
+        first = next(batches, None)  # None: a shard without files
         session = create_session(model, device=device, threads=threads)
-        bar = Progress(len(files), "infer", unit="img") if progress else None
-        with atomic_path(output) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        bar = Progress(n_known if n_known < ahead else None, "infer", unit="img") if progress else None
+        # Names that are not valid UTF-8 reach us surrogate-escaped (`os.fsdecode`): they are written
+        # back as their original bytes, so the CSV names exactly the file on disk.
+        with (
+            atomic_path(output) as tmp,
+            open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f,
+            _FailureLog(failures_path(output)) as failure_log,
+        ):
             writer = csv.writer(f)
             writer.writerow(CSV_COLUMNS)
-            # Plain f-string rows cost half the csv module's (0.8 vs 2 us/row); they are the same
-            # text when no path or class name holds a comma, quote or line break.
-            plain = not _NEEDS_QUOTING.search("\0".join([*files, *classes]))
-            for batch in itertools.chain([first], batches):
+            for batch in itertools.chain([first] if first is not None else [], batches):
+                files = in_flight.popleft()  # batches come back in order, one per chunk
+                labels = _labels(files, classes)
+                labeled = labeled and bool((labels >= 0).all())
+                if strict and (listing.skipped or batch.failures):
+                    bad = _unusable(listing, shard) + [(files[p - batch.start], why) for p, why in batch.failures]
+                    if bad:
+                        raise FileFailedError(_strict_message(*bad[0], output))
                 for pos, reason in batch.failures:
                     n_failed += 1
+                    failure_log.add(files[pos - batch.start], reason)
                     if len(failures) < FAILURES_KEPT:
-                        failures.append((files[pos], reason))
+                        failures.append((files[pos - batch.start], reason))
                 n_converted += batch.converted
                 if bar is not None:
                     bar.update(len(batch.images) + len(batch.failures))
@@ -228,26 +292,38 @@ def infer(
                     continue
                 # The model sees `batch_size` images per call; the rest works on the whole decoded
                 # batch at once (numpy calls on 256 rows cost more in overhead than in work).
-                images, positions = batch.images, batch.positions
+                images, positions = batch.images, batch.positions - batch.start
                 outputs = [session.run(images[s : s + batch_size]) for s in range(0, len(images), batch_size)]
                 pred, prob = predict(outputs[0] if len(outputs) == 1 else np.concatenate(outputs), meta.output)
                 true = labels[positions]
                 # %.9g round-trips a float32 exactly: the CSV holds the model's own number.
                 cols = zip(positions.tolist(), pred.tolist(), prob.tolist(), true.tolist(), strict=True)
-                if plain:
+                # Plain f-string rows cost half the csv module's (0.8 vs 2 us/row); they are the same
+                # text when no path or class name holds a comma, quote or line break.
+                if not _NEEDS_QUOTING.search("\0".join([*files, *classes])):
                     f.write("".join([f"{files[p]},{classes[i]},{v:.9g},{names[t]}\r\n" for p, i, v, t in cols]))
                 else:
                     writer.writerows([(files[p], classes[i], f"{v:.9g}", names[t]) for p, i, v, t in cols])
                 if labeled:
                     confusion += np.bincount(true * k + pred, minlength=k * k).reshape(k, k)
                 n_images += len(positions)
+            # The walk is over: PNG-named entries it could not use (dangling symlinks, ...) failed too.
+            for path, reason in _unusable(listing, shard):
+                if strict:
+                    raise FileFailedError(_strict_message(path, reason, output))
+                failure_log.add(path, reason)
         if bar is not None:
             bar.close()
 
+    # PNG-named entries the walk could not use failed too; with a shard, each belongs to one shard.
+    n_listed = (picker.n_seen if picker is not None else n_images + n_failed) + len(listing.skipped)
+    unusable = _unusable(listing, shard)
+    n_failed += len(unusable)
+    failures = (unusable + failures)[:FAILURES_KEPT]
     if failures:
-        _print_failures(failures, n_failed)
+        _print_failures(failures, n_failed, failure_log.path)
     correct = int(np.trace(confusion))
-    return InferResult(
+    result = InferResult(
         model=model,
         provider=session.provider,
         output=output,
@@ -263,13 +339,79 @@ def infer(
         batch_size=batch_size,
         workers=workers,
         threads=threads,
+        shard=str(shard) if shard is not None else None,
+        failures_output=failure_log.path if failure_log.n else None,
+        ignored=dict(listing.ignored),
+        png_folders=listing.png_folders[:FAILURES_KEPT],
     )
+    if shard is not None:
+        result.summary = write_shard_summary(result, folder, shard, n_listed)
+    return result
 
 
-def _print_failures(failures: list[tuple[str, str]], n_failed: int) -> None:
-    log(f"{n_failed:,} file(s) could not be used:")
+def failures_path(output: str) -> str:
+    """Where `infer` lists the files that failed: `<output>.failures.csv`."""
+    return output + FAILURES_SUFFIX
+
+
+class _FailureLog:
+    """`<output>.failures.csv` (path, reason), streamed to a temporary file opened at the first failure
+    and renamed into place with the CSV; on success without failures a stale one is removed, so the
+    file beside a CSV always belongs to it."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.n = 0
+        self._stack = contextlib.ExitStack()
+        self._writer: Any = None
+
+    def __enter__(self) -> _FailureLog:
+        return self
+
+    def add(self, path: str, reason: str) -> None:
+        if self._writer is None:
+            tmp = self._stack.enter_context(atomic_path(self.path))
+            f = self._stack.enter_context(open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape"))
+            self._writer = csv.writer(f)
+            self._writer.writerow(FAILURE_COLUMNS)
+        self._writer.writerow((path, reason))
+        self.n += 1
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stack.__exit__(*exc)
+        if exc[0] is None and self.n == 0:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            remove_stale_temps(self.path)  # a killed run's; `atomic_path` does it when it writes one
+
+
+def _unusable(listing: Listing, shard: Shard | None) -> list[tuple[str, str]]:
+    """The PNG-named entries the walk could not use; with a shard, those that belong to it."""
+    return [(p, why) for p, why in listing.skipped if shard is None or shard.contains(p)]
+
+
+def _printable(text: str) -> str:
+    """`text` on one line: control characters and undecodable bytes (surrogates) as escapes."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _what_else(listing: Listing) -> str:
+    parts = [f"{len(listing.skipped):,} unusable: {_printable(listing.skipped[0][0])}: {listing.skipped[0][1]}"
+             if listing.skipped else "", describe_ignored(listing.ignored)]
+    parts = [p for p in parts if p]
+    return f"; {', '.join(parts)}" if parts else ""
+
+
+def _strict_message(path: str, reason: str, output: str) -> str:
+    return f"{_printable(path)}: {reason} (--strict: stopped at the first file that failed; {output} not written)"
+
+
+def _print_failures(failures: list[tuple[str, str]], n_failed: int, listed_in: str) -> None:
+    log(f"{n_failed:,} file(s) could not be used (all listed in {listed_in}):")
     for path, reason in failures[:FAILURES_PRINTED]:
-        log(f"  {path}: {reason}")
+        log(f"  {_printable(path)}: {reason}")
     if n_failed > FAILURES_PRINTED:
         log(f"  ... and {n_failed - FAILURES_PRINTED:,} more")
 
@@ -282,6 +424,16 @@ def format_summary(result: InferResult) -> str:
         f"speed     {result.images_per_second:,.0f} images/s ({result.seconds:.2f} s)",
         f"output    {result.output}",
     ]
+    if result.failures_output is not None:
+        lines.append(f"failures  {result.failures_output}")
+    if describe_ignored(result.ignored):
+        lines.append(f"ignored   {describe_ignored(result.ignored)}")
+    if result.png_folders:
+        n = len(result.png_folders)
+        lines.append(f"note      {n:,} folder{'s' if n > 1 else ''} named like a PNG, searched like any folder: "
+                     f"{_printable(result.png_folders[0])}{', ...' if n > 1 else ''}")
+    if result.shard is not None:
+        lines.append(f"shard     {result.shard} (summary {result.summary})")
     lines += [f"note      {n}" for n in result.notes]
     if result.accuracy is not None and result.confusion is not None:
         lines.append(f"accuracy  {result.accuracy:.4f}")

@@ -46,6 +46,62 @@ def _varint(buf: Any, pos: int) -> tuple[int, int]:
             raise ValueError("varint too long")
 
 
+def _fields(buf: Any, pos: int, end: int) -> Any:
+    """(field number, wire type, value) of a serialized protobuf message; for length-delimited fields
+    the value is its (start, end) in `buf`, never copied."""
+    while pos < end:
+        tag, pos = _varint(buf, pos)
+        fnum, wire = tag >> 3, tag & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire == 1 or wire == 5:
+            value, pos = None, pos + (8 if wire == 1 else 4)
+        elif wire == 2:
+            n, pos = _varint(buf, pos)
+            if pos + n > end:
+                raise ValueError("truncated field")
+            value, pos = (pos, pos + n), pos + n
+        else:
+            raise ValueError(f"unexpected wire type {wire}")
+        yield fnum, wire, value
+    if pos != end:
+        raise ValueError("truncated message")
+
+
+def _sub(buf: Any, span: tuple[int, int], fnum: int) -> list[Any]:
+    """The values of field `fnum` in the message at `span`."""
+    return [v for f, _, v in _fields(buf, *span) if f == fnum]
+
+
+def _graph_inputs(buf: Any, graph: tuple[int, int]) -> list[tuple[str, int | None, list[int | str | None]]]:
+    """(name, element type, dims) of the graph's real inputs (those without an initializer).
+
+    GraphProto: input = 11 (ValueInfoProto: name = 1, type = 2), initializer = 5 (TensorProto: name =
+    8); TypeProto: tensor_type = 1 (elem_type = 1, shape = 2); TensorShapeProto: dim = 1 (dim_value =
+    1, dim_param = 2). Node and weight bytes are skipped by their length.
+    """
+    def text(span: tuple[int, int]) -> str:
+        return bytes(buf[span[0] : span[1]]).decode("utf-8")
+
+    inputs, weights = [], set()
+    for fnum, wire, value in _fields(buf, *graph):
+        if wire != 2:
+            continue
+        if fnum == 5:
+            weights.update(text(v) for v in _sub(buf, value, 8))
+        elif fnum == 11:
+            name = "".join(text(v) for v in _sub(buf, value, 1))
+            elem, dims = None, []
+            for tensor in (t for typ in _sub(buf, value, 2) for t in _sub(buf, typ, 1)):
+                elem = next(iter(_sub(buf, tensor, 1)), None)
+                for shape in _sub(buf, tensor, 2):
+                    for dim in _sub(buf, shape, 1):
+                        d = dict((f, v) for f, _, v in _fields(buf, *dim))
+                        dims.append(d[1] if 1 in d else text(d[2]) if 2 in d else None)
+            inputs.append((name, elem, dims))
+    return [i for i in inputs if i[0] not in weights]
+
+
 def _metadata_props(buf: Any) -> dict[str, str]:
     """`ModelProto.metadata_props` (field 14) from serialized ONNX, skipping everything else.
 
@@ -94,16 +150,29 @@ def _check_model_file(path: str) -> None:
 def read_meta(path: str) -> ModelMeta:
     """The cnnkit record of an ONNX model, read without onnxruntime (cheap, and safe before forking).
 
+    The graph's input is checked against the record here too (uint8, [batch, C, H, W], a dynamic
+    batch axis), so that a model that cannot run fails before any image is read; `create_session`
+    checks it again with onnxruntime.
+
     Raises:
-        ModelError: the file is missing, is not ONNX, or carries no valid cnnkit record.
+        ModelError: the file is missing, is not ONNX, carries no valid cnnkit record, or its input
+            does not match the record.
     """
     _check_model_file(path)
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             props = _metadata_props(buf)
+            graphs = [v for fnum, wire, v in _fields(buf, 0, len(buf)) if fnum == 7 and wire == 2]
+            inputs = _graph_inputs(buf, graphs[0]) if graphs else []
     except (ValueError, IndexError, UnicodeDecodeError, OSError) as e:
         raise ModelError(f"{path}: not a readable ONNX model ({e})") from None
-    return _meta_from_props(path, props)
+    meta = _meta_from_props(path, props)
+    if len(inputs) == 1:  # anything else is left to onnxruntime's own check in `create_session`
+        name, elem, dims = inputs[0]
+        problem = _input_problem(path, meta, name, "tensor(uint8)" if elem == 2 else f"element type {elem}", dims)
+        if problem:
+            raise ModelError(problem)
+    return meta
 
 
 def _meta_from_props(path: str, props: dict[str, str]) -> ModelMeta:
@@ -236,24 +305,27 @@ def _session_options(ort: Any, threads: int | None) -> Any:
     return so
 
 
+def _input_problem(path: str, meta: ModelMeta, name: str, type_name: str, shape: list[Any]) -> str | None:
+    """Why the graph input `name` cannot take the record's images, or None."""
+    if type_name != "tensor(uint8)":
+        return f"{path}: input {name!r} is {type_name}, cnnkit models take tensor(uint8)"
+    if len(shape) != 4 or shape[1:] != list(meta.input_shape):
+        return (f"{path}: input {name!r} has shape {shape}, the model record says "
+                f"[batch, {', '.join(map(str, meta.input_shape))}]")
+    if isinstance(shape[0], int) and shape[0] > 0:
+        return (f"{path}: input {name!r} has a fixed batch size {shape[0]}; re-export it with a dynamic "
+                "batch axis (`cnnkit export --format onnx` does)")
+    return None
+
+
 def _check_io(path: str, meta: ModelMeta, sess: Any) -> tuple[str, str]:
     inputs, outputs = sess.get_inputs(), sess.get_outputs()
     if len(inputs) != 1 or len(outputs) < 1:
         raise ModelError(f"{path}: expected one input and an output, found {len(inputs)} and {len(outputs)}")
     inp, out = inputs[0], outputs[0]
-    if inp.type != "tensor(uint8)":
-        raise ModelError(f"{path}: input {inp.name!r} is {inp.type}, cnnkit models take tensor(uint8)")
-    shape = list(inp.shape)
-    if len(shape) != 4 or shape[1:] != list(meta.input_shape):
-        raise ModelError(
-            f"{path}: input {inp.name!r} has shape {shape}, the model record says "
-            f"[batch, {', '.join(map(str, meta.input_shape))}]"
-        )
-    if isinstance(shape[0], int):
-        raise ModelError(
-            f"{path}: input {inp.name!r} has a fixed batch size {shape[0]}; re-export it with a dynamic "
-            "batch axis (`cnnkit export --format onnx` does)"
-        )
+    problem = _input_problem(path, meta, inp.name, inp.type, list(inp.shape))
+    if problem:
+        raise ModelError(problem)
     width = 1 if meta.output == OUTPUT_SIGMOID else meta.num_classes
     oshape = list(out.shape)
     if len(oshape) != 2 or (isinstance(oshape[1], int) and oshape[1] != width):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import zipfile
 from typing import Any
 
 import torch
@@ -51,14 +50,18 @@ def load_checkpoint(path: str) -> dict[str, Any]:
         lines = [ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln or "global" in ln.lower()]
         why = lines[0].split(" was not")[0] if lines else "it holds Python objects"
         raise ModelError(f"{path}: refused to load, it is not plain tensors and data ({why})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise ModelError(f"{path}: not a readable checkpoint (truncated or not a torch file: {e})") from None
+    except Exception as e:  # untrusted bytes: torch raises KeyError, EOFError, RuntimeError, ...
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{path}: not a readable checkpoint (truncated or not a torch file: {why})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ModelError(f"{path}: not a cnnkit checkpoint (expected format {FORMAT!r})")
     for key in ("meta", "model"):
         if key not in ckpt:
             raise ModelError(f"{path}: cnnkit checkpoint without {key!r}; it may be truncated")
-    ModelMeta.from_dict(ckpt["meta"])  # validate now, not at first use
+    try:
+        ModelMeta.from_dict(ckpt["meta"])  # validate now, not at first use
+    except ModelError as e:
+        raise ModelError(f"{path}: {e}") from None
     return ckpt
 
 
