@@ -1,4 +1,6 @@
-"""Finding, decoding and batching PNG images. Torch-free: shared by training and inference.
+"""Decoding and batching PNG images. Torch-free: shared by training and inference.
+
+(Finding the files is `cnnkit.listing`'s job.)
 
 One function, `decode_image`, turns PNG bytes into the model's input (uint8, H x W grayscale);
 training and `cnnkit infer` both go through it, so what the model saw in training is what it sees
@@ -32,11 +34,12 @@ import struct
 import sys
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from cnnkit.errors import DataError
+from cnnkit.listing import class_of, list_pngs
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # 16.7M pixels (4096 x 4096): far above any input of a small CNN. The largest decoded buffer is then
@@ -59,10 +62,6 @@ _MAGIC = ((b"\xff\xd8\xff", "JPEG"), (b"GIF8", "GIF"), (b"BM", "BMP"), (b"RIFF",
 
 class ImageError(DataError):
     """One image that cannot be used; the message is the one-line reason."""
-
-
-def is_png_name(name: str) -> bool:
-    return name[-4:].lower() == ".png"
 
 
 def _not_png(data: bytes) -> ImageError:
@@ -267,214 +266,6 @@ def _read_bytes(path: str) -> bytes:
 def read_image(path: str, size: tuple[int, int]) -> tuple[np.ndarray, bool]:
     """Read and decode one file (see `decode_image`); OS errors become ImageError."""
     return decode_image(_read_bytes(path), size)
-
-
-# --------------------------------------------------------------------------------------------
-# Listing
-
-
-# Entries a listing leaves out on purpose, counted so that nothing vanishes without a word.
-OTHER_FILES, HIDDEN, SYMLINKED_FOLDERS = "other_files", "hidden", "symlinked_folders"
-_IGNORED_WORDS = {
-    OTHER_FILES: ("non-PNG file", "non-PNG files"),
-    HIDDEN: ("hidden entry", "hidden entries"),
-    SYMLINKED_FOLDERS: ("symlinked folder (not entered)", "symlinked folders (not entered)"),
-}
-
-
-@dataclass
-class Listing:
-    """The PNG files under a folder, in a deterministic order, and what else was there.
-
-    Attributes:
-        root: the folder.
-        files: paths relative to root, sorted; "/"-separated. Regular files, or symlinks to them.
-        skipped: (relative path, reason) for entries named like PNGs that cannot be read (dangling
-            symlink, symlink loop, FIFO, device, socket, unreadable) and for unreadable folders.
-        ignored: how many entries were left out on purpose, by kind: `other_files` (names without a
-            .png extension), `hidden` (names starting with "."; folders not entered),
-            `symlinked_folders` (not entered).
-        png_folders: folders named like a PNG (searched like any other folder).
-    """
-
-    root: str
-    files: list[str]
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    ignored: dict[str, int] = field(default_factory=dict)
-    png_folders: list[str] = field(default_factory=list)
-
-
-def describe_ignored(ignored: dict[str, int]) -> str:
-    """E.g. "3 non-PNG files, 1 hidden entry"; "" when nothing was ignored."""
-    parts = [f"{n:,} {_IGNORED_WORDS[k][n != 1]}" for k, n in ignored.items() if n]
-    return ", ".join(parts)
-
-
-def _not_a_file(entry: os.DirEntry[str]) -> str | None:
-    """Why a PNG-named entry that is not a regular file cannot be read; None for a symlinked folder."""
-    import errno
-    import stat
-
-    try:
-        mode = os.stat(entry.path).st_mode
-    except OSError as e:
-        if entry.is_symlink():
-            if e.errno == errno.ELOOP:
-                return "symlink loop"
-            if e.errno == errno.ENOENT:
-                return "dangling symlink"
-        return f"unreadable: {e.strerror}"
-    if stat.S_ISDIR(mode):
-        return None
-    kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
-            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "special file")
-    return f"not a regular file ({kind})"
-
-
-def list_pngs(root: str) -> Listing:
-    """Walk `root` recursively for `*.png` files (any case).
-
-    Symlinks to files are followed; symlinked folders are not entered (no cycles) and are counted.
-    Hidden files and folders (names starting with ".") are skipped, as `ls` does, and counted; so
-    are files without a .png extension. A dangling symlink, a symlink loop or a special file named
-    like a PNG is reported in `skipped`, never fatal. Names that are not valid UTF-8 come back
-    surrogate-escaped (`os.fsdecode`), so they still open and sort; writers must encode them with
-    `errors="surrogateescape"` (see `cnnkit.runtime.infer`).
-    """
-    if not os.path.isdir(root):
-        raise DataError(f"{root}: no such folder")
-    files: list[str] = []
-    skipped: list[tuple[str, str]] = []
-    png_folders: list[str] = []
-    other = hidden = symlinked = 0
-    stack = [""]
-    while stack:
-        rel = stack.pop()
-        try:
-            it = os.scandir(os.path.join(root, rel) if rel else root)
-        except OSError as e:
-            skipped.append((rel or ".", f"unreadable folder: {e.strerror}"))
-            continue
-        with it:
-            for entry in it:
-                name = entry.name
-                if name.startswith("."):
-                    hidden += 1
-                    continue
-                path = f"{rel}/{name}" if rel else name
-                png = is_png_name(name)
-                try:
-                    if entry.is_dir(follow_symlinks=False):  # from the directory entry: no system call
-                        if png:
-                            png_folders.append(path)
-                        stack.append(path)
-                        continue
-                    if png and entry.is_file(follow_symlinks=True):
-                        files.append(path)
-                        continue
-                    if not png:
-                        if entry.is_symlink() and entry.is_dir():
-                            symlinked += 1
-                        else:
-                            other += 1
-                        continue
-                except OSError:  # a symlink loop, an entry that vanished, no permission
-                    if not png:
-                        other += 1
-                        continue
-                why = _not_a_file(entry)
-                if why is None:
-                    symlinked += 1
-                else:
-                    skipped.append((path, why))
-    files.sort()
-    skipped.sort()
-    png_folders.sort()
-    ignored = {OTHER_FILES: other, HIDDEN: hidden, SYMLINKED_FOLDERS: symlinked}
-    return Listing(root=root, files=files, skipped=skipped, ignored=ignored, png_folders=png_folders)
-
-
-def iter_pngs(root: str, listing: Listing | None = None) -> Iterator[str]:
-    """The files of `list_pngs(root)`, in the same order, yielded one by one as the walk goes.
-
-    Memory holds the sorted entries of the folders on the current path only (the largest folder, not
-    the whole tree), so `cnnkit infer` streams a folder of any size. Same rules as `list_pngs`; when
-    `listing` is given, its `skipped`, `ignored` and `png_folders` are filled as folders are read
-    (its `files` are left alone).
-
-    Order: each folder's entries are sorted with "/" appended to sub-folder names, and a sub-folder
-    is walked where it sorts. That is exactly the order of the sorted full relative paths (the
-    order of `list_pngs`), also where names hold characters that sort before "/" (" ", "-", "."):
-    "a-b/x.png" < "a.png" < "a/x.png", where a plain sort per folder would walk "a/" first.
-    """
-    if not os.path.isdir(root):
-        raise DataError(f"{root}: no such folder")
-    if listing is None:
-        listing = Listing(root=root, files=[])
-    for key in (OTHER_FILES, HIDDEN, SYMLINKED_FOLDERS):
-        listing.ignored.setdefault(key, 0)
-    return _walk_sorted(root, listing)
-
-
-def _walk_sorted(root: str, listing: Listing) -> Iterator[str]:
-    stack = [iter(_sorted_entries(root, "", listing))]
-    while stack:
-        for key in stack[-1]:
-            if key[-1] == "/":  # a folder: walk it now, then go on with this one
-                stack.append(iter(_sorted_entries(root, key[:-1], listing)))
-                break
-            yield key
-        else:
-            stack.pop()
-
-
-def _sorted_entries(root: str, rel: str, listing: Listing) -> list[str]:
-    """The PNG files ("rel/name") and sub-folders ("rel/name/") of one folder, sorted; the rest is
-    counted or reported in `listing` as `list_pngs` does."""
-    out: list[str] = []
-    try:
-        it = os.scandir(os.path.join(root, rel) if rel else root)
-    except OSError as e:
-        listing.skipped.append((rel or ".", f"unreadable folder: {e.strerror}"))
-        return out
-    ignored = listing.ignored
-    with it:
-        for entry in it:
-            name = entry.name
-            if name.startswith("."):
-                ignored[HIDDEN] += 1
-                continue
-            path = f"{rel}/{name}" if rel else name
-            png = is_png_name(name)
-            try:
-                if entry.is_dir(follow_symlinks=False):
-                    if png:
-                        listing.png_folders.append(path)
-                    out.append(path + "/")
-                    continue
-                if png and entry.is_file(follow_symlinks=True):
-                    out.append(path)
-                    continue
-                if not png:
-                    ignored[SYMLINKED_FOLDERS if entry.is_symlink() and entry.is_dir() else OTHER_FILES] += 1
-                    continue
-            except OSError:
-                if not png:
-                    ignored[OTHER_FILES] += 1
-                    continue
-            why = _not_a_file(entry)
-            if why is None:
-                ignored[SYMLINKED_FOLDERS] += 1
-            else:
-                listing.skipped.append((path, why))
-    out.sort()
-    return out
-
-
-def class_of(rel: str) -> str | None:
-    """The class a file belongs to by its folder: the first path component, if any."""
-    head, sep, _ = rel.partition("/")
-    return head if sep else None
 
 
 # --------------------------------------------------------------------------------------------

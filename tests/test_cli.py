@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from cnnkit.cli import app
 from cnnkit.export.torchscript import load_torchscript
-from cnnkit.images import list_pngs, read_image
+from cnnkit.images import read_image
+from cnnkit.listing import list_pngs
 
 runner = CliRunner()
 

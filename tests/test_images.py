@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from pngfiles import DEPTHS, chunk, chunks, encode, expected_gray, fix_crcs, pillow_png, random_png
 
 from cnnkit import images
-from cnnkit.images import MAX_PIXELS, ImageError, decode_image, list_pngs, read_image
+from cnnkit.images import MAX_PIXELS, ImageError, decode_image, read_image
+from cnnkit.listing import describe_ignored, list_pngs
 
 SIZE = (28, 28)
 FORMS = [(color, depth) for color, depths in DEPTHS.items() for depth in depths]
@@ -289,7 +290,7 @@ def test_walk_lists_counts_or_reports_every_odd_entry(tmp_path):
     }
     assert listing.ignored == {"other_files": 2, "hidden": 2, "symlinked_folders": 2}
     assert listing.png_folders == ["folder.png"]
-    assert images.describe_ignored(listing.ignored) == (
+    assert describe_ignored(listing.ignored) == (
         "2 non-PNG files, 2 hidden entries, 2 symlinked folders (not entered)"
     )
     img, _ = read_image(os.path.join(str(root), bad), SIZE)  # the surrogate-escaped name opens

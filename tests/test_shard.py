@@ -21,7 +21,7 @@ import cnnkit.runtime.infer as infer_mod
 from cnnkit.cli import app
 from cnnkit.datasets.layout import encode_png
 from cnnkit.errors import EXIT_FILES_FAILED
-from cnnkit.images import Listing, iter_pngs, list_pngs
+from cnnkit.listing import Listing, iter_pngs, list_pngs
 from cnnkit.runtime.infer import infer
 from cnnkit.runtime.shard import Shard, ShardError, merge, parse_shard, shard_of
 

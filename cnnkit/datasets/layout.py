@@ -26,7 +26,8 @@ import numpy as np
 
 from cnnkit.console import Progress
 from cnnkit.errors import DataError
-from cnnkit.images import PNG_SIGNATURE, is_png_name
+from cnnkit.images import PNG_SIGNATURE
+from cnnkit.listing import is_png_name
 
 DEFAULT_DATA_DIR = "data"  # relative to the working directory, like the lecture's notebooks
 SAMPLE_DIR = "data/mnist-sample"

@@ -34,7 +34,8 @@ import numpy as np
 from cnnkit.console import Progress, log, table
 from cnnkit.errors import DataError, FileFailedError
 from cnnkit.files import atomic_path, remove_stale_temps
-from cnnkit.images import Listing, decode_batches, default_workers, describe_ignored, iter_pngs
+from cnnkit.images import decode_batches, default_workers
+from cnnkit.listing import Listing, describe_ignored, iter_pngs
 from cnnkit.meta import predict
 from cnnkit.runs import ONNX_NAME, PREDICTIONS_NAME, latest_file
 from cnnkit.runtime.session import create_session, read_meta
@@ -110,7 +111,7 @@ class InferResult:
         failures: (path, reason) of the first failed files.
         notes: remarks for the user (e.g. why `device=auto` did not use the GPU).
         failures_output: `<output>.failures.csv`, every failed file and its reason; None when none failed.
-        ignored: entries of the folder left out on purpose, by kind (`cnnkit.images.Listing.ignored`).
+        ignored: entries of the folder left out on purpose, by kind (`cnnkit.listing.Listing.ignored`).
         png_folders: folders named like a PNG (searched like any folder; the first `FAILURES_KEPT`).
     """
 

@@ -305,7 +305,7 @@ def merge(csvs: list[str], output: str, *, check_folder: bool = False) -> MergeR
         ShardError: an input without its summary, or inputs that are not shards of one run (another
             model file, folder or N, one shard twice, an edited CSV).
     """
-    from cnnkit.images import Listing, iter_pngs
+    from cnnkit.listing import Listing, iter_pngs
     from cnnkit.runtime.infer import CSV_COLUMNS, FAILURE_COLUMNS, FAILURES_KEPT, FAILURES_SUFFIX, failures_path
 
     csvs = [p for p in csvs if not (p.endswith(FAILURES_SUFFIX) and not os.path.exists(summary_path(p))

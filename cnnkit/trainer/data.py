@@ -9,7 +9,8 @@ import numpy as np
 
 from cnnkit.console import Progress, log
 from cnnkit.errors import DataError
-from cnnkit.images import ImageError, class_of, decode_batches, list_pngs, png_size
+from cnnkit.images import ImageError, decode_batches, png_size
+from cnnkit.listing import class_of, list_pngs
 
 
 @dataclass
