@@ -152,9 +152,12 @@ def _predict_labels(out: torch.Tensor, sigmoid: bool) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, sigmoid: bool, d: Dist, batch: int = 2048
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, sigmoid: bool, d: Dist, batch: int = 512
 ) -> tuple[float, float, torch.Tensor]:
-    """(mean loss, accuracy) over every process's shard, and this shard's outputs (on the CPU)."""
+    """(mean loss, accuracy) over every process's shard, and this shard's outputs (on the CPU).
+
+    Batches of 512: on the CPU here 1.5x faster than 2048, whose activations fall out of cache.
+    """
     was_training = model.training
     model.eval()
     out = torch.cat([model(x[i : i + batch]).float() for i in range(0, len(x), batch)])
