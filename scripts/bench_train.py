@@ -25,7 +25,8 @@ RESULTS (2026-11-28, `python scripts/bench_train.py /tmp/fmnist --repeat 2`, bes
 
     default arch (small, 10 epochs, batch 256, no augmentation): test accuracy 0.9224, wall 187 s
     (process start to exit); 0.92 first reached after epoch 9, 142 s of loading + training.
-    A 9-epoch schedule on a slower minute of the same VM: 0.9197 in 188 s. Training throughput of
+    A 9-epoch schedule on a slower minute of the same VM: 0.9197 in 188 s.
+    Longer: `cnnkit train /tmp/fmnist --epochs 25 --augment flip`: 0.9254 in 474 s (0.93 not reached). Training throughput of
     the small arch swings between ~2,700 and ~4,400 img/s on this VM with nothing else running.
 
     Why not 2x on the lecture's settings: at batch 128 the lecture's network is bound by oneDNN's
