@@ -68,6 +68,10 @@ class ModelMeta:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
+    def with_export(self, **info: Any) -> ModelMeta:
+        """This record with `extra["export"]` set to `info` (format, exporter, opset, ...)."""
+        return self.replace(extra={**self.extra, "export": info})
+
     def replace(self, **changes: Any) -> ModelMeta:
         d = self.to_dict()
         d.update(changes)

@@ -143,11 +143,13 @@ def export_onnx(
     import onnx
     import torch
 
+    from cnnkit.trainer.models import example_batch
+
     opset = check_options(exporter, opset)
     model = model.to("cpu").eval()
     c, h, w = meta.input_shape
     # Trace with a batch of 2: a batch of 1 lets exporters specialize the batch dimension to 1.
-    example = torch.randint(0, 256, (2, c, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    example = example_batch(meta.input_shape)
     t0 = time.perf_counter()
     with quiet():
         if exporter == "dynamo":
@@ -183,18 +185,13 @@ def export_onnx(
     if got != opset:
         raise ModelError(f"the {exporter} exporter wrote opset {got} instead of {opset}; choose another opset")
 
-    record = meta.replace(
-        extra={
-            **meta.extra,
-            "export": {
-                "format": "onnx",
-                "exporter": exporter,
-                "opset": opset,
-                "ir_version": int(proto.ir_version),
-                "precision": "fp32",
-                "torch": str(torch.__version__),
-            },
-        }
+    record = meta.with_export(
+        format="onnx",
+        exporter=exporter,
+        opset=opset,
+        ir_version=int(proto.ir_version),
+        precision="fp32",
+        torch=str(torch.__version__),
     )
     write_record(proto, record)
     size = finish(proto, meta, path)

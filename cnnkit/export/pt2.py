@@ -40,10 +40,10 @@ def export_pt2(model: Any, meta: ModelMeta, path: str) -> dict[str, Any]:
     """
     import torch
 
+    from cnnkit.trainer.models import example_batch
+
     model = model.to("cpu").eval()
-    c, h, w = meta.input_shape
-    # A batch of 2 as the example: with 1, torch.export would specialize the batch dimension.
-    example = torch.randint(0, 256, (2, c, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    example = example_batch(meta.input_shape)
     t0 = time.perf_counter()
     try:
         with quiet():
@@ -53,18 +53,13 @@ def export_pt2(model: Any, meta: ModelMeta, path: str) -> dict[str, Any]:
     except Exception as e:  # torch.export raises a zoo of types (UserError, Unsupported, ...)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ModelError(f"torch.export cannot export the model with a dynamic batch axis: {first}") from None
-    record = meta.replace(
-        extra={
-            **meta.extra,
-            "export": {
-                "format": "pt2",
-                "exporter": EXPORTER,
-                "opset": None,
-                "ir_version": None,
-                "precision": "fp32",
-                "torch": str(torch.__version__),
-            },
-        }
+    record = meta.with_export(
+        format="pt2",
+        exporter=EXPORTER,
+        opset=None,
+        ir_version=None,
+        precision="fp32",
+        torch=str(torch.__version__),
     )
     with atomic_path(path) as tmp:
         torch.export.save(program, tmp, extra_files={EXTRA_FILE: record.to_json()})

@@ -46,34 +46,28 @@ def export_torchscript(model: Any, meta: ModelMeta, path: str) -> dict[str, Any]
     """
     import torch
 
+    from cnnkit.trainer.models import example_batch
+
     model = model.to("cpu").eval()
-    c, h, w = meta.input_shape
-    gen = torch.Generator().manual_seed(0)
-    # Trace with a batch of 2 (a batch of 1 invites shape specialization), then prove 1 and 7 work.
-    example = torch.randint(0, 256, (2, c, h, w), dtype=torch.uint8, generator=gen)
+    example = example_batch(meta.input_shape)  # then prove batch sizes 1 and 7 work too
     log(f"note: TorchScript is deprecated upstream; torch {torch.__version__} still traces, saves and loads it")
     t0 = time.perf_counter()
     with _no_deprecation_warnings(), torch.no_grad():
         traced = torch.jit.trace(model, example, check_trace=False)
         for n in (1, 7):
-            x = torch.randint(0, 256, (n, c, h, w), dtype=torch.uint8, generator=gen)
+            x = example_batch(meta.input_shape, n, seed=n)
             try:
                 got, want = traced(x), model(x)
             except Exception as e:
                 raise ModelError(f"traced TorchScript module fails at batch size {n}: {e}") from None
             if got.shape != want.shape:
                 raise ModelError(f"traced TorchScript module gives {tuple(got.shape)} at batch size {n}")
-    record = meta.replace(
-        extra={
-            **meta.extra,
-            "export": {
-                "format": "torchscript",
-                "exporter": EXPORTER,
-                "opset": None,
-                "ir_version": None,
-                "torch": str(torch.__version__),
-            },
-        }
+    record = meta.with_export(
+        format="torchscript",
+        exporter=EXPORTER,
+        opset=None,
+        ir_version=None,
+        torch=str(torch.__version__),
     )
     with _no_deprecation_warnings(), atomic_path(path) as tmp:
         torch.jit.save(traced, tmp, _extra_files={EXTRA_FILE: record.to_json()})

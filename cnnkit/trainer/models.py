@@ -125,5 +125,14 @@ def build_model(arch: str, num_classes: int, height: int, width: int) -> tuple[C
     return Classifier(net), output
 
 
+def example_batch(input_shape: tuple[int, int, int], n: int = 2, seed: int = 0) -> torch.Tensor:
+    """A fixed random uint8 batch for tracing and exporting.
+
+    Exporters get a batch of 2: with 1, tracers and torch.export specialize the batch dimension.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, *input_shape), dtype=torch.uint8, generator=gen)
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
