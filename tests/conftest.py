@@ -52,9 +52,22 @@ def binary_tree(tmp_path_factory) -> str:
     return make_tree(os.fspath(tmp_path_factory.mktemp("binary")), (0, 1), 400, 100)
 
 
-def export_onnx(path: str, classes: tuple[str, ...] = ("ant", "bee", "cat"), size: int = 28, seed: int = 0) -> str:
-    """The lecture CNN with random weights (from `seed`), exported to ONNX the way cnnkit's exporter
-    does (dynamic batch axis, uint8 input) with the cnnkit metadata record attached."""
+DEFAULT_META = object()  # export_onnx's default: a record for the model's own classes
+
+
+def export_onnx(
+    path: str,
+    classes: tuple[str, ...] = ("ant", "bee", "cat"),
+    size: int = 28,
+    seed: int = 0,
+    meta: object = DEFAULT_META,
+) -> str:
+    """The lecture CNN with random weights (from `seed`), one output per class, exported to ONNX the
+    way cnnkit's exporter does (dynamic batch axis, uint8 input), with a metadata record attached.
+
+    `meta`: by default a `logits` record for `classes` and `size`; a `ModelMeta` or raw text to attach
+    instead (a wrong or malformed record); None for no record at all.
+    """
     import warnings
 
     torch = pytest.importorskip("torch")
@@ -75,11 +88,13 @@ def export_onnx(path: str, classes: tuple[str, ...] = ("ant", "bee", "cat"), siz
             output_names=["output"],
             dynamic_axes={"images": {0: "batch"}, "output": {0: "batch"}},
         )
-    meta = ModelMeta(arch="lecture", classes=tuple(classes), input_shape=(1, size, size), output="logits")
-    proto = onnx.load(path)
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, meta.to_json()
-    onnx.save(proto, path)
+    if meta is DEFAULT_META:
+        meta = ModelMeta(arch="lecture", classes=tuple(classes), input_shape=(1, size, size), output="logits")
+    if meta is not None:
+        proto = onnx.load(path)
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = METADATA_KEY, meta.to_json() if isinstance(meta, ModelMeta) else str(meta)
+        onnx.save(proto, path)
     return path
 
 

@@ -18,6 +18,7 @@ import zlib
 
 import numpy as np
 import pytest
+from conftest import export_onnx
 from pngfiles import chunk, encode, pillow_png, random_png
 from typer.testing import CliRunner
 
@@ -26,7 +27,7 @@ from cnnkit.cli import app
 from cnnkit.datasets.layout import encode_png, write_tree
 from cnnkit.errors import EXIT_FILES_FAILED, FileFailedError, ModelError
 from cnnkit.images import MAX_FILE_BYTES
-from cnnkit.meta import METADATA_KEY, ModelMeta
+from cnnkit.meta import ModelMeta
 from cnnkit.runtime.infer import failures_path, infer
 
 torch = pytest.importorskip("torch")
@@ -47,31 +48,9 @@ def failed(reason: str) -> tuple[str, str]:
 
 
 def _onnx_model(path: str, meta: ModelMeta | str | None, input_hw: int = 28) -> str:
-    """The lecture CNN (random weights) exported as cnnkit does, with `meta` (a record, or raw text)
-    attached, or none."""
-    import warnings
-
-    from cnnkit.trainer.models import build_model
-
-    torch.manual_seed(0)
-    model, _ = build_model("lecture", 3, input_hw, input_hw)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model.eval(),
-            (torch.zeros((2, 1, input_hw, input_hw), dtype=torch.uint8),),
-            path,
-            dynamo=False,
-            input_names=["images"],
-            output_names=["output"],
-            dynamic_axes={"images": {0: "batch"}, "output": {0: "batch"}},
-        )
-    if meta is not None:
-        proto = onnx.load(path)
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = METADATA_KEY, meta.to_json() if isinstance(meta, ModelMeta) else meta
-        onnx.save(proto, path)
-    return path
+    """The lecture CNN (random weights, 3 classes) exported as cnnkit does, with `meta` (a record, or
+    raw text) attached, or none."""
+    return export_onnx(path, size=input_hw, meta=meta)
 
 
 META = ModelMeta(arch="lecture", classes=("ant", "bee", "cat"), input_shape=(1, 28, 28), output="logits")

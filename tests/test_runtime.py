@@ -13,6 +13,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import export_onnx
 
 import cnnkit.runtime.infer as infer_mod
 from cnnkit.errors import DataError, DeviceError, ModelError
@@ -31,33 +32,7 @@ SIZE = 28
 
 def _export(path: str, num_classes: int, meta: ModelMeta | None, seed: int = 0) -> str:
     """Export the lecture CNN (random weights) the way cnnkit's exporter does, then attach `meta`."""
-    torch = pytest.importorskip("torch")
-    onnx = pytest.importorskip("onnx")
-    from cnnkit.trainer.models import build_model
-
-    torch.manual_seed(seed)
-    model, _ = build_model("lecture", num_classes, SIZE, SIZE)
-    model.eval()
-    example = torch.randint(0, 256, (2, 1, SIZE, SIZE), dtype=torch.uint8)
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            (example,),
-            path,
-            dynamo=False,
-            input_names=["images"],
-            output_names=["output"],
-            dynamic_axes={"images": {0: "batch"}, "output": {0: "batch"}},
-        )
-    if meta is not None:
-        proto = onnx.load(path)
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = METADATA_KEY, meta.to_json()
-        onnx.save(proto, path)
-    return path
+    return export_onnx(path, tuple(f"c{i}" for i in range(num_classes)), SIZE, seed, meta)
 
 
 def _meta(classes: tuple[str, ...] = CLASSES, output: str = "logits", **kw) -> ModelMeta:
