@@ -57,6 +57,8 @@ class Exporter(str, Enum):
 class Augment(str, Enum):
     none = "none"
     flip = "flip"
+    shift = "shift"
+    flip_shift = "flip+shift"
 
 
 class Split(str, Enum):
@@ -115,13 +117,14 @@ def train(
     data: Annotated[Path | None, typer.Argument(help="Folder with training/ (and testing/), or class folders. "
                                                       "Default: the bundled 5,000 MNIST digits.")] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder. Default: runs/train-<time>.")] = None,
-    epochs: Annotated[int | None, typer.Option(min=1, help="Default: the arch's (small 10, lecture 5).")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Default: the arch's (small 8, lecture 5).")] = None,
     batch_size: Annotated[int | None, typer.Option(min=1, help="Global batch. Default: small 256, lecture 128.")]
     = None,
     arch: Annotated[str, typer.Option(help="small (default) or lecture (the lecture's exact network).")] = "small",
     lr: Annotated[float | None, typer.Option(help="Peak learning rate. Default: small 3e-3 (warm-up + cosine), "
                                                   "lecture 1e-3 (constant).")] = None,
-    augment: Annotated[Augment, typer.Option(help="flip: mirror half of each batch (clothes, not digits).")]
+    augment: Annotated[Augment, typer.Option(
+        help="flip: mirror half of each batch (clothes, not digits); shift: move each image by up to 2 pixels.")]
     = Augment.none,
     classes: Annotated[str | None, typer.Option(help="Comma-separated class folder names, e.g. 0,1.")] = None,
     val_split: Annotated[float | None, typer.Option(help="Hold out this fraction of training for validation. "

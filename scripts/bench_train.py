@@ -26,8 +26,8 @@ RESULTS (2026-11-28, `python scripts/bench_train.py /tmp/fmnist --repeat 2`, bes
     default arch (small, 10 epochs, batch 256, no augmentation): test accuracy 0.9224, wall 187 s
     (process start to exit); 0.92 first reached after epoch 9, 142 s of loading + training.
     A 9-epoch schedule on a slower minute of the same VM: 0.9197 in 188 s.
-    Longer: `cnnkit train /tmp/fmnist --epochs 25 --augment flip`: 0.9254 in 474 s (0.93 not reached). Training throughput of
-    the small arch swings between ~2,700 and ~4,400 img/s on this VM with nothing else running.
+    Longer: `cnnkit train /tmp/fmnist --epochs 25 --augment flip`: 0.9254 in 474 s (0.93 not reached).
+    Training throughput of the small arch swings between ~2,700 and ~4,400 img/s on this VM with nothing else running.
 
     Why not 2x on the lecture's settings: at batch 128 the lecture's network is bound by oneDNN's
     convolution kernels (measured step by step: oneDNN NCHW 9,710 img/s, oneDNN channels_last
@@ -85,13 +85,26 @@ print(json.dumps({"load_seconds": load_s, "train_seconds": train_s,
 """
 
 
+def _steal_seconds() -> float:
+    """CPU time the hypervisor gave to other guests, summed over this VM's CPUs (0 off Linux)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def _run(cmd: list[str], cwd: str) -> tuple[dict, float]:
-    t0 = time.perf_counter()
+    """(the command's last stdout line as JSON, with `steal`: the share of this VM's CPU time taken by
+    other guests while it ran; wall seconds)."""
+    t0, s0 = time.perf_counter(), _steal_seconds()
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
+    steal = (_steal_seconds() - s0) / (wall * (os.cpu_count() or 1))
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd[:4])} failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1]), wall
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "steal": steal}, wall
 
 
 def main() -> None:
@@ -120,37 +133,48 @@ def main() -> None:
         out, wall = _run([*cnnkit, "--arch", "lecture", "--epochs", str(args.epochs), "--batch-size", "128",
                           "--out", os.path.join(work, f"lecture-{r}")], work)
         rows["cnnkit --arch lecture"].append({**out, "wall": wall})
-        print(f"# round {r + 1}: lecture {rows['lecture loop'][-1]['train_images_per_second']:,.0f} img/s, "
-              f"cnnkit {out['train_images_per_second']:,.0f} img/s", file=sys.stderr)
+        lec = rows["lecture loop"][-1]
+        print(f"# round {r + 1}: lecture {lec['train_images_per_second']:,.0f} img/s (steal {lec['steal']:.0%}), "
+              f"cnnkit {out['train_images_per_second']:,.0f} img/s (steal {out['steal']:.0%}), "
+              f"ratio {out['train_images_per_second'] / lec['train_images_per_second']:.2f}", file=sys.stderr)
 
     def best(name: str, key: str) -> float:
         return max(x[key] for x in rows[name]) if "per_second" in key else min(x[key] for x in rows[name])
 
     base = best("lecture loop", "train_images_per_second")
-    print(f"\n{'method':<24} {'train img/s':>12} {'x lecture':>10} {'load s':>8} {'load img/s':>11} {'wall s':>8}")
+    ratios = [c["train_images_per_second"] / lec["train_images_per_second"]
+              for lec, c in zip(rows["lecture loop"], rows["cnnkit --arch lecture"], strict=True)]
+    print(f"\nper-round ratios (cnnkit / lecture, same round): {', '.join(f'{x:.2f}' for x in ratios)}")
+    print(f"{'method':<24} {'train img/s':>12} {'x lecture':>10} {'load s':>8} {'load img/s':>11} {'wall s':>8}"
+          f" {'steal':>6}")
     summary = {}
     for name in rows:
         ips = best(name, "train_images_per_second")
         load = best(name, "load_seconds")
         first = rows[name][0]
         n = first.get("n") or first.get("images_loaded")
+        steal = max(x["steal"] for x in rows[name])
         summary[name] = {"train_images_per_second": ips, "ratio": ips / base, "load_seconds": load,
-                         "wall": best(name, "wall")}
+                         "wall": best(name, "wall"), "max_steal": steal}
         load_ips = (n / load) if n and load else float("nan")
         wall = best(name, "wall")
-        print(f"{name:<24} {ips:>12,.0f} {ips / base:>10.2f} {load:>8.1f} {load_ips:>11,.0f} {wall:>8.1f}")
+        print(f"{name:<24} {ips:>12,.0f} {ips / base:>10.2f} {load:>8.1f} {load_ips:>11,.0f} {wall:>8.1f}"
+              f" {steal:>6.0%}")
+    summary["round_ratios"] = ratios
 
     if not args.skip_default:
         extra = args.default_args.split() if args.default_args else []
         out, wall = _run([*cnnkit, "--out", os.path.join(work, "default"), *extra], work)
         metrics = json.load(open(os.path.join(work, "default", "metrics.json")))
         print(f"\ndefault arch ({' '.join(extra) or 'default settings'}): test accuracy {out['test_accuracy']:.4f}, "
-              f"wall {wall:.0f} s (process start to exit, loading {out['load_seconds']:.1f} s)")
+              f"wall {wall:.0f} s (process start to exit, loading {out['load_seconds']:.1f} s; "
+              f"CPU steal {out['steal']:.0%})")
         elapsed = out["load_seconds"]
         for r in metrics["history"]:
             elapsed += r["seconds"]
             print(f"  epoch {r['epoch']:>2}: val acc {r['val_accuracy']:.4f} at {elapsed:6.1f} s")
-        summary["default"] = {"test_accuracy": out["test_accuracy"], "wall": wall, "history": metrics["history"]}
+        summary["default"] = {"test_accuracy": out["test_accuracy"], "wall": wall, "steal": out["steal"],
+                               "history": metrics["history"]}
     if args.json:
         print(json.dumps(summary))
 

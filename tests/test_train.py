@@ -14,16 +14,34 @@ from cnnkit.trainer.loop import Interrupted, TrainConfig, train
 from cnnkit.trainer.models import build_model, count_parameters
 
 
-def test_lecture_arch_is_the_lectures_network():
-    model, output = build_model("lecture", 2, 28, 28)
-    layers = list(model.net)
-    assert output == "sigmoid"
-    assert [type(m) for m in layers] == [nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Linear, nn.Sigmoid]
-    conv, lin = layers[0], layers[4]
+def _lecture_reference(num_outputs: int) -> nn.Sequential:
+    """The lecture's network, layer for layer as the lecture writes it."""
+    head = [nn.Linear(2304, num_outputs)] + ([nn.Sigmoid()] if num_outputs == 1 else [])
+    return nn.Sequential(nn.Conv2d(1, 16, (5, 5)), nn.ReLU(), nn.MaxPool2d((2, 2)), nn.Flatten(), *head)
+
+
+@pytest.mark.parametrize("classes", [2, 10])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_lecture_arch_computes_the_lectures_network(classes, channels_last):
+    """Same parameters, same outputs and same gradients as the lecture's layers, in either layout."""
+    model, output = build_model("lecture", classes, 28, 28)
+    assert output == ("sigmoid" if classes == 2 else "logits")
+    conv, lin = model.net[0], model.net[3]
     assert (conv.in_channels, conv.out_channels, conv.kernel_size) == (1, 16, (5, 5))
-    assert (lin.in_features, lin.out_features) == (2304, 1)
-    ten, output10 = build_model("lecture", 10, 28, 28)
-    assert output10 == "logits" and list(ten.net)[-1].out_features == 10
+    assert (lin.in_features, lin.out_features) == (2304, 1 if classes == 2 else classes)
+    ref = _lecture_reference(lin.out_features)
+    ref.load_state_dict({"0.weight": conv.weight, "0.bias": conv.bias, "4.weight": lin.weight, "4.bias": lin.bias})
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    x = torch.randint(0, 256, (16, 1, 28, 28), dtype=torch.uint8)
+    ours, theirs = model(x), ref(x.float() / 255.0)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    weights = torch.randn_like(ours)
+    (ours * weights).sum().backward()
+    (theirs * weights).sum().backward()
+    for a, b in [(conv, ref[0]), (lin, ref[4])]:
+        torch.testing.assert_close(a.weight.grad, b.weight.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a.bias.grad, b.bias.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_models_scale_uint8_inside_and_stay_small():
@@ -135,3 +153,30 @@ def test_the_lectures_run_reaches_99_percent(tmp_path, binary_tree):
     """The lecture's own run: --arch lecture --classes 0,1, batch 128, Adam, 5 epochs."""
     result = train(_cfg(tmp_path, binary_tree, arch="lecture", classes=("0", "1"), epochs=5))
     assert result.test_accuracy >= 0.99
+
+
+def test_augment_shift_moves_each_image_within_two_pixels_and_flip_mirrors():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(1, 256, (64, 1, 12, 10), dtype=torch.uint8)  # no zeros: fill is visible
+    y = loop.augment(x, "shift", gen)
+    assert y.shape == x.shape and y.dtype == torch.uint8
+    seen = set()
+    for a, b in zip(x[:, 0], y[:, 0], strict=True):
+        # the single (dy, dx) with |d| <= 2 that explains b: a moved by it, zeros where it came from outside
+        fits = []
+        for dy in range(-2, 3):
+            for dx in range(-2, 3):
+                padded = torch.nn.functional.pad(a, (2, 2, 2, 2))
+                if torch.equal(padded[2 + dy : 2 + dy + 12, 2 + dx : 2 + dx + 10], b):
+                    fits.append((dy, dx))
+        assert len(fits) == 1
+        seen.add(fits[0])
+    assert len(seen) > 10  # offsets vary between images
+    again = loop.augment(x, "shift", torch.Generator().manual_seed(0))
+    assert torch.equal(again, y)  # drawn from the generator: runs and resumes repeat exactly
+
+    both = loop.augment(x, "flip+shift", torch.Generator().manual_seed(1))
+    flips = loop.augment(x, "flip", torch.Generator().manual_seed(1))
+    mirrored = [torch.equal(f, a.flip(-1)) for f, a in zip(flips, x, strict=True)]
+    assert 10 < sum(mirrored) < 54 and all(torch.equal(f, a) or m for f, a, m in zip(flips, x, mirrored, strict=True))
+    assert not torch.equal(both, flips)
