@@ -16,25 +16,30 @@ Evidence (fill-in below is what this script printed; rerun to reproduce):
 Usage:
     python scripts/bench_train.py /tmp/fmnist [--repeat 2] [--epochs 5] [--skip-default] [--json]
 
-RESULTS (2026-11-28, `python scripts/bench_train.py /tmp/fmnist --repeat 2`, best of 2 rounds)
-    method                    train img/s  x lecture   load s  load img/s   wall s
-    lecture loop                   10,065       1.00      6.4       9,320     40.8
-    cnnkit --arch lecture          12,123       1.20      1.5      46,395     36.9
-    (round 1: 8,816 vs 12,123; round 2: 10,065 vs 11,995. The lecture loop loads 60,000 training
-    PNGs with read_image; cnnkit loads 70,000, training and testing, in 2 decode processes.)
+RESULTS (2026-11-28, `python scripts/bench_train.py /tmp/fmnist --repeat 2`; CPU steal 1-2% in every
+run, i.e. a quiet host)
+    per-round ratios (cnnkit / lecture, same round): 1.79, 1.92
+    method                    train img/s  x lecture   load s  load img/s   wall s  steal
+    lecture loop                    7,691       1.00      9.0       6,670     56.9     2%
+    cnnkit --arch lecture          13,996       1.82      2.4      29,460     35.9     1%
+    (The lecture loop loads 60,000 training PNGs with read_image; cnnkit loads 70,000, training and
+    testing, in 2 decode processes.)
 
-    default arch (small, 10 epochs, batch 256, no augmentation): test accuracy 0.9224, wall 187 s
-    (process start to exit); 0.92 first reached after epoch 9, 142 s of loading + training.
-    A 9-epoch schedule on a slower minute of the same VM: 0.9197 in 188 s.
-    Longer: `cnnkit train /tmp/fmnist --epochs 25 --augment flip`: 0.9254 in 474 s (0.93 not reached).
-    Training throughput of the small arch swings between ~2,700 and ~4,400 img/s on this VM with nothing else running.
+    default arch (small 16-48-96, 8 epochs, batch 256, no augmentation): test accuracy 0.9225,
+    wall 176 s (process start to exit, loading 2.5 s); 0.92 first reached after epoch 5, 98 s of
+    loading + training.
+    Longer: `cnnkit train /tmp/fmnist --epochs 25 --augment flip+shift`: 0.9285 in 539 s (8% steal);
+    20 epochs with `--augment flip`: 0.9261. 0.93 not reached.
 
-    Why not 2x on the lecture's settings: at batch 128 the lecture's network is bound by oneDNN's
-    convolution kernels (measured step by step: oneDNN NCHW 9,710 img/s, oneDNN channels_last
-    12,335, an unfold+matmul convolution 5,537, fused Adam 6,408 on top of unfold, the native
-    im2col path 5,295); DataLoader collation, which cnnkit removes, is a small part of the
-    lecture loop's time on a CPU. The CPU has no bf16 units (avx512f/vnni only), so
-    mixed precision does not help here.
+    What changed the lecture's speed (1.20x before): ReLU after the max-pool (the same function; ReLU
+    then touches a quarter of the values), a linear head that reads channels_last activations in
+    memory order (the pooling's backward otherwise converts layouts: 3x slower), fused Adam. The
+    lecture loop runs NCHW, where this torch's CPU max-pool is 5.6x slower than channels_last
+    (4.6 ms vs 0.82 ms for a batch of 128 x 16 x 24 x 24). Not reached: 2x. The rest is oneDNN's
+    convolution and the pooling kernels, which cnnkit calls as the lecture does.
+
+    Throughput on this VM depends on the host: with 50-60% CPU steal (other guests), the same
+    training ran at a third of these speeds. The steal column says which kind of minute a run had.
 """
 
 from __future__ import annotations
