@@ -3,7 +3,7 @@
 Evidence (fill-in below is what this script printed; rerun to reproduce):
     machine:  2-core x86_64 VM, 24 GB, no GPU, Python 3.11.7; shared with other jobs, so only the
               ratios measured side by side in one run mean anything
-    versions: torch 2.14.1 (CPU), cnnkit 0.1.0
+    versions: torch 2.14.1 (CPU), cnnkit 0.2.0
     data:     Fashion-MNIST as PNGs (`cnnkit data idx` from Debian's dataset-fashion-mnist):
               60,000 training / 10,000 testing, 28 x 28, 10 classes
     compared: (1) the lecture's loop: `torch.stack([read_image(f) ...]) / 255`, TensorDataset +
