@@ -43,7 +43,8 @@ def trained(tmp_path_factory, tiny_tree) -> str:
     from cnnkit.trainer.loop import TrainConfig, train
 
     out = str(tmp_path_factory.mktemp("int8") / "run")
-    result = train(TrainConfig(data=tiny_tree, out=out, epochs=3, workers=0))
+    # 36 steps: BatchNorm's running statistics, which evaluation uses, need a few dozen to settle.
+    result = train(TrainConfig(data=tiny_tree, out=out, epochs=6, batch_size=32, workers=0))
     assert result.test_accuracy is not None and result.test_accuracy > 0.7
     return result.checkpoint
 
