@@ -97,10 +97,10 @@ def small(
     where they are cheap on a CPU. The last map is not pooled: the head sees all 7 x 7 positions.
     95,898 parameters for 10 classes (the head is half of them). On Fashion-MNIST, with 25 epochs of
     flips and shifts, this reached 0.9292 and 0.9309 test accuracy (2 and 1 CPU threads; 0.9324 with
-    `--lr 5e-3`, the documented longer setting) where the
-    same net with a third pooling (3 x 3 map, 57k parameters, dropout 0.2) stopped at 0.928-0.9285:
-    without dropout 0.928, batch 128 0.9275, 30 epochs 0.9278, and label smoothing (0.9257) or random
-    erasing (0.9225) made it worse. It ran out of capacity, not data.
+    `--lr 5e-3`, the documented longer setting), where the same net with a third pooling (3 x 3 map,
+    57k parameters, dropout 0.2) stopped at 0.928-0.9285: without dropout 0.928, batch 128 0.9275,
+    30 epochs 0.9278, and label smoothing (0.9257) or random erasing (0.9225) made it worse. It ran
+    out of capacity, not data.
     """
     h, w = height // 4, width // 4
     if h < 1 or w < 1:
