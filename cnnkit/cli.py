@@ -127,8 +127,10 @@ def train(
         help="flip: mirror half of each batch (clothes, not digits); shift: move each image by up to 2 pixels.")]
     = Augment.none,
     classes: Annotated[str | None, typer.Option(help="Comma-separated class folder names, e.g. 0,1.")] = None,
-    val_split: Annotated[float | None, typer.Option(help="Hold out this fraction of training for validation. "
-                                                         "Default: 0 with a testing/ folder, else 0.1.")] = None,
+    val_split: Annotated[float, typer.Option(min=0.0, max=0.99, help=(
+        "Hold out this stratified, seeded fraction of training for validation, which alone selects the "
+        "checkpoint; testing/ is evaluated once, at the end. 0: train on all of it and keep the last epoch."))]
+    = 0.1,
     device: Annotated[Device, typer.Option(help="auto uses CUDA when present.")] = Device.auto,
     seed: int = 0,
     workers: Annotated[int | None, typer.Option(help="PNG decoder processes. Default: one per core.")] = None,

@@ -61,17 +61,27 @@ def test_train_writes_a_complete_run(tmp_path, tiny_tree):
     result = train(_cfg(tmp_path, tiny_tree, epochs=2))
     run = result.run_dir
     for name in (CHECKPOINT_NAME, BEST_NAME, "metrics.json", "curves.png", "scores_training.png",
-                 "scores_testing.png", "confusion.png"):
+                 "scores_validation.png", "scores_testing.png", "confusion.png"):
         assert os.path.isfile(os.path.join(run, name)), name
     raw = torch.load(os.path.join(run, BEST_NAME), weights_only=True)  # plain tensors and data only
     assert raw["meta"]["classes"] == ["0", "1", "2"] and raw["meta"]["input_shape"] == [1, 28, 28]
     metrics = json.load(open(os.path.join(run, "metrics.json")))
     assert [r["epoch"] for r in metrics["history"]] == [1, 2]
+    sel = metrics["selection"]
+    assert sel["split"] == "validation" and sel["size"] == 18  # 10% of 3 x 60, 6 per class
+    assert sel["rule"].startswith("best validation accuracy") and sel["epoch"] == result.best_epoch
+    best = metrics["history"][sel["epoch"] - 1]["val_accuracy"]
+    assert sel["val_accuracy"] == metrics["val_accuracy"] == result.val_accuracy == best
+    assert best == max(r["val_accuracy"] for r in metrics["history"])
+    assert metrics["test_accuracy"] == result.test_accuracy and metrics["test_images"] == result.test_images == 60
     assert os.path.realpath(tmp_path / "runs" / "latest") == os.path.realpath(run)
     assert result.classes == ["0", "1", "2"] and result.epochs == 2
     assert 0.0 <= result.test_accuracy <= 1.0 and result.train_images_per_second > 0
     model, meta, _ = model_from_checkpoint(result.checkpoint)
     assert meta.output == "logits" and not model.training
+
+
+_real_loss = loop._loss
 
 
 def _interrupt_after_epoch(monkeypatch, k: int) -> None:
@@ -86,11 +96,22 @@ def _interrupt_after_epoch(monkeypatch, k: int) -> None:
     monkeypatch.setattr(loop, "save_checkpoint", save)
 
 
+def _outcome(result) -> tuple:
+    """Everything a run reports about the model it selected, and that model's weights."""
+    weights = torch.load(result.checkpoint, weights_only=True)["model"]
+    return (result.best_epoch, result.selection, result.val_accuracy, result.test_accuracy, result.test_loss,
+            [(r["train_loss"], r["val_loss"]) for r in result.history], weights)
+
+
+def _assert_same_outcome(a: tuple, b: tuple) -> None:
+    assert a[:-1] == b[:-1]
+    assert a[-1].keys() == b[-1].keys() and all(torch.equal(a[-1][k], b[-1][k]) for k in a[-1])
+
+
 def test_same_seed_same_metrics_and_resume_continues_exactly(tmp_path, tiny_tree, monkeypatch):
     a = train(_cfg(tmp_path, tiny_tree, epochs=3, seed=3, batch_size=32))
     b = train(_cfg(tmp_path, tiny_tree, epochs=3, seed=3, batch_size=32))
-    key = [(r["train_loss"], r["val_loss"]) for r in a.history]
-    assert key == [(r["train_loss"], r["val_loss"]) for r in b.history]
+    _assert_same_outcome(_outcome(a), _outcome(b))
 
     _interrupt_after_epoch(monkeypatch, 1)
     with pytest.raises(Interrupted, match="--resume") as info:
@@ -98,7 +119,58 @@ def test_same_seed_same_metrics_and_resume_continues_exactly(tmp_path, tiny_tree
     monkeypatch.undo()
     assert load_checkpoint(os.path.join(info.value.run_dir, CHECKPOINT_NAME))["epoch"] == 1  # loadable
     resumed = train(TrainConfig(epochs=3, workers=0), resume=info.value.run_dir)
-    assert [(r["train_loss"], r["val_loss"]) for r in resumed.history] == key
+    _assert_same_outcome(_outcome(resumed), _outcome(a))
+
+
+def test_resume_reports_the_epoch_selected_before_the_interruption(tmp_path, tiny_tree, monkeypatch):
+    """Epoch 1 is selected, the run stops after epoch 2: the resumed run must report and keep epoch 1's
+    weights (not the checkpoint's, epoch 2's), exactly as the uninterrupted run does."""
+    monkeypatch.setattr(loop, "_is_better", lambda record, best: record["epoch"] == 1)
+    whole = train(_cfg(tmp_path, tiny_tree, epochs=3, seed=5, batch_size=32))
+    assert whole.best_epoch == 1
+    _interrupt_after_epoch(monkeypatch, 2)
+    with pytest.raises(Interrupted) as info:
+        train(_cfg(tmp_path, tiny_tree, epochs=3, seed=5, batch_size=32))
+    monkeypatch.setattr(loop, "_loss", _real_loss)  # undo the interruption, keep the selection rule
+    resumed = train(TrainConfig(epochs=3, workers=0), resume=info.value.run_dir)
+    _assert_same_outcome(_outcome(resumed), _outcome(whole))
+
+
+def test_testing_folder_cannot_influence_selection(tmp_path, tiny_tree):
+    """Same seed and training folder, a different testing/ folder: the same epoch, the same weights."""
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(os.path.join(tiny_tree, "training"), other / "training")
+    shutil.copytree(os.path.join(tiny_tree, "training"), other / "testing")  # a very different test set
+    a = train(_cfg(tmp_path, tiny_tree, epochs=4, seed=2, batch_size=32))
+    b = train(_cfg(tmp_path, os.fspath(other), epochs=4, seed=2, batch_size=32))
+    assert a.test_images == 60 and b.test_images == 180 and a.test_loss != b.test_loss
+    _assert_same_outcome(_outcome(a)[:3] + _outcome(a)[5:], _outcome(b)[:3] + _outcome(b)[5:])
+
+
+def test_val_split_zero_keeps_the_last_epoch_and_says_so(tmp_path, tiny_tree):
+    result = train(_cfg(tmp_path, tiny_tree, epochs=2, val_split=0.0))
+    assert result.best_epoch == 2 and result.val_accuracy is None
+    assert result.selection["split"] is None and result.selection["rule"] == "last epoch (no selection)"
+    assert all(r["val_accuracy"] is None for r in result.history)
+    assert "kept the last epoch" in loop.format_summary(result)
+    with pytest.raises(DataError, match="val-split"):
+        train(_cfg(tmp_path, tiny_tree, val_split=1.0))
+
+
+def test_validation_split_is_stratified_and_seeded():
+    import numpy as np
+
+    from cnnkit.trainer.data import split_validation
+
+    labels = np.array([0] * 90 + [1] * 9 + [2] * 1)
+    tr, va = split_validation(labels, 0.1, seed=0)
+    assert sorted(np.concatenate([tr, va]).tolist()) == list(range(100))
+    assert np.bincount(labels[va], minlength=3).tolist() == [9, 1, 0]  # a lone image stays in training
+    again = split_validation(labels, 0.1, seed=0)
+    assert all(np.array_equal(x, y) for x, y in zip((tr, va), again, strict=True))
+    assert not np.array_equal(split_validation(labels, 0.1, seed=1)[1], va)
 
 
 @pytest.mark.parametrize(

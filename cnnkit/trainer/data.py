@@ -112,10 +112,22 @@ def _first_size(folder: str, files: list[str]) -> tuple[int, int]:
     raise DataError(f"{folder}: none of the first images is a readable PNG")
 
 
-def split_validation(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic (train, validation) index arrays holding out `fraction` of n."""
+def split_validation(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic (train, validation) index arrays holding out `fraction` of each class.
+
+    Stratified: every class gives round(n_c * fraction) images (at least one, and never its last), so
+    validation has the training split's class balance. Seeded: the same labels and seed give the same
+    split, whatever else the run does.
+    """
     if not 0.0 < fraction < 1.0:
-        raise DataError(f"--val-split must be between 0 and 1, got {fraction}")
-    perm = np.random.default_rng(seed).permutation(n)
-    n_val = max(1, int(round(n * fraction)))
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+        raise DataError(f"--val-split must be at least 0 and below 1, got {fraction}")
+    rng = np.random.default_rng(seed)
+    val = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        n_val = min(max(1, int(round(len(members) * fraction))), len(members) - 1)
+        val.append(rng.permutation(members)[:n_val])
+    va = np.sort(np.concatenate(val))
+    keep = np.ones(len(labels), dtype=bool)
+    keep[va] = False
+    return np.flatnonzero(keep), va

@@ -39,9 +39,11 @@ class TrainConfig:
     """Everything a run depends on. Stored in the checkpoint; `--resume` reuses it.
 
     `epochs`, `batch_size` and `lr` left as None take the arch's recipe (`models.RECIPES`).
-    `val_split=None` holds out 10% of training for validation only when there is no `testing/`
-    folder; otherwise `testing/` validates. `augment="flip"` mirrors a random half of each batch
-    left-right (right for clothes, wrong for digits: off by default).
+    `val_split` is the stratified, seeded fraction of training held out for validation, which alone
+    selects the checkpoint; 0 trains on all of it and keeps the last epoch. `testing/` never takes
+    part in training or selection: it is evaluated once, at the end, on the selected weights.
+    `augment="flip"` mirrors a random half of each batch left-right (right for clothes, wrong for
+    digits: off by default).
     """
 
     data: str | None = None
@@ -53,7 +55,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     augment: str = "none"
     classes: tuple[str, ...] | None = None
-    val_split: float | None = None
+    val_split: float = 0.1
     device: str = "auto"
     seed: int = 0
     workers: int | None = None
@@ -65,6 +67,8 @@ class TrainConfig:
             raise ModelError(f"unknown arch {self.arch!r}; choose one of: {', '.join(RECIPES)}")
         if self.augment not in AUGMENTS:
             raise DataError(f"unknown --augment {self.augment!r}; choose one of: {', '.join(AUGMENTS)}")
+        if self.val_split is None or not 0.0 <= self.val_split < 1.0:
+            raise DataError(f"--val-split must be at least 0 and below 1, got {self.val_split}")
         r = RECIPES[self.arch]
         return replace(
             self,
@@ -107,14 +111,17 @@ class TrainResult:
     device: str
     train_seconds: float
     train_images_per_second: float
-    test_accuracy: float | None
-    best_epoch: int
-    val_accuracy: float | None
+    test_accuracy: float | None  # the selected weights on testing/, measured once after training
+    best_epoch: int  # the selected epoch (see `selection`)
+    val_accuracy: float | None  # the selected epoch's validation accuracy (None without validation)
     load_seconds: float
     images_loaded: int
     parameters: int
     plots: list[str] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
+    selection: dict[str, Any] = field(default_factory=dict)
+    test_loss: float | None = None
+    test_images: int = 0
     world_size: int = 1
     rank: int = 0  # under torchrun, which process this is (only rank 0 reports)
 
@@ -211,15 +218,19 @@ def _load_data(cfg: TrainConfig, d: Dist) -> tuple[LoadedSplit, LoadedSplit | No
         size = (train.images.shape[2], train.images.shape[3])
         test = load_split(test_dir, classes, size=size, desc="loading testing", **kw)
     n_loaded = len(train.labels) + (len(test.labels) if test is not None else 0)
-    val_fraction = cfg.val_split if cfg.val_split is not None else (0.0 if test is not None else 0.1)
-    val = test
-    if val_fraction > 0:
-        tr_idx, va_idx = split_validation(len(train.labels), val_fraction, cfg.seed + d.rank)
-        val = LoadedSplit(train.folder, train.images[va_idx], train.labels[va_idx], classes, [])
-        train = LoadedSplit(train.folder, train.images[tr_idx], train.labels[tr_idx], classes, [])
-    data_info = {"root": os.path.abspath(root), "train": train_dir, "test": test_dir, "val_split": val_fraction,
+    val = None
+    if cfg.val_split > 0:  # carved from training only: testing/ never takes part in selection
+        tr_idx, va_idx = split_validation(train.labels, cfg.val_split, cfg.seed + d.rank)
+        val = _subset(train, va_idx)
+        train = _subset(train, tr_idx)
+    data_info = {"root": os.path.abspath(root), "train": train_dir, "test": test_dir, "val_split": cfg.val_split,
                  "n_loaded": n_loaded}
     return train, val, test, data_info
+
+
+def _subset(split: LoadedSplit, idx: np.ndarray) -> LoadedSplit:
+    paths = [split.paths[i] for i in idx] if len(split.paths) == len(split.labels) else []
+    return LoadedSplit(split.folder, split.images[idx], split.labels[idx], split.classes, paths)
 
 
 def train(cfg: TrainConfig, resume: str | None = None) -> TrainResult:
@@ -251,6 +262,9 @@ def _train(cfg: TrainConfig, resume: str | None, d: Dist, device: torch.device) 
         state = load_checkpoint(os.path.join(resume, CHECKPOINT_NAME))
         saved = dict(state.get("config", {}))
         saved["classes"] = tuple(saved["classes"]) if saved.get("classes") else None
+        if saved.get("val_split") is None or "best_model" not in state:
+            raise ModelError(f"{resume} was trained by cnnkit before 0.4, which validated on testing/; "
+                             "start a new run (its checkpoints still export)")
         epochs = cfg.epochs if cfg.epochs is not None else saved["epochs"]
         cfg = TrainConfig(**{**saved, "epochs": epochs, "device": cfg.device, "workers": cfg.workers})
         if len(state["rng"]["batches"]) != d.world:
@@ -294,7 +308,7 @@ def _train(cfg: TrainConfig, resume: str | None, d: Dist, device: torch.device) 
         torch.set_rng_state(state["rng"]["dropout"][d.rank])
         history = list(state.get("history", []))
         start_epoch = int(state["epoch"])
-        best_epoch = int(state.get("best_epoch", 0))
+        best_epoch = int(state["best_epoch"])
         run_dir = resume
     else:
         run_dir = d.broadcast(_run_folder(cfg) if d.main else None)
@@ -330,7 +344,9 @@ def _train(cfg: TrainConfig, resume: str | None, d: Dist, device: torch.device) 
         f"{f' ({d.world} processes x {per_rank})' if d.active else ''}, device {device} -> {run_dir}"
     )
     train_seconds = sum(r["seconds"] for r in history)
-    best_state = {k: v.clone() for k, v in net.state_dict().items()}
+    # The selected epoch's weights so far; a resumed run continues from the same selection.
+    best_state = state["best_model"] if state is not None else {k: v.detach().cpu().clone()
+                                                                for k, v in net.state_dict().items()}
     epoch = start_epoch
     model.train()
     try:
@@ -378,7 +394,7 @@ def _train(cfg: TrainConfig, resume: str | None, d: Dist, device: torch.device) 
             history.append(record)
             train_seconds += seconds
             # best.pt: the highest validation accuracy, ties broken by the lower validation loss;
-            # without validation data, the last epoch.
+            # with --val-split 0, the last epoch. testing/ plays no part (it is not even on the device).
             improved = _is_better(record, history[best_epoch - 1] if best_epoch else None)
             best_epoch = epoch + 1 if improved else best_epoch
             weights = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
@@ -397,42 +413,34 @@ def _train(cfg: TrainConfig, resume: str | None, d: Dist, device: torch.device) 
                     "best_epoch": best_epoch,
                     "world_size": d.world,
                 }
-                save_checkpoint(os.path.join(run_dir, CHECKPOINT_NAME), ckpt)
                 if improved:
                     save_checkpoint(os.path.join(run_dir, BEST_NAME), ckpt)
+                # checkpoint.pt also carries the selected weights, so --resume reports the same model.
+                save_checkpoint(os.path.join(run_dir, CHECKPOINT_NAME), {**ckpt, "best_model": best_state})
                 write_json(os.path.join(run_dir, "metrics.json"), {"config": ckpt["config"], "history": history})
                 mark_latest(run_dir)
     except KeyboardInterrupt:
         raise Interrupted(run_dir, epoch) from None
 
-    # Report on the best epoch's weights: what best.pt holds and export reads.
+    # Report on the selected epoch's weights (what best.pt holds and export reads); testing/ is
+    # evaluated here, once.
     net.load_state_dict(best_state)
-    scores: dict[str, torch.Tensor] = {}
-    labels: dict[str, Any] = {}
-    test_accuracy = None
-    n_plot = min(len(x_train), 20000 // d.world)  # plenty for the label-vs-score plot
-    parts = [("training", x_train[:n_plot], y_train[:n_plot])]
-    if test_split is not None:
-        parts.append(("testing", torch.from_numpy(test_split.images).to(device),
-                      torch.from_numpy(test_split.labels).to(device)))
-    elif x_val is not None:
-        parts.append(("validation", x_val, y_val))
-    for name, x, y in parts:
-        _, acc, out = evaluate(net, x, y, sigmoid, d)
-        if name == "testing":
-            test_accuracy = acc
-        gathered = d.gather((out, y.cpu().numpy()))
-        scores[name] = torch.cat([o for o, _ in gathered])
-        labels[name] = np.concatenate([lab for _, lab in gathered])
+    selection = _selection(cfg, history, best_epoch, len(y_val) if y_val is not None else 0, d)
+    report = _final_evaluation(net, sigmoid, d, device, x_train, y_train, x_val, y_val, test_split)
+    test_loss, test_accuracy = report.pop("test", (None, None))
+    n_test = int(d.all_sum(len(test_split.labels) if test_split is not None else 0)[0])
     plots: list[str] = []
     if d.main:
         from cnnkit.trainer.plots import write_plots
 
-        plots = write_plots(run_dir, history, scores, labels, classes, sigmoid)
+        scores = {name: out for name, (out, _) in report.items()}
+        labels = {name: lab for name, (_, lab) in report.items()}
+        plots = write_plots(run_dir, history, scores, labels, classes, sigmoid, selected_epoch=best_epoch)
         write_json(
             os.path.join(run_dir, "metrics.json"),
-            {"config": _plain_config(cfg), "history": history, "best_epoch": best_epoch,
-             "test_accuracy": test_accuracy, "world_size": d.world},
+            {"config": _plain_config(cfg), "history": history, "selection": selection, "best_epoch": best_epoch,
+             "val_accuracy": selection["val_accuracy"], "test_accuracy": test_accuracy, "test_loss": test_loss,
+             "test_images": n_test, "world_size": d.world},
         )
     d.barrier()  # rank 0's files exist before anyone returns
     total_images = sum(r["images_per_second"] * r["seconds"] for r in history)
@@ -446,15 +454,50 @@ def _train(cfg: TrainConfig, resume: str | None, d: Dist, device: torch.device) 
         train_images_per_second=total_images / train_seconds if train_seconds else 0.0,
         test_accuracy=test_accuracy,
         best_epoch=best_epoch,
-        val_accuracy=history[best_epoch - 1]["val_accuracy"] if best_epoch else None,
+        val_accuracy=selection["val_accuracy"],
         load_seconds=load_seconds,
         images_loaded=images_loaded,
         parameters=count_parameters(net),
         plots=plots,
         history=history,
+        selection=selection,
+        test_loss=test_loss,
+        test_images=n_test,
         world_size=d.world,
         rank=d.rank,
     )
+
+
+def _selection(cfg: TrainConfig, history: list[dict[str, Any]], best_epoch: int, n_val: int, d: Dist) -> dict:
+    """How the reported checkpoint was chosen: the split, its size, the rule and the chosen epoch."""
+    chosen = history[best_epoch - 1] if best_epoch else {}
+    if cfg.val_split > 0:
+        source = f"{cfg.val_split:g} of training/, stratified by class, seed {cfg.seed}"
+        return {"split": "validation", "source": source,
+                "size": int(d.all_sum(n_val)[0]), "rule": "best validation accuracy (ties: lower validation loss)",
+                "epoch": best_epoch, "val_accuracy": chosen.get("val_accuracy"), "val_loss": chosen.get("val_loss")}
+    return {"split": None, "source": "--val-split 0: all of training/ trains, nothing is held out", "size": 0,
+            "rule": "last epoch (no selection)", "epoch": best_epoch, "val_accuracy": None, "val_loss": None}
+
+
+def _final_evaluation(net, sigmoid, d, device, x_train, y_train, x_val, y_val, test_split) -> dict[str, Any]:
+    """Each split's outputs and labels (gathered from every rank) for the plots, on the selected weights;
+    for testing/ also ("test": (loss, accuracy)), its one and only evaluation."""
+    n_plot = min(len(x_train), 20000 // d.world)  # plenty for the label-vs-score plot
+    parts = [("training", x_train[:n_plot], y_train[:n_plot])]
+    if x_val is not None:
+        parts.append(("validation", x_val, y_val))
+    if test_split is not None:
+        parts.append(("testing", torch.from_numpy(test_split.images).to(device),
+                      torch.from_numpy(test_split.labels).to(device)))
+    report: dict[str, Any] = {}
+    for name, x, y in parts:
+        loss, acc, out = evaluate(net, x, y, sigmoid, d)
+        if name == "testing":
+            report["test"] = (loss, acc)
+        gathered = d.gather((out, y.cpu().numpy()))
+        report[name] = (torch.cat([o for o, _ in gathered]), np.concatenate([lab for _, lab in gathered]))
+    return report
 
 
 def _run_folder(cfg: TrainConfig) -> str:
@@ -478,9 +521,19 @@ def format_summary(result: TrainResult) -> str:
         for r in result.history
     ]
     lines = [table(["epoch", "train loss", "train acc", "val loss", "val acc", "img/s", "s"], rows), ""]
-    lines.append(f"best epoch {result.best_epoch}: {result.checkpoint}")
+    sel = result.selection
+    if sel.get("split"):
+        lines.append(f"selected epoch {result.best_epoch} by {sel['rule']} on {sel['size']:,} validation images "
+                     f"({sel['source']}): {result.checkpoint}")
+        lines.append(f"validation accuracy {result.val_accuracy:.4f} (selected epoch)")
+    else:
+        lines.append(f"kept the last epoch, {result.best_epoch} ({sel.get('source', 'no validation')}): "
+                     f"{result.checkpoint}")
     if result.test_accuracy is not None:
-        lines.append(f"test accuracy {result.test_accuracy:.4f}")
+        lines.append(f"test accuracy       {result.test_accuracy:.4f} (testing/, {result.test_images:,} images, "
+                     "measured once on the selected weights)")
+    else:
+        lines.append("test accuracy       - (no testing/ folder)")
     lines.append(f"trained {result.train_seconds:.1f} s at {result.train_images_per_second:,.0f} img/s "
                  f"on {result.device} (data loaded in {result.load_seconds:.1f} s)")
     if result.plots:

@@ -32,8 +32,10 @@ def write_plots(
     labels: dict[str, np.ndarray],
     classes: Sequence[str],
     sigmoid: bool,
+    selected_epoch: int | None = None,
 ) -> list[str]:
-    """Write curves.png, scores_<split>.png for each split, confusion.png; return their paths."""
+    """Write curves.png (the selected epoch marked), scores_<split>.png for each split and confusion.png
+    (of the last split: testing, else validation); return their paths."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)  # files only, never a window
@@ -46,11 +48,15 @@ def write_plots(
     if history and history[0]["val_loss"] is not None:
         ax1.plot(epochs, [r["val_loss"] for r in history], "o-", label="validation")
     ax1.set(title="Loss", xlabel="epoch")
-    ax1.legend()
     ax2.plot(epochs, [r["train_accuracy"] for r in history], "o-", label="training")
     if history and history[0]["val_accuracy"] is not None:
         ax2.plot(epochs, [r["val_accuracy"] for r in history], "o-", label="validation")
     ax2.set(title="Accuracy", xlabel="epoch")
+    if selected_epoch:
+        for ax in (ax1, ax2):
+            ax.axvline(selected_epoch, color="gray", linestyle="--", linewidth=1,
+                       label=f"selected (epoch {selected_epoch})")
+    ax1.legend()
     ax2.legend()
     paths.append(_save(fig, os.path.join(run_dir, "curves.png")))
 
