@@ -1,3 +1,3 @@
 """cnnkit: train a small image CNN, export it with a parity gate, and classify PNG folders fast."""
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"

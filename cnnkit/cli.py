@@ -117,15 +117,17 @@ def train(
     data: Annotated[Path | None, typer.Argument(help="Folder with training/ (and testing/), or class folders. "
                                                       "Default: the bundled 5,000 MNIST digits.")] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder. Default: runs/train-<time>.")] = None,
-    epochs: Annotated[int | None, typer.Option(min=1, help="Default: the arch's (small 8, lecture 5).")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help=(
+        "Default: the arch's (small 14, or more on small data to reach 900 steps; lecture 5)."))] = None,
     batch_size: Annotated[int | None, typer.Option(min=1, help="Global batch. Default: small 256, lecture 128.")]
     = None,
     arch: Annotated[str, typer.Option(help="small (default) or lecture (the lecture's exact network).")] = "small",
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate. Default: small 3e-3 (warm-up + cosine), "
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate. Default: small 5e-3 (warm-up + cosine), "
                                                   "lecture 1e-3 (constant).")] = None,
-    augment: Annotated[Augment, typer.Option(
-        help="flip: mirror half of each batch (clothes, not digits); shift: move each image by up to 2 pixels.")]
-    = Augment.none,
+    augment: Annotated[Augment | None, typer.Option(
+        help="Default: small shift, lecture none. flip: mirror half of each batch (clothes, not digits); "
+             "shift: move each image by up to 2 pixels.")]
+    = None,
     classes: Annotated[str | None, typer.Option(help="Comma-separated class folder names, e.g. 0,1.")] = None,
     val_split: Annotated[float, typer.Option(min=0.0, max=0.99, help=(
         "Hold out this stratified, seeded fraction of training for validation, which alone selects the "
@@ -148,7 +150,7 @@ def train(
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
-        augment=augment.value,
+        augment=augment.value if augment else None,
         classes=_parse_classes(classes),
         val_split=val_split,
         device=device.value,

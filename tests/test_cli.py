@@ -42,8 +42,9 @@ def run_in(tmp_path_factory, tiny_tree):
 def test_train_json_has_the_contract_keys(run_in):
     _, out = run_in
     for key in ("run_dir", "checkpoint", "classes", "epochs", "device", "train_seconds",
-                "train_images_per_second", "test_accuracy"):
+                "train_images_per_second", "test_accuracy", "val_accuracy", "best_epoch", "selection"):
         assert key in out, key
+    assert out["selection"]["split"] == "validation" and out["selection"]["epoch"] == out["best_epoch"] == 1
     assert out["classes"] == ["0", "1", "2"] and out["epochs"] == 1 and out["device"] == "cpu"
 
 

@@ -159,6 +159,15 @@ def test_val_split_zero_keeps_the_last_epoch_and_says_so(tmp_path, tiny_tree):
         train(_cfg(tmp_path, tiny_tree, val_split=1.0))
 
 
+def test_recipe_gives_small_datasets_enough_steps():
+    from cnnkit.trainer.models import Recipe
+
+    r = Recipe(epochs=12, batch_size=256, lr=5e-3, schedule="cosine", min_steps=450)
+    assert r.epochs_for(211) == 12  # Fashion-MNIST's 54,000 training images: the recipe's epochs
+    assert r.epochs_for(15) == 30  # the bundled digits' 3,600: enough epochs for 450 steps
+    assert Recipe(epochs=5, batch_size=128, lr=1e-3, schedule="constant").epochs_for(1) == 5
+
+
 def test_validation_split_is_stratified_and_seeded():
     import numpy as np
 

@@ -38,7 +38,7 @@ from cnnkit.trainer.models import DEFAULT_ARCH, RECIPES, build_model, count_para
 class TrainConfig:
     """Everything a run depends on. Stored in the checkpoint; `--resume` reuses it.
 
-    `epochs`, `batch_size` and `lr` left as None take the arch's recipe (`models.RECIPES`).
+    `epochs`, `batch_size`, `lr` and `augment` left as None take the arch's recipe (`models.RECIPES`).
     `val_split` is the stratified, seeded fraction of training held out for validation, which alone
     selects the checkpoint; 0 trains on all of it and keeps the last epoch. `testing/` never takes
     part in training or selection: it is evaluated once, at the end, on the selected weights.
@@ -53,7 +53,7 @@ class TrainConfig:
     batch_size: int | None = None
     lr: float | None = None
     weight_decay: float = 0.0
-    augment: str = "none"
+    augment: str | None = None
     classes: tuple[str, ...] | None = None
     val_split: float = 0.1
     device: str = "auto"
@@ -65,7 +65,7 @@ class TrainConfig:
         """This config with the arch's recipe filled in where a value was left as None."""
         if self.arch not in RECIPES:
             raise ModelError(f"unknown arch {self.arch!r}; choose one of: {', '.join(RECIPES)}")
-        if self.augment not in AUGMENTS:
+        if self.augment is not None and self.augment not in AUGMENTS:
             raise DataError(f"unknown --augment {self.augment!r}; choose one of: {', '.join(AUGMENTS)}")
         if self.val_split is None or not 0.0 <= self.val_split < 1.0:
             raise DataError(f"--val-split must be at least 0 and below 1, got {self.val_split}")
@@ -75,6 +75,7 @@ class TrainConfig:
             epochs=self.epochs if self.epochs is not None else r.epochs,
             batch_size=self.batch_size if self.batch_size is not None else r.batch_size,
             lr=self.lr if self.lr is not None else r.lr,
+            augment=self.augment if self.augment is not None else r.augment,
         )
 
 
@@ -270,6 +271,7 @@ def _train(cfg: TrainConfig, resume: str | None, d: Dist, device: torch.device) 
         if len(state["rng"]["batches"]) != d.world:
             raise ModelError(f"{resume} was trained with {len(state['rng']['batches'])} process(es); "
                              f"resume it with the same number (this job has {d.world})")
+    recipe_epochs = cfg.epochs is None  # then the data's size may add epochs (Recipe.min_steps)
     cfg = cfg.resolved()
     assert cfg.epochs is not None and cfg.batch_size is not None and cfg.lr is not None
     if cfg.batch_size % d.world:
@@ -337,6 +339,8 @@ def _train(cfg: TrainConfig, resume: str | None, d: Dist, device: torch.device) 
     n_total = int(d.all_sum(n_local)[0])
     per_rank = cfg.batch_size // d.world
     steps_per_epoch = math.ceil(n_max / per_rank)
+    if recipe_epochs:
+        cfg = replace(cfg, epochs=RECIPES[cfg.arch].epochs_for(steps_per_epoch))
     total_steps = steps_per_epoch * cfg.epochs
     say(
         f"training {cfg.arch} ({count_parameters(net):,} parameters) on {n_total:,} images, "
