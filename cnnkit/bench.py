@@ -34,12 +34,12 @@ from typing import Any
 import numpy as np
 
 from cnnkit.console import log, table
+from cnnkit.devices import parse_device
 from cnnkit.errors import DataError, DeviceError, ModelError
 from cnnkit.images import Sample, sample_folder
 from cnnkit.meta import ModelMeta, predict
 from cnnkit.runs import latest_run
 
-DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_LIMIT = 10_000  # images of DATA used (spread over the folder): all of an MNIST-style test split
 DEFAULT_BATCH = 256  # `cnnkit infer`'s default
 DEFAULT_THREADS = 1
@@ -93,7 +93,7 @@ class BenchRow:
     Attributes:
         artifact: `eager`, `onnx`, `onnx-int8`, `onnx-fp16`, `torchscript` or `pt2`.
         path: the file.
-        device: `cpu` or `cuda`.
+        device: `cpu`, `cuda` or `cuda:N`.
         runtime: `torch` or `onnxruntime`, with the provider for onnxruntime.
         bytes: file size.
         accuracy: top-1 accuracy (0..1), None without labels.
@@ -202,17 +202,17 @@ def _have_torch() -> bool:
     return True
 
 
-def _torch_cuda() -> bool:
+def _torch_cuda(index: int = 0) -> bool:
     import torch
 
-    return bool(torch.cuda.is_available())
+    return bool(torch.cuda.is_available()) and index < torch.cuda.device_count()
 
 
-def _onnx_cuda_works(path: str) -> tuple[bool, str]:
+def _onnx_cuda_works(path: str, device: str = "cuda") -> tuple[bool, str]:
     from cnnkit.runtime.session import create_session
 
     try:
-        create_session(path, device="cuda", threads=None)
+        create_session(path, device=device, threads=None)
     except DeviceError as e:
         return False, str(e)
     return True, ""
@@ -323,7 +323,7 @@ def bench(
     Args:
         data: a folder of PNGs (class folders give accuracy); default: the run's testing split.
         run: the run folder; default `runs/latest`.
-        device: `auto` (every device that works here), `cpu`, or `cuda` (an error if none works).
+        device: `auto` (every device that works here), `cpu`, or `cuda[:N]` (an error if it does not work).
         batch_size: batch size of the throughput column.
         limit: at most this many images (spread over the folder); None for all.
         threads: intra-op threads for every runtime (onnxruntime's CPU provider and torch on the CPU).
@@ -337,8 +337,8 @@ def bench(
         DeviceError: unknown device, or `cuda` with neither torch CUDA nor a working CUDA provider.
     """
     t0 = time.perf_counter()
-    if device not in DEVICES:
-        raise DeviceError(f"unknown device {device!r}; choose one of: {', '.join(DEVICES)}")
+    spec = parse_device(device)
+    gpu = "cuda" if spec.index is None else str(spec)  # the name rows, torch and onnxruntime get
     if batch_size < 1 or threads < 1:
         raise DataError("batch size and threads must be at least 1")
     run_dir = run if run is not None else latest_run()
@@ -359,19 +359,19 @@ def bench(
         if skipped:
             notes.append(f"torch is not installed: skipped {', '.join(skipped)}")
         found = {k: v for k, v in found.items() if k not in skipped}
-    torch_devices = ["cpu"] + (["cuda"] if torch_ok and _torch_cuda() else [])
+    torch_devices = ["cpu"] + ([gpu] if torch_ok and _torch_cuda(spec.cuda_index) else [])
     onnx_probe = next((found[k] for k in ("onnx", "onnx-int8", "onnx-fp16") if k in found), None)
-    ort_cuda, why = _onnx_cuda_works(onnx_probe) if onnx_probe else (False, "")
-    ort_devices = ["cpu"] + (["cuda"] if ort_cuda else [])
-    if device == "cuda":
-        if "cuda" not in torch_devices and not ort_cuda:
-            raise DeviceError(f"device cuda: neither torch nor onnxruntime can use a GPU here ({why or 'no CUDA'})")
-        torch_devices, ort_devices = [d for d in torch_devices if d == "cuda"], [d for d in ort_devices if d == "cuda"]
+    ort_cuda, why = _onnx_cuda_works(onnx_probe, gpu) if onnx_probe else (False, "")
+    ort_devices = ["cpu"] + ([gpu] if ort_cuda else [])
+    if spec.kind == "cuda":
+        if gpu not in torch_devices and not ort_cuda:
+            raise DeviceError(f"device {gpu}: neither torch nor onnxruntime can use it here ({why or 'no CUDA'})")
+        torch_devices, ort_devices = [d for d in torch_devices if d == gpu], [d for d in ort_devices if d == gpu]
         if not ort_cuda and onnx_probe:
             notes.append(f"ONNX files skipped: the onnxruntime CUDA provider is not usable ({why})")
-        if "cuda" not in torch_devices and torch_ok:
-            notes.append("torch rows skipped: torch sees no CUDA device")
-    elif device == "cpu":
+        if gpu not in torch_devices and torch_ok:
+            notes.append(f"torch rows skipped: torch cannot use {gpu}")
+    elif spec.kind == "cpu":
         torch_devices, ort_devices = ["cpu"], ["cpu"]
     elif why and onnx_probe:
         notes.append(f"onnxruntime CUDA provider not used: {why}")
@@ -383,9 +383,9 @@ def bench(
         devices = torch_devices if runtime == "torch" else ort_devices
         if kind == "onnx-fp16":
             # FP16 is for the CUDA provider; the CPU provider would time a float32 run in disguise.
-            if "cuda" not in devices:
+            if gpu not in devices:
                 notes.append(f"{found[kind]}: skipped, FP16 runs on the CUDA provider and none works here")
-            devices = [d for d in devices if d == "cuda"]
+            devices = [d for d in devices if d == gpu]
         plan += [(kind, found[kind], d) for d in devices]
 
     restore = _torch_threads(threads) if torch_ok else None

@@ -20,7 +20,8 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from cnnkit.console import log
-from cnnkit.errors import EXIT_FILES_FAILED, CnnkitError
+from cnnkit.devices import DEVICE_HELP, parse_device
+from cnnkit.errors import EXIT_FILES_FAILED, CnnkitError, DeviceError
 
 app = typer.Typer(
     help="Train a small image CNN, export it with a parity gate, and classify folders of PNGs.",
@@ -37,10 +38,15 @@ F = TypeVar("F", bound=Callable[..., Any])
 EXIT_INTERRUPTED = 130
 
 
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
+def _check_device(value: str) -> str:
+    try:
+        return str(parse_device(value))
+    except DeviceError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+def _device_option(what: str) -> Any:
+    return typer.Option(help=f"{DEVICE_HELP}. {what}", callback=_check_device)
 
 
 class Format(str, Enum):
@@ -133,7 +139,7 @@ def train(
         "Hold out this stratified, seeded fraction of training for validation, which alone selects the "
         "checkpoint; testing/ is evaluated once, at the end. 0: train on all of it and keep the last epoch."))]
     = 0.1,
-    device: Annotated[Device, typer.Option(help="auto uses CUDA when present.")] = Device.auto,
+    device: Annotated[str, _device_option("Mixed precision on CUDA: bf16 where native, else fp16.")] = "auto",
     seed: int = 0,
     workers: Annotated[int | None, typer.Option(help="PNG decoder processes. Default: one per core.")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder.")] = None,
@@ -153,7 +159,7 @@ def train(
         augment=augment.value if augment else None,
         classes=_parse_classes(classes),
         val_split=val_split,
-        device=device.value,
+        device=device,
         seed=seed,
         workers=workers,
     )
@@ -204,6 +210,10 @@ def export(
                                                               "folder).")] = 1024,
     max_accuracy_drop: Annotated[float, typer.Option(help="INT8: top-1 accuracy points the int8 file may lose "
                                                           "against fp32 on the testing split.")] = 0.5,
+    device: Annotated[str, _device_option("Where the --half gate runs (the other gates run on the CPU "
+                                          "provider: their files are for any device).")] = "auto",
+    strict: Annotated[bool, typer.Option("--strict", help="--half: fail (exit 3, nothing written) unless the "
+                                                          "fp16 file was verified on the CUDA provider.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Export a checkpoint to ONNX (fp32, int8, fp16), TorchScript or pt2; keep it only if it passes its gate."""
@@ -224,6 +234,8 @@ def export(
         calibration=str(calibration) if calibration else None,
         calibration_size=calibration_size,
         max_accuracy_drop=max_accuracy_drop,
+        device=device,
+        strict=strict,
         **kwargs,
     )
     p = result.parity
@@ -238,6 +250,9 @@ def export(
         )
     else:
         lines.append("WARNING: " + "; ".join(result.notes))  # says "not verified here", never "passed"
+    if p is not None and not result.verified:
+        lines.append(f"WARNING: the {result.precision} file is not verified on its target device: its gate ran on "
+                     f"{result.verified_on}; check it with `cnnkit bench --device cuda` on the GPU machine")
     if result.accuracy is not None:
         a = result.accuracy
         lines.append(
@@ -261,7 +276,7 @@ def export(
 def infer(
     folder: Annotated[Path, typer.Argument(help="Folder of PNGs (searched recursively).")],
     model: Annotated[Path | None, typer.Option(help="ONNX model. Default: runs/latest/model.onnx.")] = None,
-    device: Annotated[Device, typer.Option(help="auto uses the CUDA provider when it works.")] = Device.auto,
+    device: Annotated[str, _device_option("cuda[:N] fails if its provider does not load.")] = "auto",
     batch_size: Annotated[int, typer.Option(min=1)] = 256,
     output: Annotated[Path | None, typer.Option(help="CSV of predictions. Default: predictions.csv next to "
                                                      "the model.")] = None,
@@ -289,7 +304,7 @@ def infer(
         result = run_infer(
             str(folder),
             model=str(model) if model else None,
-            device=device.value,
+            device=device,
             batch_size=batch_size,
             output=str(output) if output else None,
             workers=workers,
@@ -339,7 +354,7 @@ def bench(
     data: Annotated[Path | None, typer.Argument(help="Folder of PNGs (class folders give accuracy). "
                                                      "Default: the run's testing split.")] = None,
     run: Annotated[Path | None, typer.Option(help="Run folder. Default: runs/latest.")] = None,
-    device: Annotated[Device, typer.Option(help="auto: every device that works here.")] = Device.auto,
+    device: Annotated[str, _device_option("auto: every device that works here.")] = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="Batch size of the throughput column.")] = 256,
     limit: Annotated[int, typer.Option(min=1, help="At most this many images (spread over the folder).")] = 10_000,
     threads: Annotated[int, typer.Option(min=1, help="Intra-op threads for every runtime (CPU).")] = 1,
@@ -352,7 +367,7 @@ def bench(
     result = run_bench(
         str(data) if data else None,
         run=str(run) if run else None,
-        device=device.value,
+        device=device,
         batch_size=batch_size,
         limit=limit,
         threads=threads,

@@ -200,11 +200,18 @@ def test_fp16_export_keeps_io_types_and_is_gated(trained, tmp_path, capsys) -> N
     err = capsys.readouterr().err
     assert result.precision == "fp16" and result.path == out
     p = result.parity
-    if "CUDAExecutionProvider" in ort.get_available_providers() and p is not None and p.provider == "cuda":
-        assert result.verified  # a GPU machine: gated on the CUDA provider
-    else:  # this machine: the CPU provider runs the fp16 graph, and the result says so
-        assert result.verified and p is not None and p.provider == "cpu"
-        assert any("checked on the CPU provider" in n for n in result.notes) and "CPU provider" in err
+    if "CUDAExecutionProvider" in ort.get_available_providers() and p is not None and p.provider.startswith("cuda"):
+        assert result.verified and result.verified_on == "cuda:0"  # a GPU machine: gated on the CUDA provider
+    else:  # this machine: the CPU provider runs the fp16 graph, and the result says it is not the target
+        assert not result.verified and result.verified_on == "cpu" and p is not None and p.provider == "cpu"
+        assert any("checked on the CPU provider only" in n for n in result.notes) and "CPU provider" in err
+        assert "not verified on its target device" in err
+        strict_out = str(tmp_path / "strict.fp16.onnx")
+        with pytest.raises(ParityError, match="--strict"):
+            export(trained, half=True, exporter=LEGACY, out=strict_out, n_images=8, strict=True)
+        assert not os.path.exists(strict_out)
+        with pytest.raises(DeviceError, match="cuda:1"):
+            export(trained, half=True, exporter=LEGACY, out=strict_out, n_images=8, device="cuda:1")
     assert p.passed and p.tolerance == TIERS["fp16"].max_abs and p.min_agreement == TIERS["fp16"].min_agreement
     assert p.max_abs_diff < 5e-2
 
@@ -223,7 +230,7 @@ def test_fp16_without_any_usable_provider_is_written_but_not_verified(trained, t
     def no_provider(path, device="cpu"):
         if path.endswith("model.fp32.onnx"):  # the fp32 graph fp16 starts from is gated as usual
             return real(path, device)
-        if device == "cuda":
+        if device.startswith("cuda"):
             raise DeviceError("onnxruntime 1.32.0 has no CUDA provider")
         raise RuntimeError("NOT_IMPLEMENTED: Could not find an implementation for Conv(11) float16")
 
@@ -231,7 +238,7 @@ def test_fp16_without_any_usable_provider_is_written_but_not_verified(trained, t
     out = str(tmp_path / "unverified.fp16.onnx")
     result = export(trained, half=True, exporter=LEGACY, out=out, n_images=8)
     err = capsys.readouterr().err
-    assert os.path.isfile(out) and result.parity is None and result.verified is False
+    assert os.path.isfile(out) and result.parity is None and result.verified is False and result.verified_on is None
     assert "not verified here: no CUDA provider" in err and "not verified here: no CUDA provider" in result.notes[0]
     with open(result.report_path) as f:
         report = json.load(f)

@@ -12,8 +12,14 @@ The gate depends on the precision (`cnnkit.export.parity.TIERS`):
     (`cnnkit.export.quantize`) and gated on top-1 accuracy on the labeled testing split: at most
     `max_accuracy_drop` points below the fp32 file.
   - FP16 (`half=True`): the fp32 graph is exported and gated, converted, and the fp16 file gated with
-    the fp16 tier on the CUDA provider where one works, else on the CPU provider where it can run the
-    file (saying so), else written with `verified=False` and an explicit "not verified here".
+    the fp16 tier on the CUDA provider (`device`: `auto` or `cuda[:N]`; TF32 off). Only that run
+    makes it `verified`: the file is for CUDA. Where no CUDA provider works (`auto`) or with
+    `device="cpu"`, the gate runs on the CPU provider where it can run the file, which checks the
+    fp16 weights' rounding but not float16 arithmetic: the file is written with `verified=False`,
+    `verified_on="cpu"` and a warning; where nothing runs it, `verified_on=None`. With `strict=True`
+    an fp16 file not verified on CUDA is an error and nothing is written.
+
+The eager reference always runs in float32 on the CPU, so no gate depends on a GPU's TF32 setting.
 
 The CLI calls `export(...)` and prints `result.to_dict()` as JSON; everything for humans goes to stderr.
 """
@@ -29,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from cnnkit.console import log
+from cnnkit.devices import DeviceSpec, parse_device
 from cnnkit.errors import CnnkitError, DataError, DeviceError, ModelError, ParityError
 from cnnkit.export.onnx import DEFAULT_EXPORTER, EXPORTERS, check_options
 from cnnkit.export.parity import TIERS, ParityReport, run_parity
@@ -64,6 +71,7 @@ ARTIFACT_NAMES = {
 }
 REPORT_SUFFIX = ".parity.json"
 NOT_VERIFIED = "not verified here: no CUDA provider"
+NOT_ON_TARGET = "not verified on its target device (CUDA)"
 
 
 @dataclass
@@ -83,7 +91,10 @@ class ExportResult:
         data: the folder the parity images came from.
         info: the exporter's own details (sizes, shapes, export seconds; quantization details).
         precision: `fp32`, `int8` or `fp16`.
-        verified: False only for an FP16 file written without a parity check (see `notes`).
+        verified: the gate ran on the device the file is for. False only for an FP16 file not run on
+            the CUDA provider (see `verified_on` and `notes`).
+        verified_on: where the gate ran: `cpu` (fp32 and INT8 files, which are for any provider), `cuda:N`,
+            or None for an FP16 file nothing here could run.
         accuracy: INT8 only: the accuracy gate (`cnnkit.export.quantize.AccuracyGate.to_dict()`).
         notes: remarks for the user (where a gate ran, what it could not check).
     """
@@ -100,6 +111,7 @@ class ExportResult:
     info: dict[str, Any] = field(default_factory=dict)
     precision: str = "fp32"
     verified: bool = True
+    verified_on: str | None = "cpu"
     accuracy: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -135,6 +147,8 @@ def export(
     calibration_size: int = DEFAULT_CALIBRATION_SIZE,
     max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP,
     eval_limit: int = DEFAULT_EVAL_LIMIT,
+    device: str = "auto",
+    strict: bool = False,
 ) -> ExportResult:
     """Export a checkpoint and gate the artifact against the eager model.
 
@@ -156,6 +170,9 @@ def export(
         calibration_size: INT8: how many calibration images (spread over the folder).
         max_accuracy_drop: INT8: top-1 accuracy points the INT8 file may lose against fp32.
         eval_limit: INT8: at most this many testing images in the accuracy gate (spread).
+        device: FP16: where its gate runs: `auto` (CUDA when it works, else the CPU provider), `cuda`,
+            `cuda:N` (an error if it does not work), or `cpu`.
+        strict: FP16: refuse to write a file that was not verified on the CUDA provider.
 
     Returns:
         The result; `result.to_dict()` is the JSON the CLI prints.
@@ -163,11 +180,13 @@ def export(
     Raises:
         ModelError: missing/foreign/truncated checkpoint, weights not matching the arch, bad options.
         DataError: no usable parity, calibration or labeled testing images.
-        ParityError: the artifact does not answer like the eager model, or INT8 loses more accuracy
-            than allowed; nothing was written.
+        ParityError: the artifact does not answer like the eager model, INT8 loses more accuracy
+            than allowed, or (strict) FP16 was not verified on CUDA; nothing was written.
+        DeviceError: an unknown device, or FP16 with `device="cuda[:N]"` and no working CUDA provider.
     """
     t0 = time.perf_counter()
     precision = _precision(fmt, quantize, half)
+    spec = parse_device(device)
     tier = TIERS["fp16" if precision == "fp16" else "fp32"]
     tol = tier.max_abs if max_abs_tol is None else max_abs_tol
     if fmt == "onnx":
@@ -201,6 +220,7 @@ def export(
     reference = torch_runner(model)
     accuracy: dict[str, Any] | None = None
     notes: list[str] = []
+    verified_on: str | None = "cpu"
     try:
         with atomic_path(out) as tmp:
             if precision == "fp32":
@@ -223,7 +243,11 @@ def export(
                         info, accuracy = _int8(fp32, tmp, meta, checkpoint, *int8_inputs, max_accuracy_drop)
                         report = base
                     else:
-                        info, report, notes = _fp16(fp32, tmp, meta, checkpoint, reference, images, tol)
+                        info, report, notes, verified_on = _fp16(fp32, tmp, meta, checkpoint, reference, images,
+                                                                 tol, spec)
+                        if strict and not (verified_on or "").startswith("cuda"):
+                            raise ParityError(f"fp16 export of {checkpoint}: {NOT_ON_TARGET} and --strict is set; "
+                                              f"nothing was written ({'; '.join(notes)})")
                     info = {**info, "exporter": used_exporter, "fp32": base_info}
     except PermissionError as e:
         raise ModelError(f"cannot write {out}: {e.strerror or e}; pass another --out") from None
@@ -240,7 +264,8 @@ def export(
         data=data_dir,
         info=info,
         precision=precision,
-        verified=report is not None,
+        verified=report is not None and (precision != "fp16" or (verified_on or "").startswith("cuda")),
+        verified_on=verified_on if report is not None else None,
         accuracy=accuracy,
         notes=notes,
     )
@@ -319,8 +344,10 @@ def _int8(
 
 
 def _fp16(
-    fp32: str, tmp: str, meta: ModelMeta, checkpoint: str, reference: Any, images: np.ndarray, tol: float
-) -> tuple[dict[str, Any], ParityReport | None, list[str]]:
+    fp32: str, tmp: str, meta: ModelMeta, checkpoint: str, reference: Any, images: np.ndarray, tol: float,
+    spec: DeviceSpec,
+) -> tuple[dict[str, Any], ParityReport | None, list[str], str | None]:
+    """Convert, then gate where the file can run: (info, report or None, notes, where the gate ran)."""
     from cnnkit.export import onnx as onnx_export
     from cnnkit.export import parity
 
@@ -328,29 +355,36 @@ def _fp16(
     log(f"export: fp16 conversion in {info['seconds']:.2f} s")
     tier = TIERS["fp16"]
     notes: list[str] = []
-    try:
-        candidate, provider = parity.onnx_runner(tmp, "cuda"), "cuda"
-    except DeviceError as e:
-        cuda_why = str(e)
+    gpu = f"cuda:{spec.cuda_index}"
+    cuda_why = "--device cpu"
+    candidate = None
+    if spec.kind != "cpu":
+        try:
+            candidate, provider = parity.onnx_runner(tmp, gpu), gpu
+        except DeviceError as e:
+            if spec.kind == "cuda":
+                raise DeviceError(f"--device {spec}: cannot run the fp16 gate there: {e}") from None
+            cuda_why = str(e)
+    if candidate is None:
         try:
             candidate, provider = parity.onnx_runner(tmp, "cpu"), "cpu"
             candidate(images[:1])
         except Exception:  # the CPU provider cannot run this fp16 graph
             note = f"fp16 parity {NOT_VERIFIED} ({cuda_why}) and the CPU provider cannot run the file"
-            log(f"export: {note}; check it on the GPU machine: `cnnkit bench --device cuda`")
-            return info, None, [note]
+            log(f"export: WARNING: {note}; check it on the GPU machine: `cnnkit bench --device cuda`")
+            return info, None, [note], None
         notes.append(
-            f"fp16 parity checked on the CPU provider ({cuda_why}): it runs the fp16 graph by casting to "
-            "float32 internally, so this checks the fp16 weights and graph, not the CUDA provider's float16 "
-            "arithmetic; check that on the GPU machine with `cnnkit bench --device cuda`"
+            f"fp16 parity checked on the CPU provider only ({cuda_why}): it runs the fp16 graph by casting "
+            "to float32 internally, so this checks the fp16 weights' rounding, not the CUDA provider's float16 "
+            f"arithmetic; the file is {NOT_ON_TARGET}: check it on the GPU machine with `cnnkit bench --device cuda`"
         )
-        log(f"export: note: {notes[-1]}")
+        log(f"export: WARNING: {notes[-1]}")
     report = run_parity(reference, candidate, images, meta.output, tol, min_agreement=tier.min_agreement,
                         provider=provider)
     log(f"export: fp16 {report.summary()}")
     if not report.passed:
         raise ParityError(f"fp16 export of {checkpoint}: {report.summary()}; nothing was written")
-    return info, report, notes
+    return info, report, notes, provider
 
 
 def _export_to(

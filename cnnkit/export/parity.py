@@ -28,13 +28,15 @@ shows the resulting difference in its `max_abs_diff` column.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
+from cnnkit.devices import parse_device
 from cnnkit.errors import DeviceError, ParityError
 from cnnkit.meta import predict
 
@@ -219,14 +221,33 @@ def run_parity(
 # Runners: uint8 (n, 1, H, W) numpy in, float32 (n, K) numpy out, all on the CPU.
 
 
+@contextlib.contextmanager
+def full_fp32() -> Iterator[None]:
+    """Run torch's float32 math as IEEE float32: no TF32 (cuDNN convolutions default to it on Ampere
+    and later) and no bf16 in oneDNN. The previous settings come back afterwards."""
+    import torch
+
+    backends = [torch.backends.cudnn.conv, torch.backends.cuda.matmul, torch.backends.mkldnn,
+                torch.backends.mkldnn.conv, torch.backends.mkldnn.matmul]
+    saved = [b.fp32_precision for b in backends]
+    try:
+        for b in backends:
+            b.fp32_precision = "ieee"
+        yield
+    finally:
+        for b, v in zip(backends, saved, strict=True):
+            b.fp32_precision = v
+
+
 def torch_runner(model: Any) -> Runner:
-    """The eager model (eval mode, no grad, CPU)."""
+    """The eager model, the gates' reference: eval mode, no grad, on the CPU, in IEEE float32
+    (`full_fp32`), so the reference is the same number on every machine."""
     import torch
 
     model = model.to("cpu").eval()
 
     def run(x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
+        with torch.inference_mode(), full_fp32():
             return model(torch.from_numpy(np.ascontiguousarray(x))).numpy()
 
     return run
@@ -239,21 +260,23 @@ def onnx_runner(path: str, device: str = "cpu") -> Runner:
     to the CPU silently, and a gate must know where it ran.
 
     Raises:
-        DeviceError: `device="cuda"` and the CUDA provider is missing or does not load.
+        DeviceError: `device="cuda[:N]"` and the CUDA provider is missing or does not load.
     """
     import onnxruntime as ort
 
+    spec = parse_device(device)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # errors only; they still raise
-    if device == "cuda":
+    if spec.kind == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise DeviceError(f"onnxruntime {ort.__version__} has no CUDA provider")
         # TF32 off: see the module docstring (the fp32 parts of a graph would otherwise move ~1e-3).
-        providers: list[Any] = [("CUDAExecutionProvider", {"use_tf32": 0}), "CPUExecutionProvider"]
+        options = {"use_tf32": 0, "device_id": spec.cuda_index}
+        providers: list[Any] = [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
     else:
         providers = ["CPUExecutionProvider"]
     session = ort.InferenceSession(path, sess_options=opts, providers=providers)
-    if device == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
+    if spec.kind == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
         raise DeviceError("the CUDA provider did not load (no GPU, or its CUDA / cuDNN libraries are missing)")
     name = session.get_inputs()[0].name
 

@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from cnnkit.devices import DeviceSpec, parse_device
 from cnnkit.errors import DeviceError, ModelError
 from cnnkit.meta import METADATA_KEY, OUTPUT_SIGMOID, ModelMeta
 
-DEVICES = ("auto", "cpu", "cuda")
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 CPU_SLICE = 64  # images per onnxruntime call on the CPU provider (see `Session.run`)
@@ -215,6 +215,7 @@ class Session:
     ort_session: Any = field(repr=False)
     notes: list[str] = field(default_factory=list)
     cpu_slice: int = CPU_SLICE
+    device_id: int = 0  # the GPU, when `provider` is CUDA
 
     @property
     def device(self) -> str:
@@ -246,7 +247,7 @@ class Session:
         # tuning machine has no GPU.
         binding = self.ort_session.io_binding()
         binding.bind_cpu_input(self.input_name, batch)
-        binding.bind_output(self.output_name, "cuda")
+        binding.bind_output(self.output_name, "cuda", self.device_id)
         self.ort_session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]
 
@@ -279,15 +280,20 @@ def _cuda_fix() -> str:
     )
 
 
-def _providers(device: str, ort: Any) -> list[Any]:
-    if device not in DEVICES:
-        raise DeviceError(f"unknown device {device!r}; choose one of: {', '.join(DEVICES)}")
+def provider_list(device: str | DeviceSpec, ort: Any) -> list[Any]:
+    """The providers to ask onnxruntime for: the CUDA provider on GPU `cuda:N` (`device_id` N; 0 for
+    `cuda` and `auto`) with the CPU provider behind it, or the CPU provider alone.
+
+    Raises:
+        DeviceError: an unknown device name, or `cuda[:N]` with no CUDA provider compiled in.
+    """
+    spec = parse_device(device)
     available = ort.get_available_providers()
-    if device == "cuda" and CUDA not in available:
-        raise DeviceError(f"device cuda: no CUDA provider in onnxruntime {ort.__version__}: {_cuda_fix()}")
-    if device == "cuda" or (device == "auto" and CUDA in available):
+    if spec.kind == "cuda" and CUDA not in available:
+        raise DeviceError(f"device {spec}: no CUDA provider in onnxruntime {ort.__version__}: {_cuda_fix()}")
+    if spec.kind == "cuda" or (spec.kind == "auto" and CUDA in available):
         # HEURISTIC: no per-shape cuDNN benchmark, which the ragged last batch would pay again.
-        return [(CUDA, {"device_id": 0, "cudnn_conv_algo_search": "HEURISTIC"}), CPU]
+        return [(CUDA, {"device_id": spec.cuda_index, "cudnn_conv_algo_search": "HEURISTIC"}), CPU]
     return [CPU]
 
 
@@ -338,7 +344,7 @@ def create_session(path: str, device: str = "auto", threads: int | None = None) 
 
     Args:
         path: the .onnx file (with a cnnkit metadata record).
-        device: `auto`, `cpu` or `cuda` (see the module docstring).
+        device: `auto`, `cpu`, `cuda` or `cuda:N` (see the module docstring).
         threads: intra-op threads for the CPU provider; None lets onnxruntime use one per core.
 
     Returns:
@@ -351,7 +357,8 @@ def create_session(path: str, device: str = "auto", threads: int | None = None) 
     meta = read_meta(path)  # fail on a foreign model before loading onnxruntime
     import onnxruntime as ort
 
-    providers = _providers(device, ort)
+    spec = parse_device(device)
+    providers = provider_list(spec, ort)
     try:
         sess = ort.InferenceSession(path, sess_options=_session_options(ort, threads), providers=providers)
     except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
@@ -364,9 +371,10 @@ def create_session(path: str, device: str = "auto", threads: int | None = None) 
     used = sess.get_providers()
     notes: list[str] = []
     if providers[0] != CPU and CUDA not in used:  # onnxruntime-gpu's silent fallback to the CPU
-        if device == "cuda":
-            raise DeviceError(f"device cuda: the CUDA provider did not load: {_cuda_fix()}")
+        if spec.kind == "cuda":
+            raise DeviceError(f"device {spec}: the CUDA provider did not load: {_cuda_fix()}")
         notes.append(f"device auto: the CUDA provider did not load, running on the CPU: {_cuda_fix()}")
     input_name, output_name = _check_io(path, meta, sess)
     provider = CUDA if CUDA in used else CPU
-    return Session(path, meta, provider, input_name, output_name, threads, sess, notes)
+    return Session(path, meta, provider, input_name, output_name, threads, sess, notes,
+                   device_id=spec.cuda_index if provider == CUDA else 0)

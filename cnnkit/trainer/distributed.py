@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from cnnkit.devices import amp_dtype, parse_device
 from cnnkit.errors import DeviceError
 
 
@@ -78,19 +79,25 @@ def _reduce_device() -> torch.device:
 def setup(device: str) -> tuple[Dist, torch.device]:
     """Resolve the device and, under torchrun (WORLD_SIZE > 1), join the process group.
 
-    `auto|cpu|cuda` -> a torch.device. Distributed: NCCL with one GPU per process (`cuda:LOCAL_RANK`)
-    when CUDA is used, gloo on the CPU. An explicit `cuda` without CUDA is an error.
+    `auto|cpu|cuda|cuda:N` -> a torch.device (`cnnkit.devices.parse_device`). Distributed: NCCL with
+    one GPU per process (`cuda:LOCAL_RANK`) when CUDA is used, gloo on the CPU. An explicit `cuda`
+    without CUDA, or a `cuda:N` this machine does not have, is an error.
     """
+    spec = parse_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device not in ("auto", "cpu", "cuda"):
-        raise DeviceError(f"unknown device {device!r}; use auto, cpu or cuda")
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    use_cuda = torch.cuda.is_available() if spec.kind == "auto" else spec.kind == "cuda"
     if use_cuda and not torch.cuda.is_available():
-        raise DeviceError("--device cuda: torch sees no CUDA device (use --device cpu or auto)")
-    if use_cuda and local_rank >= torch.cuda.device_count():
-        raise DeviceError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA device(s) here")
-    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+        raise DeviceError(f"--device {spec}: torch sees no CUDA device (torch {torch.__version__}, CUDA build "
+                          f"{torch.version.cuda or 'none'}; use --device cpu or auto)")
+    index = local_rank if world > 1 else spec.cuda_index
+    if world > 1 and spec.index is not None:
+        raise DeviceError(f"--device {spec}: under torchrun each process takes the GPU of its LOCAL_RANK; "
+                          "pass --device cuda (or limit the GPUs with CUDA_VISIBLE_DEVICES)")
+    if use_cuda and index >= torch.cuda.device_count():
+        raise DeviceError(f"--device {spec}: GPU {index} asked for, but this machine has "
+                          f"{torch.cuda.device_count()} CUDA device(s)")
+    dev = torch.device("cuda", index) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
     if world > 1:
@@ -102,6 +109,15 @@ def setup(device: str) -> tuple[Dist, torch.device]:
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     return Dist(rank, world, local_rank), dev
+
+
+def amp_for(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for training on `device`: None on the CPU (full float32); on CUDA bf16 where
+    the GPU has it natively, else fp16 (`cnnkit.devices.amp_dtype`; fp16 needs a GradScaler)."""
+    if device.type != "cuda":
+        return None
+    native = torch.cuda.is_bf16_supported(including_emulation=False)
+    return getattr(torch, amp_dtype(torch.cuda.get_device_capability(device), native))
 
 
 def teardown(d: Dist) -> None:

@@ -30,7 +30,7 @@ from cnnkit.meta import OUTPUT_SIGMOID, ModelMeta
 from cnnkit.runs import RUNS_DIR, mark_latest, new_run_dir
 from cnnkit.trainer.checkpoint import BEST_NAME, CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from cnnkit.trainer.data import LoadedSplit, class_names, load_split, split_validation
-from cnnkit.trainer.distributed import Dist, setup, teardown
+from cnnkit.trainer.distributed import Dist, amp_for, setup, teardown
 from cnnkit.trainer.models import DEFAULT_ARCH, RECIPES, build_model, count_parameters
 
 
@@ -284,7 +284,9 @@ def _train(cfg: TrainConfig, resume: str | None, d: Dist, device: torch.device) 
     classes = train_split.classes
     _, _, h, w = train_split.images.shape
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    net, output = build_model(cfg.arch, len(classes), h, w)
+    if state is not None and (state["meta"]["classes"] != list(classes) or state["meta"]["arch"] != cfg.arch):
+        raise ModelError(f"{resume}: the data's classes or the arch no longer match the checkpoint")
+    net, opt, output = build_for_training(cfg, len(classes), h, w, device, state)
     sigmoid = output == OUTPUT_SIGMOID
     meta = ModelMeta(
         arch=cfg.arch,
@@ -295,17 +297,11 @@ def _train(cfg: TrainConfig, resume: str | None, d: Dist, device: torch.device) 
         extra={"data": data_info},
     )
     lr, constant_lr = cfg.lr, RECIPES[cfg.arch].schedule == "constant"
-    # fused: one kernel per step instead of a dozen small ops per parameter (same numbers).
-    opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=cfg.weight_decay, fused=device.type in ("cpu", "cuda"))
     history: list[dict[str, Any]] = []
     start_epoch, best_epoch = 0, 0
     torch.manual_seed(cfg.seed + d.rank)  # dropout masks differ between ranks
     gen = torch.Generator().manual_seed(cfg.seed + d.rank)
     if state is not None:
-        if state["meta"]["classes"] != list(classes) or state["meta"]["arch"] != cfg.arch:
-            raise ModelError(f"{resume}: the data's classes or the arch no longer match the checkpoint")
-        net.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
         gen.set_state(state["rng"]["batches"][d.rank])
         torch.set_rng_state(state["rng"]["dropout"][d.rank])
         history = list(state.get("history", []))
@@ -317,11 +313,10 @@ def _train(cfg: TrainConfig, resume: str | None, d: Dist, device: torch.device) 
 
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
-    use_amp = device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    # NHWC lets oneDNN (CPU) and cuDNN (GPU) pick faster convolution kernels: ~1.35x here on the CPU.
-    net.to(device, memory_format=torch.channels_last)
+    amp = amp_for(device)  # None on the CPU; bf16 on GPUs that have it natively, else fp16
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+    if state is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     model: torch.nn.Module = net
     if d.active:
         from torch.nn.parallel import DistributedDataParallel
@@ -369,7 +364,7 @@ def _train(cfg: TrainConfig, resume: str | None, d: Dist, device: torch.device) 
                         xb = augment(xb, cfg.augment, gen)
                     for group in opt.param_groups:
                         group["lr"] = _lr_at(epoch * steps_per_epoch + i, total_steps, lr, constant_lr)
-                    with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                         out = model(xb)
                     loss = _loss(out, yb, sigmoid)
                     opt.zero_grad(set_to_none=True)
@@ -411,6 +406,7 @@ def _train(cfg: TrainConfig, resume: str | None, d: Dist, device: torch.device) 
                     "model": weights,  # the bare module's: no DDP `module.` prefixes
                     "epoch": epoch + 1,
                     "optimizer": opt.state_dict(),
+                    "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                     "history": history,
                     "config": _plain_config(cfg),
                     "rng": rng,
@@ -502,6 +498,30 @@ def _final_evaluation(net, sigmoid, d, device, x_train, y_train, x_val, y_val, t
         gathered = d.gather((out, y.cpu().numpy()))
         report[name] = (torch.cat([o for o, _ in gathered]), np.concatenate([lab for _, lab in gathered]))
     return report
+
+
+def build_for_training(
+    cfg: TrainConfig, num_classes: int, h: int, w: int, device: torch.device, state: dict[str, Any] | None = None
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, str]:
+    """(model, optimizer, output kind), the model on `device` in channels_last, and for a resume both
+    restored from the checkpoint `state`.
+
+    Order matters: the model moves to its device before the optimizer exists, and the optimizer's
+    state is loaded after, so Adam's moments sit on the device (and in the dtype) of their parameters.
+    Moving a module after its optimizer was built leaves that state behind: on a GPU the first step
+    after a resume would mix devices.
+    """
+    net, output = build_model(cfg.arch, num_classes, h, w)
+    if state is not None:
+        net.load_state_dict(state["model"])
+    # NHWC lets oneDNN (CPU) and cuDNN (GPU) pick faster convolution kernels.
+    net.to(device, memory_format=torch.channels_last)
+    # fused: one kernel per step instead of a dozen small ops per parameter (same numbers).
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                           fused=device.type in ("cpu", "cuda"))
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])  # casts each state tensor to its parameter's device
+    return net, opt, output
 
 
 def _run_folder(cfg: TrainConfig) -> str:
