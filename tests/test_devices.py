@@ -136,3 +136,15 @@ def test_gpu_check_script_runs_its_cpu_rows_here(tmp_path, tiny_tree):
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         assert len(got) == 4 and "GPU rows skipped" in proc.stdout
+
+
+def test_export_device_is_for_the_fp16_gate_only(tmp_path, tiny_tree):
+    pytest.importorskip("torch")
+    from cnnkit.export import export
+    from cnnkit.trainer.loop import TrainConfig, train
+
+    run = train(TrainConfig(data=tiny_tree, epochs=1, workers=0, runs_dir=os.fspath(tmp_path)))
+    out = tmp_path / "m.onnx"
+    with pytest.raises(DeviceError, match="only the --half gate runs on a GPU"):
+        export(run.checkpoint, out=os.fspath(out), device="cuda:0")
+    assert not out.exists()

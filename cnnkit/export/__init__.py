@@ -187,6 +187,9 @@ def export(
     t0 = time.perf_counter()
     precision = _precision(fmt, quantize, half)
     spec = parse_device(device)
+    if spec.kind == "cuda" and precision != "fp16":
+        raise DeviceError(f"--device {spec}: only the --half gate runs on a GPU; {precision} files are gated on "
+                          "the CPU provider against the CPU reference (leave --device out)")
     tier = TIERS["fp16" if precision == "fp16" else "fp32"]
     tol = tier.max_abs if max_abs_tol is None else max_abs_tol
     if fmt == "onnx":
