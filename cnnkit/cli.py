@@ -127,7 +127,8 @@ def train(
         "Default: the arch's (small 14, or more on small data to reach 900 steps; lecture 5)."))] = None,
     batch_size: Annotated[int | None, typer.Option(min=1, help="Global batch. Default: small 256, lecture 128.")]
     = None,
-    arch: Annotated[str, typer.Option(help="small (default) or lecture (the lecture's exact network).")] = "small",
+    arch: Annotated[str, typer.Option(help="small (default), wide (small with more channels) or lecture (the "
+                                           "lecture's exact network).")] = "small",
     lr: Annotated[float | None, typer.Option(help="Peak learning rate. Default: small 5e-3 (warm-up + cosine), "
                                                   "lecture 1e-3 (constant).")] = None,
     augment: Annotated[Augment | None, typer.Option(

@@ -1,19 +1,14 @@
 """Benchmark `cnnkit infer` against three ways of doing the same job, on the same folder and model.
 
-Evidence
---------
-Machine: 2-core Intel Xeon @ 2.50 GHz VM (1 thread per core, L2 1 MiB per core, 23 GiB RAM), no
-    GPU, Linux. Shared with other engineers' test runs: each method runs in a fresh process, in
-    turn (round-robin over repeats), each run started when no other process was runnable
-    (`--wait-quiet`); a run can only be slowed by other jobs, so the table compares best runs.
-Versions: Python 3.11.7, onnxruntime 1.32.0 (CPU build), numpy 2.4.6, pyspng 0.1.4, Pillow 13.0.0,
-    torch 2.14.1, torchvision 0.29.1.
-Data: the 60,000 Fashion-MNIST training images (`/usr/share/datasets/fashion-mnist/train-*.gz`)
-    written as 28 x 28 8-bit gray PNGs (zlib level 6, filter 0) into 10 class folders; page cache
-    warm (the script reads every file once before timing).
-Model: the lecture CNN (uint8 -> /255 -> Conv 5x5x16 -> ReLU -> MaxPool 2 -> Linear 2304->10),
-    random weights (speed does not depend on them), exported with `torch.onnx.export(dynamo=False)`,
-    a dynamic batch axis and the cnnkit metadata record.
+Results
+-------
+Each run with `--results docs/results/infer-<model>.json` writes the machine (lscpu model and ISA
+flags, cores, versions), the model (arch, parameters, trained or not, its run's config, selection and
+test accuracy), the command, every run and the summary table. The README quotes those files.
+
+Method: each method runs in a fresh process, in turn (round-robin over repeats), optionally started
+only when no other process is runnable (`--wait-quiet`); a run can only be slowed by other jobs, so
+the table compares best runs. The page cache is warmed first (every file read once).
 Compared (images/s: from listing the folder to the last prediction, imports of torch/onnxruntime
 excluded for the peers, while cnnkit's number, from `InferResult`, includes its own onnxruntime
 import and session; wall: the whole process, interpreter start to exit):
@@ -23,26 +18,11 @@ import and session; wall: the whole process, interpreter start to exit):
     ort+pillow     Pillow decode loop + onnxruntime CPU session (default options), batches of 256
     cnnkit         cnnkit.runtime.infer.infer(): 2 pyspng decode processes + onnxruntime (1 thread,
                    runs of 64) in the main process, predictions CSV written
-Numbers, 2026-11-28 (`--repeat 3 --wait-quiet`):
+The torch peers run the checkpoint's weights (`--checkpoint`, default runs/latest/best.pt); without
+one they run random weights, and the results file says `"trained": false`.
 
-    method       best img/s  median img/s  cnnkit speed-up  peak RSS MB  tree PSS MB  wall s
-    -----------  ----------  ------------  ---------------  -----------  -----------  ------
-    lecture            4581          4237  8.5x                     841          909   18.52
-    imagefolder        4469          4387  8.7x                     800          839    18.5
-    ort+pillow         8462          7831  4.6x                      96           92    7.39
-    cnnkit            39088         37927  1.0x                      85          107    1.91
-
-    model only, batch 8192 (torch threads 2):         images/s
-    eager torch                                           9289
-    torchscript (trace)                                   8894
-    onnxruntime cpu (default options)                    81594
-    onnxruntime cpu (cnnkit session: 1 thread, runs of 64)   93744
-    onnxruntime cpu (cnnkit session: all cores, runs of 64) 129734
-
-    An earlier run with other jobs on the machine (no waiting, medians of 2): cnnkit 32,198 img/s,
-    lecture 2,805 (11.5x), imagefolder 2,056 (15.7x), ort+pillow 5,343 (6.0x): every method slows
-    down, the long-running peers more.
-Tuning behind cnnkit's defaults (same data; 5 alternating runs per setting, medians, quiet machine):
+Tuning notes behind cnnkit's defaults (2026-11-28, a 2-core Xeon 2.5 GHz VM, the lecture CNN with random
+    weights, 60,000 Fashion-MNIST PNGs; 5 alternating runs per setting, medians; not re-measured since):
     CPU per image: decode ~25 us in a worker (libspng + zlib ~12 us, open/read/close ~4 us; it was
     80 us before `read_image` stopped asking `f.read()` for 256 MB per call), onnxruntime ~11 us
     on one core in runs of 64 images vs ~17 us in runs of 256+ (the conv activations of 64 images,
@@ -55,7 +35,7 @@ Tuning behind cnnkit's defaults (same data; 5 alternating runs per setting, medi
     pickled batches vs a shared-memory ring (decoding alone, 2 workers): main process 1.8 vs 1.1 us
     per image, 61-64k vs 68k img/s: too small a gain to justify the code, so batches are pickled.
     Workers or not: break-even near 4,000 files (0.2-0.4 s runs), hence workers from 4,096 files.
-Whole process (`python -c "...infer(folder, model)"`, same machine, quiet): 60,000 images in
+Whole process (`python -c "...infer(folder, model)"`, same machine and model, quiet): 60,000 images in
     1.87-1.95 s (34,000-37,000 img/s reported), 1 image in 0.24-0.29 s, 180,000 images (the
     same files hard-linked three times) in 4.5-4.9 s. Peak RSS: main 84 MB at 60k files, 96 MB at
     180k (the file list, ~90 bytes per file); each decode worker 36 / 48 MB.
@@ -63,6 +43,7 @@ Whole process (`python -c "...infer(folder, model)"`, same machine, quiet): 60,0
 Usage:
     python scripts/bench_infer.py FOLDER --model M.onnx [--device cpu|cuda] [--repeat 2]
         [--checkpoint best.pt] [--methods lecture,imagefolder,ort+pillow,cnnkit] [--wait-quiet] [--json]
+        [--results docs/results/infer-<model>.json]
 """
 
 from __future__ import annotations
@@ -331,6 +312,8 @@ def main() -> None:
     p.add_argument("--no-models", action="store_true", help="skip the model-only throughput table")
     p.add_argument("--json", action="store_true", help="print every run as JSON on stdout")
     p.add_argument("--wait-quiet", action="store_true", help="before each run, wait until no other process is runnable")
+    p.add_argument("--results", help="write the runs, the model and the machine to this JSON file "
+                                     "(docs/results/infer-<model>.json)")
     a = p.parse_args()
     if a.checkpoint is None and os.path.isfile("runs/latest/best.pt"):
         a.checkpoint = "runs/latest/best.pt"
@@ -386,6 +369,44 @@ def main() -> None:
         print(table(["runtime", "images/s"], [[k, round(v)] for k, v in models["rates"].items()]))
     if a.json:
         print(json.dumps({"runs": runs, "models": models}, indent=2))
+    if a.results:
+        summary = {m: {"best_ips": r[1], "median_ips": r[2], "cnnkit_speedup": r[3], "peak_rss_mb": r[4],
+                       "tree_pss_mb": r[5], "best_wall_s": r[6]} for m, r in zip(methods, rows, strict=True)}
+        _write_results(a, {"summary": summary, "runs": runs, "models": models, "files": len(files)})
+
+
+def describe_model(onnx_path: str, checkpoint: str | None) -> dict:
+    """Which model was measured: arch, parameters, trained or not, and how it scored where it was trained."""
+    from cnnkit.runtime.session import read_meta
+
+    meta = read_meta(onnx_path)
+    info = {"onnx": os.path.abspath(onnx_path), "arch": meta.arch, "classes": meta.num_classes,
+            "input_shape": list(meta.input_shape), "trained": False}
+    if checkpoint and os.path.isfile(checkpoint):
+        from cnnkit.trainer.models import count_parameters
+
+        model, _ = _eager_model(onnx_path, checkpoint)
+        info["parameters"] = count_parameters(model)
+        metrics = os.path.join(os.path.dirname(checkpoint), "metrics.json")
+        if os.path.isfile(metrics):
+            m = json.load(open(metrics))
+            info.update(trained=True, checkpoint=os.path.abspath(checkpoint), config=m.get("config"),
+                        selection=m.get("selection"), test_accuracy=m.get("test_accuracy"))
+    return info
+
+
+def _write_results(a: argparse.Namespace, body: dict) -> None:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from machine import describe_machine
+
+    doc = {"script": "scripts/bench_infer.py", "command": " ".join(["python", *sys.argv]),
+           "date": time.strftime("%Y-%m-%d"), "machine": describe_machine(),
+           "model": describe_model(a.model, a.checkpoint), "folder": os.path.abspath(a.folder), **body}
+    os.makedirs(os.path.dirname(os.path.abspath(a.results)), exist_ok=True)
+    with open(a.results + ".tmp", "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(a.results + ".tmp", a.results)
+    print(f"wrote {a.results}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,14 @@ def test_models_scale_uint8_inside_and_stay_small():
         torch.testing.assert_close(model.eval()(x), model.net(x.float() / 255.0))
 
 
+def test_wide_is_small_with_more_channels():
+    model, output = build_model("wide", 10, 28, 28)
+    assert output == "logits" and count_parameters(model) == 155_626
+    x = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8)
+    assert model.eval()(x).shape == (3, 10)
+    assert [m.out_channels for m in model.net if isinstance(m, nn.Conv2d)] == [32, 64, 128]
+
+
 def _cfg(tmp_path, data, **kw) -> TrainConfig:
     kw.setdefault("epochs", 1)
     return TrainConfig(data=data, runs_dir=os.fspath(tmp_path / "runs"), workers=0, **kw)
@@ -155,8 +163,12 @@ def test_val_split_zero_keeps_the_last_epoch_and_says_so(tmp_path, tiny_tree):
     assert result.selection["split"] is None and result.selection["rule"] == "last epoch (no selection)"
     assert all(r["val_accuracy"] is None for r in result.history)
     assert "kept the last epoch" in loop.format_summary(result)
-    with pytest.raises(DataError, match="val-split"):
-        train(_cfg(tmp_path, tiny_tree, val_split=1.0))
+    for bad in (1.0, float("nan"), -0.1):
+        with pytest.raises(DataError, match="val-split"):
+            train(_cfg(tmp_path, tiny_tree, val_split=bad))
+    for bad in (float("nan"), float("inf"), 0.0):
+        with pytest.raises(DataError, match="--lr must be a positive number"):
+            train(_cfg(tmp_path, tiny_tree, lr=bad))
 
 
 def test_recipe_gives_small_datasets_enough_steps():

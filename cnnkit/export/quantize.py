@@ -13,13 +13,12 @@ How (onnxruntime's own tooling, `onnxruntime.quantization`):
   4. The head's output (the Gemm producing logits, and a sigmoid after it) stays float: a uint8 logit
      has steps of ~0.1-0.2, which would turn close calls into argmax ties.
 
-Speed, measured (2 shared cores, Xeon with AVX-512 VNNI, onnxruntime 1.32, default model,
-Fashion-MNIST, batch 256, one thread): int8 runs at ~0.7-0.9x the fp32 file's images/s. onnxruntime
-fuses the QDQ graph fully (QLinearConv, NhwcMaxPool, QGemm), but the first conv has one input channel,
-so its GEMM is only 9 deep: 143 ms per 2,048 images as QLinearConv vs 52 ms as the float NCHWc conv.
-Keeping that conv (and its pooling) float does not help: onnxruntime's QDQ propagation then moves the
-QuantizeLinear above the first MaxPool, which runs as a slow NCHW uint8 MaxPool (0.4-0.7x overall).
-So everything is quantized, and the gate reports the speed it measures rather than promising one.
+Speed depends on the CPU, so the gate measures it rather than promising one. onnxruntime fuses the QDQ
+graph fully (QLinearConv, NhwcMaxPool, QGemm), whose speed rests on integer dot-product instructions
+(VNNI, AMX, ARM dot-product); the first conv has one input channel, so its GEMM is only 9 deep and
+gains least. Keeping that conv (and its pooling) float does not help: onnxruntime's QDQ propagation
+then moves the QuantizeLinear above the first MaxPool, which runs as a slow NCHW uint8 MaxPool. So
+everything is quantized.
 
 The gate (`accuracy_gate`): fp32 and int8 files run on the CPU provider (`cnnkit.runtime`'s session,
 the one `cnnkit infer` uses) over the labeled testing split; the int8 top-1 accuracy may be at most

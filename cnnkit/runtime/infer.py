@@ -1,12 +1,12 @@
 """`cnnkit infer`: classify a folder of PNGs with an ONNX model, streaming predictions to a CSV.
 
-The pipeline, tuned on a 2-core machine (measurements in `scripts/bench_infer.py`):
-  - one worker process per core reads + decodes PNGs (`cnnkit.images.decode_batches`, ~25 us per
-    28 x 28 image, half of it libspng/zlib) in tasks of up to 2048 files, 2 tasks per worker in
-    flight, and sends back uint8 batches;
-  - this process runs the model (onnxruntime, one thread, ~11 us per image) and writes the CSV.
+The pipeline, tuned on a 2-core machine (the tuning notes are in `scripts/bench_infer.py`):
+  - one worker process per core reads + decodes PNGs (`cnnkit.images.decode_batches`) in tasks of
+    up to 2048 files, 2 tasks per worker in flight, and sends back uint8 batches;
+  - this process runs the model (onnxruntime, one thread) and writes the CSV.
 The decoder is started (and its first batch received) before the onnxruntime session exists, so
-the workers fork from a process without runtime thread pools. About 37k images/s on 2 cores.
+the workers fork from a process without runtime thread pools. Measured throughput, per model and
+machine: docs/results/infer-*.json.
 
 Memory is bounded whatever the folder size: the folder is walked lazily (`iter_pngs`: the entries of
 the folders on the current path, plus up to `LOOKAHEAD_FILES` paths read ahead), a few batches are in
@@ -48,7 +48,7 @@ FAILURES_SUFFIX = ".failures.csv"  # <output>.failures.csv: every file that fail
 FAILURE_COLUMNS = ("path", "reason")
 FAILURES_PRINTED = 5
 # Files per decode task. Every task costs a round trip through the process pool (pickling, a pipe,
-# thread wake-ups); over 60k images, 2048 files per task ran at 37k img/s, 512 at 34k. Smaller
+# thread wake-ups), so fewer, larger tasks ran faster in the tuning runs (scripts/bench_infer.py). Smaller
 # folders get smaller tasks so that every worker has several (the tail of the run is then short).
 MIN_TASK_FILES = 256
 MAX_TASK_FILES = 2048

@@ -67,8 +67,10 @@ class TrainConfig:
             raise ModelError(f"unknown arch {self.arch!r}; choose one of: {', '.join(RECIPES)}")
         if self.augment is not None and self.augment not in AUGMENTS:
             raise DataError(f"unknown --augment {self.augment!r}; choose one of: {', '.join(AUGMENTS)}")
-        if self.val_split is None or not 0.0 <= self.val_split < 1.0:
+        if self.val_split is None or not 0.0 <= self.val_split < 1.0:  # also refuses NaN
             raise DataError(f"--val-split must be at least 0 and below 1, got {self.val_split}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise DataError(f"--lr must be a positive number, got {self.lr}")
         r = RECIPES[self.arch]
         return replace(
             self,
