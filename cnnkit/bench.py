@@ -38,6 +38,7 @@ from cnnkit.devices import parse_device
 from cnnkit.errors import DataError, DeviceError, ModelError
 from cnnkit.images import Sample, sample_folder
 from cnnkit.meta import ModelMeta, predict
+from cnnkit.provenance import why_untrusted
 from cnnkit.runs import latest_run
 
 DEFAULT_LIMIT = 10_000  # images of DATA used (spread over the folder): all of an MNIST-style test split
@@ -57,6 +58,9 @@ ARTIFACTS = (
     ("torchscript", "model.ts", "torch"),
     ("pt2", "model.pt2", "torch"),
 )
+
+# Loading these runs code from the file: only ones cnnkit can prove it wrote, or with trust_model.
+CODE_BEARING = ("torchscript", "pt2")
 
 Runner = Callable[[np.ndarray], np.ndarray]
 
@@ -317,12 +321,15 @@ def bench(
     batch_size: int = DEFAULT_BATCH,
     limit: int | None = DEFAULT_LIMIT,
     threads: int = DEFAULT_THREADS,
+    trust_model: bool = False,
 ) -> BenchResult:
     """Benchmark every artifact of a run on every usable device.
 
     Args:
         data: a folder of PNGs (class folders give accuracy); default: the run's testing split.
         run: the run folder; default `runs/latest`.
+        trust_model: load `.ts` / `.pt2` files (which can run code) even when cnnkit cannot prove it
+            wrote them (`cnnkit.provenance`); by default those are skipped with a note.
         device: `auto` (every device that works here), `cpu`, or `cuda[:N]` (an error if it does not work).
         batch_size: batch size of the throughput column.
         limit: at most this many images (spread over the folder); None for all.
@@ -354,6 +361,12 @@ def bench(
 
     notes: list[str] = []
     torch_ok = _have_torch()
+    for kind in CODE_BEARING:
+        why = None if trust_model or kind not in found else why_untrusted(found[kind])
+        if why:
+            notes.append(f"{found[kind]}: skipped, not loaded: it can run code and is {why}; "
+                         "pass --trust-model if you trust it")
+            del found[kind]
     if not torch_ok:
         skipped = [k for k in ("eager", "torchscript", "pt2") if k in found]
         if skipped:

@@ -359,6 +359,8 @@ def bench(
     batch_size: Annotated[int, typer.Option(min=1, help="Batch size of the throughput column.")] = 256,
     limit: Annotated[int, typer.Option(min=1, help="At most this many images (spread over the folder).")] = 10_000,
     threads: Annotated[int, typer.Option(min=1, help="Intra-op threads for every runtime (CPU).")] = 1,
+    trust_model: Annotated[bool, typer.Option("--trust-model", help=(
+        "Also load .ts / .pt2 files that cnnkit cannot prove it wrote (loading them can run code).")) ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Benchmark every artifact of a run on every usable device: size, accuracy, parity, latency, speed."""
@@ -372,6 +374,7 @@ def bench(
         batch_size=batch_size,
         limit=limit,
         threads=threads,
+        trust_model=trust_model,
     )
     _emit(result.to_dict(), as_json, format_table(result))
 

@@ -89,6 +89,11 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
+def default_cache_dir() -> str:
+    """cnnkit's own folder for downloads and its signing key: `$CNNKIT_CACHE` if set, else `~/.cache/cnnkit`."""
+    return os.environ.get("CNNKIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "cnnkit")
+
+
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 

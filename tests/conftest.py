@@ -28,6 +28,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_cnnkit_cache(tmp_path_factory):
+    """cnnkit's own folder (downloads, the signing key of `cnnkit.provenance`) is the test session's,
+    never the user's; subprocesses inherit it."""
+    old = os.environ.get("CNNKIT_CACHE")
+    os.environ["CNNKIT_CACHE"] = str(tmp_path_factory.mktemp("cnnkit-cache"))
+    yield
+    if old is None:
+        os.environ.pop("CNNKIT_CACHE", None)
+    else:
+        os.environ["CNNKIT_CACHE"] = old
+
+
 def make_tree(root: str, classes: tuple[int, ...], n_train: int, n_test: int) -> str:
     """Write ROOT/training and ROOT/testing with the first n images per class of each sample split."""
     images, labels = sample_arrays()

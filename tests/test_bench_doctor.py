@@ -124,6 +124,64 @@ def test_bench_on_cuda_compares_against_the_cpu_reference(run_dir) -> None:
         assert r.images_per_second > 0 and r.argmax_agreement is not None
 
 
+@pytest.fixture
+def planted(run_dir, tmp_path, monkeypatch):
+    """A copy of the run folder, and loaders that fail the test if bench ever calls them."""
+    import shutil
+
+    import cnnkit.export.pt2 as pt2_mod
+    import cnnkit.export.torchscript as ts_mod
+
+    folder = tmp_path / "run"
+    shutil.copytree(run_dir, folder)
+    calls: list[str] = []
+    for mod, name in ((pt2_mod, "load_pt2"), (ts_mod, "load_torchscript")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda path, *a, _real=real, **k: (calls.append(path), _real(path, *a, **k))[1])
+    return folder, calls
+
+
+def test_bench_loads_code_bearing_files_only_when_cnnkit_wrote_them(planted) -> None:
+    from cnnkit.provenance import MANIFEST_NAME
+
+    folder, calls = planted
+    result = bench(run=str(folder), limit=6, device="cpu")  # as exported: proven, loaded
+    assert {"torchscript", "pt2"} <= {r.artifact for r in result.rows} and len(calls) == 2
+
+    # A planted .pt2 (any bytes: here the TorchScript file's), a TorchScript file changed after
+    # export, and a manifest entry forged without the key: none is loaded, each says why.
+    (folder / "model.pt2").write_bytes((folder / "model.ts").read_bytes())
+    with open(folder / "model.ts", "ab") as f:
+        f.write(b"\0")
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    calls.clear()
+    result = bench(run=str(folder), limit=6, device="cpu")
+    assert calls == [] and {r.artifact for r in result.rows} == {"eager", "onnx", "onnx-int8"}
+    notes = " ".join(result.notes)
+    assert "model.pt2: skipped, not loaded" in notes and "changed since `cnnkit export`" in notes
+    assert "--trust-model" in notes
+
+    import hashlib
+
+    forged = hashlib.sha256((folder / "model.pt2").read_bytes()).hexdigest()
+    manifest["files"]["model.pt2"] = {"sha256": forged, "bytes": 1, "hmac": "0" * 64}
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
+    result = bench(run=str(folder), limit=6, device="cpu")
+    assert calls == [] and "not made with this user's cnnkit key" in " ".join(result.notes)
+
+    res = runner.invoke(app, ["bench", "--run", str(folder), "--limit", "6", "--device", "cpu", "--json"])
+    assert res.exit_code == 0 and calls == [] and json.loads(res.stdout)["rows"]  # --json stays clean
+
+
+def test_trust_model_loads_them_anyway(planted) -> None:
+    folder, calls = planted
+    (folder / "model.pt2").unlink()
+    with open(folder / "model.ts", "ab") as f:
+        f.write(b"\0")  # a zip tolerates trailing bytes: still a valid TorchScript file
+    result = bench(run=str(folder), limit=6, device="cpu", trust_model=True)
+    assert "torchscript" in [r.artifact for r in result.rows] and calls == [str(folder / "model.ts")]
+
+
 def test_bench_runs_onnx_rows_without_torch(run_dir) -> None:
     code = (
         "import sys, json; sys.modules['torch'] = None\n"

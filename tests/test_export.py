@@ -27,6 +27,7 @@ from cnnkit.export import ExportResult, export, sample_images  # noqa: E402
 from cnnkit.export.parity import run_parity  # noqa: E402
 from cnnkit.export.torchscript import load_torchscript  # noqa: E402
 from cnnkit.meta import METADATA_KEY, ModelMeta  # noqa: E402
+from cnnkit.provenance import MANIFEST_NAME  # noqa: E402
 from cnnkit.trainer.checkpoint import save_checkpoint  # noqa: E402
 from cnnkit.trainer.models import build_model  # noqa: E402
 
@@ -115,7 +116,7 @@ def test_onnx_export_passes_parity_and_reports(onnx_exports, arch: str) -> None:
     assert stdout == ""  # stdout belongs to the CLI's --json
     folder = os.path.dirname(result.checkpoint)
     assert result.path == os.path.join(folder, "model.onnx")
-    assert sorted(os.listdir(folder)) == ["best.pt", "model.onnx", "model.onnx.parity.json"]  # no temp files
+    assert sorted(os.listdir(folder)) == ["best.pt", MANIFEST_NAME, "model.onnx", "model.onnx.parity.json"]  # no temps
     assert result.exporter == "dynamo" and result.opset == onnx_export.DEFAULT_OPSET
 
     p = result.parity
@@ -176,7 +177,7 @@ def test_legacy_onnx_exporter_and_explicit_out(tmp_path, data_root: str, capsys)
     assert result.path == out and result.exporter == "torchscript" and result.opset == 17
     assert result.parity.passed and result.parity.n_images == 12
     assert {o.version for o in onnx.load(out).opset_import if o.domain in ("", "ai.onnx")} == {17}
-    assert sorted(os.listdir(tmp_path / "elsewhere")) == ["m.onnx", "m.onnx.parity.json"]
+    assert sorted(os.listdir(tmp_path / "elsewhere")) == [MANIFEST_NAME, "m.onnx", "m.onnx.parity.json"]
     mask = os.umask(0o022)
     os.umask(mask)
     assert os.stat(out).st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's 0600
@@ -209,7 +210,7 @@ def test_torchscript_export_passes_and_extra_file_round_trips(tmp_path, data_roo
 
     assert result.path == str(tmp_path / "model.ts") and result.opset is None
     assert result.parity.passed and os.path.isfile(result.report_path)
-    assert sorted(os.listdir(tmp_path)) == ["best.pt", "model.ts", "model.ts.parity.json"]
+    assert sorted(os.listdir(tmp_path)) == ["best.pt", MANIFEST_NAME, "model.ts", "model.ts.parity.json"]
     assert meta.arch == arch and meta.extra["export"]["format"] == "torchscript"
     assert meta.extra["export"]["exporter"] == "torch.jit.trace"
     model = eager(ckpt)

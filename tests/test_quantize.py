@@ -33,6 +33,7 @@ from cnnkit.export import export  # noqa: E402
 from cnnkit.export.parity import TIERS, run_parity  # noqa: E402
 from cnnkit.export.pt2 import load_pt2  # noqa: E402
 from cnnkit.meta import EXTRA_FILE, METADATA_KEY, ModelMeta  # noqa: E402
+from cnnkit.provenance import MANIFEST_NAME  # noqa: E402
 
 LEGACY = "torchscript"  # the legacy ONNX exporter: 0.1 s per export instead of 2-5 s; the gates are the same
 
@@ -285,7 +286,7 @@ def test_pt2_export_passes_and_round_trips(pt2_result, trained) -> None:
     result = pt2_result
     assert result.path.endswith("model.pt2") and result.exporter == "torch.export" and result.opset is None
     assert result.parity.passed and result.parity.max_abs_diff <= 1e-4
-    assert sorted(os.listdir(os.path.dirname(result.path))) == ["model.pt2", "model.pt2.parity.json"]
+    assert sorted(os.listdir(os.path.dirname(result.path))) == [MANIFEST_NAME, "model.pt2", "model.pt2.parity.json"]
     module, meta = load_pt2(result.path)
     assert meta.extra["export"]["format"] == "pt2" and meta.extra["export"]["torch"] == torch.__version__
     from cnnkit.trainer.checkpoint import model_from_checkpoint

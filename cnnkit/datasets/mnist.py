@@ -25,6 +25,7 @@ from cnnkit import __version__
 from cnnkit.console import Progress, log
 from cnnkit.datasets.layout import MNIST_DIR, TEST_SPLIT, TRAIN_SPLIT, Splits, find_splits, make_temp_dir
 from cnnkit.errors import DataError, DownloadError
+from cnnkit.files import default_cache_dir
 
 MNIST_URL = "https://s3.amazonaws.com/fast-ai-imageclas/mnist_png.tgz"
 MNIST_SIZE = 15_683_414
@@ -36,11 +37,6 @@ OFFLINE_HINT = (
 )
 _BLOCK = 1 << 20
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
-
-
-def default_cache_dir() -> str:
-    """`$CNNKIT_CACHE` if set, else `~/.cache/cnnkit`."""
-    return os.environ.get("CNNKIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "cnnkit")
 
 
 # --------------------------------------------------------------------------------------------

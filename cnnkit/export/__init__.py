@@ -43,6 +43,7 @@ from cnnkit.export.quantize import DEFAULT_CALIBRATION_SIZE, DEFAULT_EVAL_LIMIT,
 from cnnkit.files import atomic_path, write_json
 from cnnkit.images import sample_folder
 from cnnkit.meta import ModelMeta
+from cnnkit.provenance import record
 from cnnkit.runs import ONNX_NAME, TORCHSCRIPT_NAME, latest_file
 
 __all__ = [
@@ -272,6 +273,7 @@ def export(
         accuracy=accuracy,
         notes=notes,
     )
+    record(out)  # lets `cnnkit bench` load a .ts / .pt2 it can prove cnnkit wrote (cnnkit.provenance)
     result.seconds = round(time.perf_counter() - t0, 3)
     write_json(result.report_path, {**result.to_dict(), "meta": meta.to_dict()})
     log(f"export: wrote {out} ({info['bytes']:,} bytes) and {result.report_path}")
