@@ -5,14 +5,41 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from typing import Any
+
+from cnnkit.errors import DataError
+
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+
+
+def check_output_target(path: str | os.PathLike[str]) -> None:
+    """Refuse to replace anything but a regular file: an output goes to a new path or over a file.
+
+    Raises:
+        DataError: `path` (or what its symlink points at) is a folder, device, FIFO or socket, in one line.
+    """
+    try:
+        mode = os.stat(path).st_mode  # follows a symlink: /dev/stdout -> a terminal is a device
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    except OSError as e:
+        raise DataError(f"{os.fspath(path)}: cannot write there ({e.strerror or e})") from None
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+        raise DataError(f"{os.fspath(path)}: is {kind}; cnnkit writes only a new file or over a regular file "
+                        "(choose another output path)")
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
     """Yield a temporary path next to `path`; on success fsync it and rename it onto `path`.
+
+    `path` must be absent or a regular file (`check_output_target`), checked before and again just
+    before the rename: `--output /dev/null` must not replace the device with a file.
 
     On an exception (Ctrl-C and SIGTERM included, which the CLI turns into one) the temporary file
     is removed and `path` is untouched. A process killed outright (SIGKILL, power loss) cannot clean
@@ -20,6 +47,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
     untouched, and the next write of the same `path` removes it (`remove_stale_temps`).
     """
     path = os.fspath(path)
+    check_output_target(path)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     remove_stale_temps(path)
@@ -30,6 +58,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        check_output_target(path)  # again: it may have appeared while the work ran
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

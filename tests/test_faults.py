@@ -566,3 +566,27 @@ def test_stale_temporary_files_of_dead_writers_are_removed(tmp_path):
     assert (tmp_path / "pred.csv").read_text() == "complete\n"
     assert {n: (tmp_path / n).exists() for n in names} == names
     assert remove_stale_temps(tmp_path / "pred.csv") == []
+
+
+def test_outputs_never_replace_a_device_a_folder_or_a_fifo(model, tiny_tree, tmp_path):
+    """`--output /dev/null` (run as root) once replaced the device with a regular file."""
+    import stat
+
+    from cnnkit.errors import DataError
+    from cnnkit.files import atomic_path
+
+    fifo, folder = tmp_path / "pipe", tmp_path / "dir"
+    os.mkfifo(fifo)
+    folder.mkdir()
+    for target, kind in (("/dev/null", "a character device"), (folder, "a folder"), (fifo, "a FIFO")):
+        with pytest.raises(DataError, match=f"is {kind}"), atomic_path(target) as tmp:
+            with open(tmp, "w") as f:
+                f.write("x")
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode) and folder.is_dir() and stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no temporary file left behind
+
+    result = runner.invoke(app, ["infer", os.path.join(tiny_tree, "testing"), "--model", model,
+                                 "--output", "/dev/null"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "/dev/null: is a character device" in result.stderr
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
