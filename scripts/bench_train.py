@@ -28,12 +28,11 @@ import json
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from machine import describe_machine, steal_seconds  # noqa: E402
+from machine import describe_machine, run_json  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -75,27 +74,15 @@ print(json.dumps({"load_seconds": load_s, "train_seconds": train_s,
 """
 
 
-def _run(cmd: list[str], cwd: str) -> tuple[dict, float]:
-    """(the command's last stdout line as JSON, with `steal`: the share of this VM's CPU time taken by
-    other guests while it ran; wall seconds)."""
-    t0, s0 = time.perf_counter(), steal_seconds()
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    steal = (steal_seconds() - s0) / (wall * (os.cpu_count() or 1))
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(cmd[:4])} failed:\n{proc.stderr[-2000:]}")
-    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "steal": steal}, wall
-
-
 def speed(data: str, work: str, repeat: int, epochs: int) -> dict:
     """Training images/s of the lecture's loop and of `cnnkit train --arch lecture`, alternated."""
     py = sys.executable
     rounds = []
     for r in range(repeat):  # alternate, so drift on a shared machine hits both alike
-        lec, lec_wall = _run([py, "-c", LECTURE_LOOP, data, str(epochs)], work)
-        ck, ck_wall = _run([py, "-m", "cnnkit", "train", data, "--json", "--arch", "lecture", "--epochs", str(epochs),
-                            "--batch-size", "128", "--val-split", "0", "--out", os.path.join(work, f"lecture-{r}")],
-                           work)
+        lec, lec_wall = run_json([py, "-c", LECTURE_LOOP, data, str(epochs)], work)
+        cmd = [py, "-m", "cnnkit", "train", data, "--json", "--arch", "lecture", "--epochs", str(epochs),
+               "--batch-size", "128", "--val-split", "0", "--out", os.path.join(work, f"lecture-{r}")]
+        ck, ck_wall = run_json(cmd, work)
         ratio = ck["train_images_per_second"] / lec["train_images_per_second"]
         rounds.append({"lecture_loop": {**lec, "wall": lec_wall},
                        "cnnkit_lecture": {k: ck[k] for k in ("train_images_per_second", "load_seconds",
@@ -112,7 +99,7 @@ def setting(data: str, work: str, name: str, label: str, args: list[str], seeds:
     runs = []
     for seed in seeds:
         out = os.path.join(work, f"{name}-{label}-s{seed}")
-        res, wall = _run([sys.executable, "-m", "cnnkit", "train", data, "--json", "--seed", str(seed),
+        res, wall = run_json([sys.executable, "-m", "cnnkit", "train", data, "--json", "--seed", str(seed),
                           "--out", out, *args], work)
         hist = json.load(open(os.path.join(out, "metrics.json")))["history"]
         runs.append({"seed": seed, "test_accuracy": res["test_accuracy"], "val_accuracy": res["val_accuracy"],

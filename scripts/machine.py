@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
+import sys
+import time
 
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "asimddp")
 
@@ -17,6 +20,18 @@ def steal_seconds() -> float:
         return int(fields[8]) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return 0.0
+
+
+def run_json(cmd: list[str], cwd: str | None = None) -> tuple[dict, float]:
+    """Run `cmd`; (its last stdout line as JSON plus `steal`: the share of this VM's CPU time the
+    hypervisor gave other guests meanwhile, wall seconds). Exits with the command's stderr on failure."""
+    t0, s0 = time.perf_counter(), steal_seconds()
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd[:6])} failed:\n{proc.stderr[-2000:]}")
+    steal = (steal_seconds() - s0) / (wall * (os.cpu_count() or 1))
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "steal": steal}, wall
 
 
 def describe_machine() -> dict:

@@ -18,13 +18,11 @@ import argparse
 import json
 import os
 import shlex
-import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from machine import describe_machine, steal_seconds  # noqa: E402
+from machine import describe_machine, run_json  # noqa: E402
 
 
 def training_only_view(data: str) -> str:
@@ -36,17 +34,12 @@ def training_only_view(data: str) -> str:
 
 def run_one(view: str, args: list[str], seed: int, out: str) -> dict:
     cmd = [sys.executable, "-m", "cnnkit", "train", view, "--seed", str(seed), "--out", out, "--json", *args]
-    t0, s0 = time.perf_counter(), steal_seconds()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.exit(f"{shlex.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res, wall = run_json(cmd)
     assert res.get("test_accuracy") is None, "the view must not contain testing/"
-    hist = res["history"] if "history" in res else json.load(open(os.path.join(out, "metrics.json")))["history"]
+    hist = json.load(open(os.path.join(out, "metrics.json")))["history"]  # --json leaves the history out
     return {
         "args": shlex.join(args), "seed": seed, "wall_seconds": wall,
-        "steal": (steal_seconds() - s0) / (wall * (os.cpu_count() or 1)),
+        "steal": res["steal"],
         "epochs": res["epochs"], "selected_epoch": res["best_epoch"], "val_accuracy": res["val_accuracy"],
         "last_val_accuracy": hist[-1]["val_accuracy"], "train_seconds": res["train_seconds"],
         "train_images_per_second": res["train_images_per_second"],

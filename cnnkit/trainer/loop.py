@@ -428,8 +428,8 @@ def _train(cfg: TrainConfig, resume: str | None, d: Dist, device: torch.device) 
     # evaluated here, once.
     net.load_state_dict(best_state)
     selection = _selection(cfg, history, best_epoch, len(y_val) if y_val is not None else 0, d)
-    report = _final_evaluation(net, sigmoid, d, device, x_train, y_train, x_val, y_val, test_split)
-    test_loss, test_accuracy = report.pop("test", (None, None))
+    report, (test_loss, test_accuracy) = _final_evaluation(net, sigmoid, d, device, x_train, y_train, x_val, y_val,
+                                                           test_split)
     n_test = int(d.all_sum(len(test_split.labels) if test_split is not None else 0)[0])
     plots: list[str] = []
     if d.main:
@@ -482,9 +482,9 @@ def _selection(cfg: TrainConfig, history: list[dict[str, Any]], best_epoch: int,
             "rule": "last epoch (no selection)", "epoch": best_epoch, "val_accuracy": None, "val_loss": None}
 
 
-def _final_evaluation(net, sigmoid, d, device, x_train, y_train, x_val, y_val, test_split) -> dict[str, Any]:
-    """Each split's outputs and labels (gathered from every rank) for the plots, on the selected weights;
-    for testing/ also ("test": (loss, accuracy)), its one and only evaluation."""
+def _final_evaluation(net, sigmoid, d, device, x_train, y_train, x_val, y_val, test_split) -> tuple[dict, tuple]:
+    """({split: (outputs, labels)} gathered from every rank, for the plots; (test loss, test accuracy),
+    testing/'s one and only evaluation, or (None, None)), all on the selected weights."""
     n_plot = min(len(x_train), 20000 // d.world)  # plenty for the label-vs-score plot
     parts = [("training", x_train[:n_plot], y_train[:n_plot])]
     if x_val is not None:
@@ -493,13 +493,14 @@ def _final_evaluation(net, sigmoid, d, device, x_train, y_train, x_val, y_val, t
         parts.append(("testing", torch.from_numpy(test_split.images).to(device),
                       torch.from_numpy(test_split.labels).to(device)))
     report: dict[str, Any] = {}
+    test: tuple[float | None, float | None] = (None, None)
     for name, x, y in parts:
         loss, acc, out = evaluate(net, x, y, sigmoid, d)
         if name == "testing":
-            report["test"] = (loss, acc)
+            test = (loss, acc)
         gathered = d.gather((out, y.cpu().numpy()))
         report[name] = (torch.cat([o for o, _ in gathered]), np.concatenate([lab for _, lab in gathered]))
-    return report
+    return report, test
 
 
 def build_for_training(
