@@ -285,6 +285,17 @@ def _measure(run: Runner, images: np.ndarray, batch_size: int) -> tuple[np.ndarr
 # The benchmark
 
 
+def _drop_unproven(found: dict[str, str]) -> list[str]:
+    """Remove from `found` the code-bearing files cnnkit cannot prove it wrote; a note for each."""
+    notes = []
+    for kind in CODE_BEARING:
+        why = why_untrusted(found[kind]) if kind in found else None
+        if why:
+            notes.append(f"{found.pop(kind)}: skipped, not loaded: it can run code and is {why}; "
+                         "pass --trust-model if you trust it")
+    return notes
+
+
 def _meta_of(run_dir: str, found: dict[str, str]) -> ModelMeta:
     """The model record, torch-free when an ONNX file is there."""
     from cnnkit.runtime.session import read_meta
@@ -361,12 +372,8 @@ def bench(
 
     notes: list[str] = []
     torch_ok = _have_torch()
-    for kind in CODE_BEARING:
-        why = None if trust_model or kind not in found else why_untrusted(found[kind])
-        if why:
-            notes.append(f"{found[kind]}: skipped, not loaded: it can run code and is {why}; "
-                         "pass --trust-model if you trust it")
-            del found[kind]
+    if not trust_model:
+        notes += _drop_unproven(found)
     if not torch_ok:
         skipped = [k for k in ("eager", "torchscript", "pt2") if k in found]
         if skipped:

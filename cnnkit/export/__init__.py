@@ -120,6 +120,16 @@ class ExportResult:
         return asdict(self)
 
 
+def _gate_device(device: str, precision: str) -> DeviceSpec:
+    """Where the fp16 gate may run; a GPU asked for any other precision is an error (those gates run on
+    the CPU provider against the CPU reference)."""
+    spec = parse_device(device)
+    if spec.kind == "cuda" and precision != "fp16":
+        raise DeviceError(f"--device {spec}: only the --half gate runs on a GPU; {precision} files are gated on "
+                          "the CPU provider against the CPU reference (leave --device out)")
+    return spec
+
+
 def _precision(fmt: str, quantize: str | None, half: bool) -> str:
     if fmt not in FORMATS:
         raise ModelError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
@@ -187,10 +197,7 @@ def export(
     """
     t0 = time.perf_counter()
     precision = _precision(fmt, quantize, half)
-    spec = parse_device(device)
-    if spec.kind == "cuda" and precision != "fp16":
-        raise DeviceError(f"--device {spec}: only the --half gate runs on a GPU; {precision} files are gated on "
-                          "the CPU provider against the CPU reference (leave --device out)")
+    spec = _gate_device(device, precision)
     tier = TIERS["fp16" if precision == "fp16" else "fp32"]
     tol = tier.max_abs if max_abs_tol is None else max_abs_tol
     if fmt == "onnx":
