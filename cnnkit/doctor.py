@@ -27,8 +27,8 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from typing import Any
 
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
+from cnnkit.runtime.session import CUDA, load_cuda_libraries
+
 ORT_CUDA13_FROM = (1, 27)  # onnxruntime-gpu 1.27+ wheels on PyPI are CUDA 13 builds; earlier: CUDA 12
 MIN_DRIVER_FOR_CUDA = {13: 580, 12: 525}  # NVIDIA driver branch a CUDA major needs (Linux)
 FIX_BOTH = "pip uninstall -y {names} && pip install 'cnnkit[{extra}]'"
@@ -148,6 +148,7 @@ def probe_providers() -> dict[str, Any]:
     except Exception as e:  # ImportError, or a broken mix of two distributions failing in its __init__
         return {"import_error": f"{type(e).__name__}: {e}"}
     available = list(ort.get_available_providers())
+    loader = load_cuda_libraries(ort) if CUDA in available else ""
     model = _tiny_model()
     works, errors = [], {}
     ort.set_default_logger_severity(4)  # provider libraries that fail to load log pages of errors
@@ -167,7 +168,10 @@ def probe_providers() -> dict[str, Any]:
                 errors[provider] = f"session fell back to {', '.join(used)}"
     finally:
         ort.set_default_logger_severity(2)  # onnxruntime's default (warnings)
-    return {"version": ort.__version__, "available": available, "working": works, "errors": errors}
+    report = {"version": ort.__version__, "available": available, "working": works, "errors": errors}
+    if loader:
+        report["cuda_library_loader"] = loader
+    return report
 
 
 def _tiny_model() -> bytes:

@@ -41,6 +41,7 @@ import time
 
 ROWS: list[dict] = []
 PY = sys.executable
+JSON_OUT: list[str] = []  # where the rows are saved after each one (a check cut short keeps the rows so far)
 
 
 def cnnkit(*args: str, cwd: str, timeout: float = 600, env: dict | None = None) -> tuple[int, str, str]:
@@ -68,12 +69,21 @@ def row(name: str, fn, *args) -> dict | None:
         ok, detail, value = False, f"{type(e).__name__}: {last_line(str(e))}", None
     ROWS.append({"check": name, "passed": ok, "seconds": round(time.perf_counter() - t0, 1), "detail": detail})
     print(f"{'pass' if ok else 'FAIL':<5} {name:<18} {ROWS[-1]['seconds']:>7.1f} s  {detail}", flush=True)
+    save_rows()
     return value
+
+
+def save_rows() -> None:
+    for path in JSON_OUT:
+        with open(path + ".tmp", "w") as f:
+            json.dump(ROWS, f, indent=1)
+        os.replace(path + ".tmp", path)
 
 
 def skip(name: str, why: str) -> None:
     ROWS.append({"check": name, "passed": None, "seconds": 0.0, "detail": why})
     print(f"{'skip':<5} {name:<18} {0.0:>7.1f} s  {why}", flush=True)
+    save_rows()
 
 
 # --------------------------------------------------------------------------------------------
@@ -83,11 +93,14 @@ def skip(name: str, why: str) -> None:
 def check_doctor(work: str, want_cuda: bool):
     code, out, err = cnnkit("doctor", "--json", cwd=work)
     d = last_json(out)
-    text = json.dumps(d)
     if not want_cuda:
-        return code in (0, 1) and bool(d), f"exit {code}; {len(text)} bytes of report", d
-    loads = "CUDAExecutionProvider" in text and code == 0
-    return loads, f"exit {code}; CUDA provider {'loads' if loads else 'does NOT load'}", d
+        return code in (0, 1) and bool(d), f"exit {code}; {len(json.dumps(d))} bytes of report", d
+    ort = d.get("onnxruntime", {})
+    loads = "CUDAExecutionProvider" in ort.get("working", []) and code == 0
+    said = ort.get("errors", {}).get("CUDAExecutionProvider") or ort.get("cuda_library_loader") or ""
+    return loads, (f"exit {code}; onnxruntime {ort.get('version')}: CUDA provider "
+                   f"{'loads' if loads else 'does NOT load'}{'; ' + said[:200] if said and not loads else ''}; "
+                   f"GPU {d.get('gpu', {}).get('name', '?')}, driver {d.get('gpu', {}).get('driver', '?')}"), d
 
 
 def check_train(work: str, data: str, device: str, out: str, epochs: int, min_acc: float):
@@ -229,6 +242,8 @@ def main() -> int:
     ap.add_argument("--min-accuracy", type=float, default=0.8)
     ap.add_argument("--json", dest="json_out", help="also write the rows here")
     a = ap.parse_args()
+    if a.json_out:
+        JSON_OUT.append(os.path.abspath(a.json_out))
     work = os.path.abspath(a.work)
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
@@ -250,7 +265,7 @@ def main() -> int:
         cpu_csv, None)
     if not cuda:
         print("# no CUDA device here (torch.cuda.is_available() is False): GPU rows skipped; CPU rows above")
-        return finish(a.json_out)
+        return finish()
 
     row("doctor cuda", check_doctor, work, True)
     gpu_run = os.path.join(work, "cuda")
@@ -269,16 +284,14 @@ def main() -> int:
     row("infer cuda", check_infer, work, big, model, "cuda", os.path.join(work, "cuda-big.csv"), cpu_big)
     row("torchrun", check_torchrun, work, data, min(2, torch.cuda.device_count()))
     skip("tensorrt", "cnnkit has no TensorRT provider option")
-    return finish(a.json_out)
+    return finish()
 
 
-def finish(json_out: str | None) -> int:
+def finish() -> int:
     failed = [r["check"] for r in ROWS if r["passed"] is False]
     print(f"# {sum(r['passed'] is True for r in ROWS)} passed, {len(failed)} failed"
           + (f": {', '.join(failed)}" if failed else ""))
-    if json_out:
-        with open(json_out, "w") as f:
-            json.dump(ROWS, f, indent=1)
+    save_rows()
     return 1 if failed else 0
 
 

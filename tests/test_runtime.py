@@ -368,6 +368,32 @@ def test_silent_cuda_fallback_is_caught(models, monkeypatch):
     assert s.notes and "CPU" in s.notes[0]
 
 
+def test_cuda_libraries_are_preloaded_once_and_quietly(models, monkeypatch, capsys):
+    """onnxruntime-gpu's provider finds the pip `nvidia-*` libraries only through `preload_dlls`, which
+    prints; `--json` owns stdout, so what it prints is kept for the error message instead."""
+    import onnxruntime as ort
+
+    from cnnkit.runtime import session as session_mod
+
+    calls = []
+
+    def fake_preload():
+        calls.append(1)
+        print("Failed to load libcudnn.so.9: not found")
+
+    real = ort.InferenceSession
+    monkeypatch.setattr(session_mod, "_PRELOAD", [])
+    monkeypatch.setattr(ort, "preload_dlls", fake_preload, raising=False)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession",
+                        lambda path, sess_options=None, providers=None: real(path, sess_options=sess_options,
+                                                                               providers=["CPUExecutionProvider"]))
+    with pytest.raises(DeviceError, match="libcudnn.so.9"):
+        create_session(models["logits"], device="cuda")
+    assert create_session(models["logits"], device="auto").provider == "CPUExecutionProvider"
+    assert calls == [1] and capsys.readouterr().out == ""
+
+
 # --------------------------------------------------------------------------------------------
 # The runtime is torch-free
 

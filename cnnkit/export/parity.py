@@ -39,6 +39,7 @@ import numpy as np
 from cnnkit.devices import parse_device
 from cnnkit.errors import DeviceError, ParityError
 from cnnkit.meta import predict
+from cnnkit.runtime.session import load_cuda_libraries
 
 Runner = Callable[[np.ndarray], np.ndarray]
 
@@ -270,6 +271,7 @@ def onnx_runner(path: str, device: str = "cpu") -> Runner:
     if spec.kind == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise DeviceError(f"onnxruntime {ort.__version__} has no CUDA provider")
+        load_cuda_libraries(ort)
         # TF32 off: see the module docstring (the fp32 parts of a graph would otherwise move ~1e-3).
         options = {"use_tf32": 0, "device_id": spec.cuda_index}
         providers: list[Any] = [("CUDAExecutionProvider", options), "CPUExecutionProvider"]

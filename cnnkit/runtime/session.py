@@ -13,6 +13,8 @@ Device policy (the one place where `auto|cpu|cuda` becomes an execution provider
 
 from __future__ import annotations
 
+import contextlib
+import io
 import mmap
 import os
 from dataclasses import dataclass, field
@@ -280,6 +282,34 @@ def _cuda_fix() -> str:
     )
 
 
+_PRELOAD: list[str] = []  # what onnxruntime printed while loading the CUDA libraries (once per process)
+
+
+def load_cuda_libraries(ort: Any) -> str:
+    """Load the CUDA and cuDNN libraries that onnxruntime-gpu's CUDA provider links against.
+
+    The provider library has no search path of its own: without this (or an `import torch` first),
+    the pip packages `nvidia-*-cu13` that `onnxruntime-gpu[cuda,cudnn]` installs are not found and the
+    session falls back to the CPU. `ort.preload_dlls()` (onnxruntime >= 1.21) looks in those packages
+    first; it prints to stdout, which `--json` owns, so its messages are kept and returned instead.
+    A CPU build of onnxruntime makes this a no-op.
+    """
+    if not _PRELOAD and hasattr(ort, "preload_dlls"):
+        buf = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(buf):
+                ort.preload_dlls()
+        except Exception as e:  # a bad `directory` or a loader error: the session's check still decides
+            buf.write(f"{type(e).__name__}: {e}")
+        _PRELOAD.append(" ".join(buf.getvalue().split())[:500])
+    return _PRELOAD[0] if _PRELOAD else ""
+
+
+def _loader_said() -> str:
+    said = _PRELOAD[0] if _PRELOAD else ""
+    return f" (loading the CUDA libraries said: {said})" if said else ""
+
+
 def provider_list(device: str | DeviceSpec, ort: Any) -> list[Any]:
     """The providers to ask onnxruntime for: the CUDA provider on GPU `cuda:N` (`device_id` N; 0 for
     `cuda` and `auto`) with the CPU provider behind it, or the CPU provider alone.
@@ -292,6 +322,7 @@ def provider_list(device: str | DeviceSpec, ort: Any) -> list[Any]:
     if spec.kind == "cuda" and CUDA not in available:
         raise DeviceError(f"device {spec}: no CUDA provider in onnxruntime {ort.__version__}: {_cuda_fix()}")
     if spec.kind == "cuda" or (spec.kind == "auto" and CUDA in available):
+        load_cuda_libraries(ort)
         # HEURISTIC: no per-shape cuDNN benchmark, which the ragged last batch would pay again.
         return [(CUDA, {"device_id": spec.cuda_index, "cudnn_conv_algo_search": "HEURISTIC"}), CPU]
     return [CPU]
@@ -372,7 +403,7 @@ def create_session(path: str, device: str = "auto", threads: int | None = None) 
     notes: list[str] = []
     if providers[0] != CPU and CUDA not in used:  # onnxruntime-gpu's silent fallback to the CPU
         if spec.kind == "cuda":
-            raise DeviceError(f"device {spec}: the CUDA provider did not load: {_cuda_fix()}")
+            raise DeviceError(f"device {spec}: the CUDA provider did not load: {_cuda_fix()}{_loader_said()}")
         notes.append(f"device auto: the CUDA provider did not load, running on the CPU: {_cuda_fix()}")
     input_name, output_name = _check_io(path, meta, sess)
     provider = CUDA if CUDA in used else CPU
