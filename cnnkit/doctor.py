@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from typing import Any
 
-from cnnkit.runtime.session import CUDA, load_cuda_libraries
+from cnnkit.runtime.session import CUDA, load_cuda_libraries, quiet_session
 
 ORT_CUDA13_FROM = (1, 27)  # onnxruntime-gpu 1.27+ wheels on PyPI are CUDA 13 builds; earlier: CUDA 12
 MIN_DRIVER_FOR_CUDA = {13: 580, 12: 525}  # NVIDIA driver branch a CUDA major needs (Linux)
@@ -157,7 +157,7 @@ def probe_providers() -> dict[str, Any]:
             opts = ort.SessionOptions()
             opts.log_severity_level = 4
             try:
-                session = ort.InferenceSession(model, sess_options=opts, providers=[provider])
+                session, said = quiet_session(ort, model, sess_options=opts, providers=[provider])
                 used = session.get_providers()
             except Exception as e:
                 errors[provider] = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
@@ -165,7 +165,7 @@ def probe_providers() -> dict[str, Any]:
             if provider in used:
                 works.append(provider)
             else:
-                errors[provider] = f"session fell back to {', '.join(used)}"
+                errors[provider] = said or f"session fell back to {', '.join(used)}"
     finally:
         ort.set_default_logger_severity(2)  # onnxruntime's default (warnings)
     report = {"version": ort.__version__, "available": available, "working": works, "errors": errors}

@@ -45,7 +45,8 @@ def test_train_json_has_the_contract_keys(run_in):
                 "train_images_per_second", "test_accuracy", "val_accuracy", "best_epoch", "selection"):
         assert key in out, key
     assert out["selection"]["split"] == "validation" and out["selection"]["epoch"] == out["best_epoch"] == 1
-    assert out["classes"] == ["0", "1", "2"] and out["epochs"] == 1 and out["device"] == "cpu"
+    assert out["classes"] == ["0", "1", "2"] and out["epochs"] == 1
+    assert out["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")  # the default is auto
 
 
 def test_export_and_infer_with_defaults_agree(run_in, tiny_tree, monkeypatch):
@@ -63,7 +64,11 @@ def test_export_and_infer_with_defaults_agree(run_in, tiny_tree, monkeypatch):
     res = _json(runner.invoke(app, ["infer", testing, "--json"]))
     for key in ("model", "provider", "n_images", "n_failed", "seconds", "images_per_second", "accuracy", "output"):
         assert key in res, key
-    assert res["provider"] == "CPUExecutionProvider" and res["n_images"] == 60 and res["n_failed"] == 0
+    import onnxruntime as ort
+
+    cuda = "CUDAExecutionProvider"
+    auto = cuda if cuda in ort.get_available_providers() else "CPUExecutionProvider"  # the default is auto
+    assert res["provider"] == auto and res["n_images"] == 60 and res["n_failed"] == 0
     assert os.path.samefile(res["model"], exports["onnx"]["path"])
     # The ONNX runtime's answers match the TorchScript model's, file by file.
     module, meta = load_torchscript(exports["torchscript"]["path"])

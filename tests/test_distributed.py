@@ -37,7 +37,8 @@ def _torchrun(args: list[str], cwd) -> dict:
 
 
 def test_two_gloo_processes_train_resume_export(tmp_path, binary_tree):
-    common = [binary_tree, "--arch", "lecture", "--workers", "0", "--seed", "1", "--batch-size", "128"]
+    common = [binary_tree, "--arch", "lecture", "--workers", "0", "--seed", "1", "--batch-size", "128",
+              "--device", "cpu"]
     first = _torchrun([*common, "--epochs", "2"], tmp_path)
     assert first["world_size"] == 2 and first["epochs"] == 2
     resumed = _torchrun([*common, "--epochs", "3", "--resume", first["run_dir"]], tmp_path)
@@ -48,6 +49,20 @@ def test_two_gloo_processes_train_resume_export(tmp_path, binary_tree):
     result = export(os.fspath(tmp_path / resumed["checkpoint"]), fmt="onnx", out=os.fspath(tmp_path / "m.onnx"))
     assert result.parity.passed
 
-    single = train(TrainConfig(data=binary_tree, arch="lecture", epochs=3, seed=1, workers=0,
+    single = train(TrainConfig(data=binary_tree, arch="lecture", epochs=3, seed=1, workers=0, device="cpu",
                                runs_dir=os.fspath(tmp_path / "single")))
     assert abs(resumed["test_accuracy"] - single.test_accuracy) <= 0.01
+
+
+def test_auto_device_under_torchrun_needs_a_gpu_per_process(monkeypatch):
+    """`--device auto` with more local processes than GPUs trains on the CPU everywhere (seen on a
+    one-GPU machine: rank 1 failed with 'GPU 1 asked for' while rank 0 waited)."""
+    from cnnkit.trainer.distributed import auto_uses_cuda
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert auto_uses_cuda(1) and not auto_uses_cuda(2)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert auto_uses_cuda(2) and not auto_uses_cuda(4)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not auto_uses_cuda(1)

@@ -39,7 +39,7 @@ import numpy as np
 from cnnkit.devices import parse_device
 from cnnkit.errors import DeviceError, ParityError
 from cnnkit.meta import predict
-from cnnkit.runtime.session import load_cuda_libraries
+from cnnkit.runtime.session import load_cuda_libraries, quiet_session
 
 Runner = Callable[[np.ndarray], np.ndarray]
 
@@ -277,9 +277,10 @@ def onnx_runner(path: str, device: str = "cpu") -> Runner:
         providers: list[Any] = [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
     else:
         providers = ["CPUExecutionProvider"]
-    session = ort.InferenceSession(path, sess_options=opts, providers=providers)
+    session, said = quiet_session(ort, path, sess_options=opts, providers=providers)
     if spec.kind == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
-        raise DeviceError("the CUDA provider did not load (no GPU, or its CUDA / cuDNN libraries are missing)")
+        raise DeviceError("the CUDA provider did not load (no GPU, or its CUDA / cuDNN libraries are missing)"
+                          + (f": {said}" if said else ""))
     name = session.get_inputs()[0].name
 
     def run(x: np.ndarray) -> np.ndarray:

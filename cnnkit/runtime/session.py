@@ -305,6 +305,20 @@ def load_cuda_libraries(ort: Any) -> str:
     return _PRELOAD[0] if _PRELOAD else ""
 
 
+def quiet_session(ort: Any, model: Any, **kwargs: Any) -> tuple[Any, str]:
+    """`ort.InferenceSession(model, **kwargs)` and what onnxruntime printed while creating it.
+
+    When a provider fails to initialise, onnxruntime prints an "EP Error" banner to stdout and retries
+    on its fallback providers; `--json` owns stdout, so the banner is kept here for the caller's
+    message instead. Whether the fallback happened is for the caller to check (`get_providers()`).
+    """
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        sess = ort.InferenceSession(model, **kwargs)
+    said = " ".join(ln for ln in buf.getvalue().split("\n") if ln.strip() and not ln.startswith("****"))
+    return sess, " ".join(said.split())[:500]
+
+
 def _loader_said() -> str:
     said = _PRELOAD[0] if _PRELOAD else ""
     return f" (loading the CUDA libraries said: {said})" if said else ""
@@ -391,7 +405,7 @@ def create_session(path: str, device: str = "auto", threads: int | None = None) 
     spec = parse_device(device)
     providers = provider_list(spec, ort)
     try:
-        sess = ort.InferenceSession(path, sess_options=_session_options(ort, threads), providers=providers)
+        sess, said = quiet_session(ort, path, sess_options=_session_options(ort, threads), providers=providers)
     except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ModelError(f"{path}: onnxruntime cannot load it: {first}") from None
@@ -403,7 +417,8 @@ def create_session(path: str, device: str = "auto", threads: int | None = None) 
     notes: list[str] = []
     if providers[0] != CPU and CUDA not in used:  # onnxruntime-gpu's silent fallback to the CPU
         if spec.kind == "cuda":
-            raise DeviceError(f"device {spec}: the CUDA provider did not load: {_cuda_fix()}{_loader_said()}")
+            raise DeviceError(f"device {spec}: the CUDA provider did not load: {_cuda_fix()}{_loader_said()}"
+                              + (f" (onnxruntime said: {said})" if said else ""))
         notes.append(f"device auto: the CUDA provider did not load, running on the CPU: {_cuda_fix()}")
     input_name, output_name = _check_io(path, meta, sess)
     provider = CUDA if CUDA in used else CPU

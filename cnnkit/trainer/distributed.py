@@ -76,6 +76,15 @@ def _reduce_device() -> torch.device:
     return torch.device("cpu")
 
 
+def auto_uses_cuda(local_world: int = 1) -> bool:
+    """`--device auto`: CUDA when torch sees a GPU for every process on this machine, else the CPU.
+
+    Every process decides alike, so a torchrun job with more processes than GPUs trains on gloo/CPU
+    as a whole rather than failing on the ranks that have no GPU of their own.
+    """
+    return torch.cuda.is_available() and torch.cuda.device_count() >= max(1, local_world)
+
+
 def setup(device: str) -> tuple[Dist, torch.device]:
     """Resolve the device and, under torchrun (WORLD_SIZE > 1), join the process group.
 
@@ -86,7 +95,8 @@ def setup(device: str) -> tuple[Dist, torch.device]:
     spec = parse_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if spec.kind == "auto" else spec.kind == "cuda"
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    use_cuda = auto_uses_cuda(local_world) if spec.kind == "auto" else spec.kind == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise DeviceError(f"--device {spec}: torch sees no CUDA device (torch {torch.__version__}, CUDA build "
                           f"{torch.version.cuda or 'none'}; use --device cpu or auto)")
@@ -106,7 +116,6 @@ def setup(device: str) -> tuple[Dist, torch.device]:
         if not use_cuda:
             # Processes on one machine share its cores; torchrun sets OMP_NUM_THREADS=1 for this,
             # a manual launch may not.
-            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     return Dist(rank, world, local_rank), dev
 
