@@ -23,7 +23,7 @@ from cnnkit.datasets.layout import encode_png
 from cnnkit.errors import EXIT_FILES_FAILED
 from cnnkit.listing import Listing, iter_pngs, list_pngs
 from cnnkit.runtime.infer import infer
-from cnnkit.runtime.shard import Shard, ShardError, merge, parse_shard, shard_of
+from cnnkit.runtime.shard import Shard, ShardError, file_sha256, merge, parse_shard, shard_of
 
 runner = CliRunner()
 CLASSES = ("ant", "bee", "cat")
@@ -216,13 +216,19 @@ def test_missing_shard_is_reported_and_exits_1(shard_outputs, tmp_path):
     assert os.path.isfile(merged)  # written, marked incomplete
 
 
-def test_duplicated_file_is_reported(shard_outputs, tmp_path):
+def _copy_shards(shard_outputs: list[str], to: str) -> list[str]:
+    """The shard CSVs with their summaries and failure lists, copied to `to`; the copies' paths."""
     copies = []
     for p in shard_outputs:
         for suffix in ("", ".json", ".failures.csv"):
             if os.path.exists(p + suffix):
-                shutil.copy(p + suffix, str(tmp_path / os.path.basename(p + suffix)))
-        copies.append(str(tmp_path / os.path.basename(p)))
+                shutil.copy(p + suffix, os.path.join(to, os.path.basename(p + suffix)))
+        copies.append(os.path.join(to, os.path.basename(p)))
+    return copies
+
+
+def test_duplicated_file_is_reported(shard_outputs, tmp_path):
+    copies = _copy_shards(shard_outputs, str(tmp_path))
     # Shard 1's CSV gains a row of shard 0 (in its sorted place), and its summary the count.
     with open(copies[0], newline="") as f:
         stolen = list(csv.reader(f))[1]
@@ -232,6 +238,7 @@ def test_duplicated_file_is_reported(shard_outputs, tmp_path):
         csv.writer(f).writerows([rows[0], *sorted([*rows[1:], stolen])])
     summary = json.load(open(copies[1] + ".json"))
     summary["n_images"] += 1
+    summary["csv"] = {"sha256": file_sha256(copies[1]), "rows": summary["n_images"]}  # a consistent forgery
     json.dump(summary, open(copies[1] + ".json", "w"))
     result = _merge([*copies, "--output", str(tmp_path / "out" / "m.csv"), "--json"])
     assert result.exit_code == 1, result.output
@@ -276,6 +283,76 @@ def test_mixing_models_folders_or_n_is_refused(tree, model, onnx_model_factory, 
     shutil.copy(shard_outputs[0], lone)
     with pytest.raises(ShardError, match="no summary"):
         merge([str(lone)], str(tmp_path / "x.csv"))
+
+
+def _one_line_refusal(result, out) -> str:
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.output and not os.path.exists(out)
+    return result.stderr
+
+
+def _rewrite(path: str, edit) -> None:
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(edit(rows))
+
+
+def test_a_shard_csv_edited_after_its_run_is_refused(shard_outputs, tmp_path):
+    """Each edit keeps the CSV well-formed and sorted, so only the recorded SHA-256 can catch it."""
+    flip = {"ant": "bee", "bee": "cat", "cat": "ant"}
+    edits = {
+        "relabelled": ("", lambda rows: [rows[0], [rows[1][0], flip[rows[1][1]], *rows[1][2:]], *rows[2:]],
+                       "same"),
+        "row dropped": ("", lambda rows: rows[:-1], "rows instead of"),
+        "failure dropped": (".failures.csv", lambda rows: rows[:1], "0 rows instead of 1"),
+    }
+    for what, (suffix, edit, differs) in edits.items():
+        folder = tmp_path / what.replace(" ", "-")
+        folder.mkdir()
+        copies = _copy_shards(shard_outputs, str(folder))
+        target = next(c for c in copies if os.path.exists(c + suffix))
+        _rewrite(target + suffix, edit)
+        out = str(folder / "m.csv")
+        err = _one_line_refusal(_merge([*copies, "--output", out]), out)
+        k = copies.index(target)
+        assert f"{target + suffix}: changed since shard {k}/3 wrote it" in err and differs in err, (what, err)
+        assert f"--shard {k}/3" in err
+
+
+@pytest.mark.parametrize("case, expected", [
+    (lambda s: s.pop("csv"), "no 'csv'"),
+    (lambda s: s.update(version=1), "older cnnkit"),
+    (lambda s: s.update(shard={"index": 0, "count": 0}), "'shard' must be"),
+    (lambda s: s.update(shard={"index": 3, "count": 3}), "'shard' must be"),
+    (lambda s: s.update(shard=[0, 3]), "'shard' must be"),
+    (lambda s: s.update(n_images="50"), "'n_images' must be a count"),
+    (lambda s: s.update(n_failed=-1), "'n_failed' must be a count"),
+    (lambda s: s.update(classes=[]), "'classes' must be"),
+    (lambda s: s.update(confusion=[[1, 2]]), "'confusion' must be 3 x 3"),
+    (lambda s: s.update(accuracy=2.5), "'accuracy' must be"),
+    (lambda s: s.update(failures=[["x.png", "bad"]]), "'failures' must be"),
+    (lambda s: s.update(model_sha256=None), "'model_sha256' must be"),
+    (lambda s: s["csv"].update(rows=1), "'csv' has 1 rows"),
+    ("[]", "not a summary"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    (" " * (64 << 20) + "{}", "too large"),
+    ("{\"kind\": ", "not a readable summary"),
+])
+def test_malformed_summaries_are_one_line_errors(shard_outputs, tmp_path, case, expected):
+    copies = _copy_shards(shard_outputs, str(tmp_path))
+    summary = json.load(open(copies[1] + ".json"))
+    if callable(case):
+        case(summary)
+        text = json.dumps(summary)
+    else:
+        text = case
+    with open(copies[1] + ".json", "w") as f:
+        f.write(text)
+    out = str(tmp_path / "m.csv")
+    err = _one_line_refusal(_merge([*copies, "--output", out]), out)
+    assert copies[1] + ".json" in err and expected in err, err
 
 
 # --------------------------------------------------------------------------------------------

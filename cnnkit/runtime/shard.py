@@ -30,17 +30,21 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from cnnkit.errors import CnnkitError
+from cnnkit.errors import DataError
 from cnnkit.files import atomic_path, write_json
 
 ASSIGNMENT = "blake2b-64(utf-8 relative path) mod N"
 SHARD_KIND = "cnnkit-infer-shard"
 MERGED_KIND = "cnnkit-infer-merged"
-SUMMARY_VERSION = 1
+SUMMARY_VERSION = 1  # of the merged summary
+# 2: the shard summary records the SHA-256 and row count of the shard's CSVs (`csv`, `failures_csv`),
+# and merge refuses a CSV that no longer matches; a version-1 summary has nothing to check against.
+SHARD_SUMMARY_VERSION = 2
+MAX_SUMMARY_BYTES = 64 << 20  # a summary is small (1,000 failures, a k x k matrix); refuse before parsing
 LISTED = 20  # paths listed per kind of problem (all are counted)
 
 
-class ShardError(CnnkitError):
+class ShardError(DataError):
     """A --shard value, or shard outputs that cannot be merged as given."""
 
 
@@ -133,7 +137,7 @@ def write_shard_summary(result: Any, folder: str, shard: Shard, n_listed: int) -
         path,
         {
             "kind": SHARD_KIND,
-            "version": SUMMARY_VERSION,
+            "version": SHARD_SUMMARY_VERSION,
             "assignment": ASSIGNMENT,
             "shard": {"index": shard.index, "count": shard.count},
             "folder": os.path.abspath(folder),
@@ -151,9 +155,16 @@ def write_shard_summary(result: Any, folder: str, shard: Shard, n_listed: int) -
             "provider": result.provider,
             "seconds": round(result.seconds, 4),
             "host": socket.gethostname(),
+            "csv": _file_record(result.output, result.n_images),
+            "failures_csv": _file_record(result.failures_output, result.n_failed) if result.failures_output else None,
         },
     )
     return path
+
+
+def _file_record(path: str, rows: int) -> dict[str, Any]:
+    """What merge checks a shard's CSV against: its bytes' SHA-256 and its data rows."""
+    return {"sha256": file_sha256(path), "rows": rows}
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,23 +254,142 @@ class MergeResult:
 
 
 def _load_summary(csv_path: str) -> dict[str, Any]:
+    """The summary next to a shard CSV, checked field by field (`_check_summary`)."""
     path = summary_path(csv_path)
     if not os.path.isfile(csv_path):
         raise ShardError(f"{csv_path}: no such file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            summary = json.load(f)
-    except FileNotFoundError:
-        raise ShardError(f"{csv_path}: no summary {path} next to it; is it the output of "
-                         "`cnnkit infer --shard K/N` (did that run finish)?") from None
-    except (OSError, ValueError) as e:
-        raise ShardError(f"{path}: not a readable summary ({e})") from None
+    summary = _read_summary_json(csv_path, path)
     kind = summary.get("kind") if isinstance(summary, dict) else None
     if kind == MERGED_KIND:
         raise ShardError(f"{csv_path}: this is a merged output, not a shard's; leave it out")
-    if kind != SHARD_KIND or summary.get("version") != SUMMARY_VERSION:
-        raise ShardError(f"{path}: not a summary of `cnnkit infer --shard` (version {SUMMARY_VERSION})")
+    if kind != SHARD_KIND:
+        raise ShardError(f"{path}: not a summary of `cnnkit infer --shard`")
+    if summary.get("version") == 1:
+        raise ShardError(f"{path}: written by an older cnnkit that did not record the CSV's SHA-256, so an "
+                         f"edited CSV would go unnoticed; re-run that shard (`cnnkit infer DIR --shard K/N`)")
+    if summary.get("version") != SHARD_SUMMARY_VERSION:
+        raise ShardError(f"{path}: summary version {summary.get('version')!r}, this cnnkit reads "
+                         f"version {SHARD_SUMMARY_VERSION}; merge with the cnnkit that ran the shards")
+    _check_summary(path, summary)
     return summary
+
+
+def _read_summary_json(csv_path: str, path: str) -> Any:
+    """The parsed JSON of a summary: a regular file under `MAX_SUMMARY_BYTES`, not nested too deep."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise ShardError(f"{path}: not a regular file, so not a shard summary")  # a FIFO would block
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_SUMMARY_BYTES + 1)
+    except FileNotFoundError:
+        raise ShardError(f"{csv_path}: no summary {path} next to it; is it the output of "
+                         "`cnnkit infer --shard K/N` (did that run finish)?") from None
+    except OSError as e:
+        raise ShardError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if len(data) > MAX_SUMMARY_BYTES:
+        raise ShardError(f"{path}: over {MAX_SUMMARY_BYTES >> 20} MB, too large for a shard summary")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except RecursionError:  # json's own limit on nesting, reached long before any real summary's
+        raise ShardError(f"{path}: nested too deeply to be a shard summary") from None
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise ShardError(f"{path}: not a readable summary ({e})") from None
+
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _is_record(v: Any) -> bool:
+    return isinstance(v, dict) and isinstance(v.get("sha256"), str) and bool(_HEX64.fullmatch(v["sha256"])) \
+        and _is_count(v.get("rows"))
+
+
+def _is_shard(v: Any) -> bool:
+    return isinstance(v, dict) and _is_count(v.get("count")) and _is_count(v.get("index")) \
+        and v["index"] < v["count"]
+
+
+def _is_fraction(v: Any) -> bool:
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1)
+
+
+def _is_failures(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(f, dict) and isinstance(f.get("path"), str)
+                                       and isinstance(f.get("reason"), str) for f in v)
+
+
+# What merge reads from a shard summary, and what each must be.
+_SUMMARY_FIELDS: dict[str, tuple[Any, str]] = {
+    "assignment": (lambda v: isinstance(v, str), "a string"),
+    "shard": (_is_shard, "{index, count} with 0 <= index < count"),
+    "folder": (lambda v: isinstance(v, str), "a string"),
+    "model": (lambda v: isinstance(v, str), "a string"),
+    "model_sha256": (lambda v: isinstance(v, str) and bool(_HEX64.fullmatch(v)), "64 hex digits"),
+    "classes": (lambda v: isinstance(v, list) and bool(v) and all(isinstance(c, str) for c in v),
+                "a list of class names"),
+    "n_listed": (_is_count, "a count"),
+    "n_images": (_is_count, "a count"),
+    "n_failed": (_is_count, "a count"),
+    "n_converted": (_is_count, "a count"),
+    "accuracy": (_is_fraction, "null or a fraction"),
+    "confusion": (lambda v: v is None or isinstance(v, list), "null or a matrix"),
+    "failures": (_is_failures, "a list of {path, reason}"),
+    "csv": (_is_record, "{sha256, rows}"),
+    "failures_csv": (lambda v: v is None or _is_record(v), "null or {sha256, rows}"),
+}
+
+
+def _check_summary(path: str, s: dict[str, Any]) -> None:
+    """Refuse a summary whose fields merge cannot use, in one line that names the first bad one."""
+    def bad(what: str) -> ShardError:
+        return ShardError(f"{path}: malformed shard summary: {what}; re-run that shard")
+
+    for key, (valid, want) in _SUMMARY_FIELDS.items():
+        if key not in s:
+            raise bad(f"no {key!r}")
+        if not valid(s[key]):
+            raise bad(f"{key!r} must be {want}")
+    k, confusion = len(s["classes"]), s["confusion"]
+    if confusion is not None and not (len(confusion) == k and all(
+            isinstance(row, list) and len(row) == k and all(map(_is_count, row)) for row in confusion)):
+        raise bad(f"'confusion' must be {k} x {k} counts, one row and column per class")
+    if s["csv"]["rows"] != s["n_images"]:
+        raise bad(f"'csv' has {s['csv']['rows']} rows but 'n_images' is {s['n_images']}")
+    failures_rows = 0 if s["failures_csv"] is None else s["failures_csv"]["rows"]
+    if failures_rows != s["n_failed"]:
+        raise bad(f"'failures_csv' has {failures_rows} rows but 'n_failed' is {s['n_failed']}")
+
+
+def _verify_csvs(csv_path: str, s: dict[str, Any], failures_csv: str) -> None:
+    """Refuse a shard CSV, or its failure list, whose bytes differ from what its summary recorded."""
+    label = f"shard {s['shard']['index']}/{s['shard']['count']}"
+    _verify_file(csv_path, s["csv"], label)
+    if s["failures_csv"] is not None:
+        _verify_file(failures_csv, s["failures_csv"], label)
+
+
+def _verify_file(path: str, record: dict[str, Any], label: str) -> None:
+    rerun = f"re-run {label} (`cnnkit infer DIR --shard {label.split()[1]}`)"
+    if not os.path.isfile(path):
+        raise ShardError(f"{path}: missing or not a regular file, but {label}'s summary lists it; {rerun}")
+    digest = file_sha256(path)
+    if digest == record["sha256"]:
+        return
+    rows = _count_rows(path)
+    what = (f"{rows:,} rows instead of {record['rows']:,}" if rows != record["rows"]
+            else f"same {rows:,} rows, other bytes")
+    raise ShardError(f"{path}: changed since {label} wrote it ({what}: SHA-256 {digest[:12]}... vs "
+                     f"{record['sha256'][:12]}... in its summary); {rerun}")
+
+
+def _count_rows(path: str) -> int:
+    """Data rows of a CSV (header left out); only to say what differs in an error."""
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        return max(0, sum(1 for _ in csv.reader(f)) - 1)
 
 
 def _same(summaries: list[tuple[str, dict[str, Any]]], key: str, what: str) -> Any:
@@ -322,6 +452,8 @@ def merge(csvs: list[str], output: str, *, check_folder: bool = False) -> MergeR
     model_sha = _same(summaries, "model_sha256", "model files (SHA-256)")
     folder = _same(summaries, "folder", "folders")
     classes = _same(summaries, "classes", "class lists")
+    for p, s in summaries:
+        _verify_csvs(p, s, failures_path(p))  # before anything is written
     by_index: dict[int, str] = {}
     for p, s in summaries:
         k = s["shard"]["index"]
