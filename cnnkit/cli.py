@@ -19,7 +19,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from cnnkit.console import log
+from cnnkit.console import log, printable
 from cnnkit.devices import DEVICE_HELP, parse_device
 from cnnkit.errors import EXIT_FILES_FAILED, CnnkitError, DeviceError
 
@@ -83,7 +83,7 @@ def _reports_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except CnnkitError as e:
-            log(f"error: {e}")
+            log(f"error: {printable(str(e))}")  # one line, whatever file or class name it quotes
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             log("interrupted")

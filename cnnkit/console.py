@@ -87,9 +87,19 @@ def _fmt(v: object) -> str:
     return str(v)
 
 
+def printable(text: str) -> str:
+    """`text` for a terminal, on one line: control characters (escape sequences, carriage returns,
+    line breaks) and undecodable bytes (surrogates) as Python escapes. A class or file name is
+    anyone's choice; printed raw, `\\x1b[2J` would clear the screen and `\\r` overwrite the line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A plain aligned text table (numbers right-aligned)."""
-    cells = [[_fmt(c) if not isinstance(c, str) else c for c in r] for r in rows]
+    """A plain aligned text table (numbers right-aligned; text through `printable`)."""
+    headers = [printable(h) for h in headers]
+    cells = [[_fmt(c) if not isinstance(c, str) else printable(c) for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
 
     def line(r: Sequence[str], raw: Sequence[object]) -> str:

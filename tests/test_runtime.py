@@ -224,7 +224,7 @@ def test_partly_labeled_tree_fills_labels_but_no_accuracy(models, tmp_path):
 def test_plain_and_quoted_csv_writers_agree(models, flat_tree, tmp_path, monkeypatch):
     fast = tmp_path / "fast.csv"
     infer(flat_tree, models["logits"], device="cpu", output=str(fast), progress=False)
-    monkeypatch.setattr(infer_mod, "_NEEDS_QUOTING", re.compile("."))  # force the csv module
+    monkeypatch.setattr(infer_mod, "_NEEDS_CARE", re.compile("."))  # force the csv module
     slow = tmp_path / "slow.csv"
     infer(flat_tree, models["logits"], device="cpu", output=str(slow), progress=False)
     assert fast.read_bytes() == slow.read_bytes()

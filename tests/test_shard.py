@@ -19,11 +19,12 @@ from typer.testing import CliRunner
 
 import cnnkit.runtime.infer as infer_mod
 from cnnkit.cli import app
+from cnnkit.csvcells import unescape
 from cnnkit.datasets.layout import encode_png
 from cnnkit.errors import EXIT_FILES_FAILED
 from cnnkit.listing import Listing, iter_pngs, list_pngs
 from cnnkit.runtime.infer import infer
-from cnnkit.runtime.shard import Shard, ShardError, file_sha256, merge, parse_shard, shard_of
+from cnnkit.runtime.shard import Shard, ShardError, file_sha256, format_merge, merge, parse_shard, shard_of
 
 runner = CliRunner()
 CLASSES = ("ant", "bee", "cat")
@@ -398,3 +399,59 @@ def test_iter_pngs_walks_in_list_pngs_order(tmp_path_factory, entries):
     assert list(iter_pngs(root, listing)) == full.files
     assert sorted(listing.skipped) == full.skipped and sorted(listing.png_folders) == full.png_folders
     assert listing.ignored == full.ignored
+
+
+# --------------------------------------------------------------------------------------------
+# Names that a spreadsheet would run as formulas, or a terminal as escape sequences
+
+FORMULA_CLASSES = ("=SUM(A1)", "@cmd", "'quoted", "\x1b[2Jred\r")  # the last: an escape sequence and a CR
+FORMULA_FILES = ("+1.png", "-x.png", "\tt.png", "=HYPERLINK(x).png")  # not under a class folder
+
+
+def test_formula_like_names_are_escaped_in_every_csv_and_merge_recovers_them(tmp_path):
+    from tests.conftest import export_onnx
+
+    model = export_onnx(str(tmp_path / "m.onnx"), classes=FORMULA_CLASSES)
+    labeled, root = str(tmp_path / "labeled"), str(tmp_path / "tree")
+    rng = np.random.default_rng(1)
+    for c, name in enumerate(FORMULA_CLASSES):
+        for i in range(6):
+            _write(labeled, f"{name}/{i}.png", _image(rng, c))
+    shutil.copytree(labeled, root)
+    for rel in FORMULA_FILES:
+        _write(root, rel, _image(rng, 0))
+    _write(root, "=bad.png", b"not a png")  # a failure: the failures CSV is escaped too
+    full = str(tmp_path / "full" / "p.csv")
+    res = infer(root, model, device="cpu", output=full, progress=False)
+    rows = _csv_rows(full)[1:]
+    cells = [c for r in rows for c in (r[0], r[1], r[3])]
+    assert cells and not [c for c in cells if c.startswith(tuple("=+-@\t\r"))]  # nothing a spreadsheet evaluates
+    paths = {r[0]: unescape(r[0]) for r in rows}
+    assert paths["'=SUM(A1)/0.png"] == "=SUM(A1)/0.png" and paths["''quoted/0.png"] == "'quoted/0.png"
+    assert list(paths.values()) == [f for f in list_pngs(root).files if f != "=bad.png"]  # exact, in order
+    assert _csv_rows(full + ".failures.csv")[1] == ["'=bad.png", "not a PNG (bad signature, looks like text)"]
+    # Merging shards reads the cells back to the exact names: in order, checked against the folder.
+    shards = []
+    for k in range(2):
+        shards.append(str(tmp_path / f"s{k}.csv"))
+        infer(root, model, device="cpu", output=shards[-1], progress=False, shard=f"{k}/2")
+    merged = merge(shards, str(tmp_path / "merged.csv"), check_folder=True)
+    assert merged.complete and merged.n_unassigned == merged.n_gone == 0, merged.problems
+    for a, b in ((full, merged.output), (full + ".failures.csv", merged.failures_output)):
+        with open(a, "rb") as fa, open(b, "rb") as fb:
+            assert fa.read() == fb.read()
+    assert merged.failures == [("=bad.png", "not a PNG (bad signature, looks like text)")]
+    # On the terminal (confusion tables, `error:` lines), the class names' control characters are escaped.
+    res = infer(labeled, model, device="cpu", output=str(tmp_path / "l.csv"), progress=False, shard="0/1")
+    assert res.confusion is not None
+    merged = merge([res.output], str(tmp_path / "l-merged.csv"))
+    os.rename(os.path.join(labeled, FORMULA_CLASSES[3]), os.path.join(labeled, "elsewhere"))
+    error = runner.invoke(app, ["train", labeled, "--classes", ",".join(FORMULA_CLASSES), "--epochs", "1"]).stderr
+    assert error.startswith("error: ") and error.count("\n") == 1
+    for human in (infer_mod.format_summary(res), format_merge(merged), error):
+        assert "\x1b" not in human and "\r" not in human and "\\x1b[2Jred" in human  # (--classes strips the \r)
+
+
+def _csv_rows(path: str) -> list[list[str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.reader(f))

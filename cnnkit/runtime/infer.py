@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from cnnkit.console import Progress, log, table
+from cnnkit.console import Progress, log, printable, table
+from cnnkit.csvcells import RISKY_START, escape
 from cnnkit.errors import DataError, FileFailedError
 from cnnkit.files import atomic_path, remove_stale_temps
 from cnnkit.images import decode_batches, default_workers
@@ -42,7 +43,9 @@ from cnnkit.runtime.session import create_session, read_meta
 from cnnkit.runtime.shard import Shard, ShardFilter, parse_shard, write_shard_summary
 
 CSV_COLUMNS = ("path", "predicted", "score", "label")
-_NEEDS_QUOTING = re.compile(r'[,"\r\n]')
+# Paths and class names that the csv module must quote, or that `escape` must prefix (at a cell's start:
+# the names are joined with "\0" before the search).
+_NEEDS_CARE = re.compile(r'[,"\r\n]|(?:^|\0)[' + re.escape(RISKY_START) + "]")
 FAILURES_KEPT = 1000  # failures listed in the result (all are counted, and all go to the failures file)
 FAILURES_SUFFIX = ".failures.csv"  # <output>.failures.csv: every file that failed, with its reason
 FAILURE_COLUMNS = ("path", "reason")
@@ -300,11 +303,13 @@ def infer(
                 # %.9g round-trips a float32 exactly: the CSV holds the model's own number.
                 cols = zip(positions.tolist(), pred.tolist(), prob.tolist(), true.tolist(), strict=True)
                 # Plain f-string rows cost half the csv module's (0.8 vs 2 us/row); they are the same
-                # text when no path or class name holds a comma, quote or line break.
-                if not _NEEDS_QUOTING.search("\0".join([*files, *classes])):
+                # text when no path or class name holds a comma, quote or line break, or starts
+                # like a spreadsheet formula (`cnnkit.csvcells`).
+                if not _NEEDS_CARE.search("\0".join([*files, *classes])):
                     f.write("".join([f"{files[p]},{classes[i]},{v:.9g},{names[t]}\r\n" for p, i, v, t in cols]))
                 else:
-                    writer.writerows([(files[p], classes[i], f"{v:.9g}", names[t]) for p, i, v, t in cols])
+                    writer.writerows([(escape(files[p]), escape(classes[i]), f"{v:.9g}", escape(names[t]))
+                                      for p, i, v, t in cols])
                 if labeled:
                     confusion += np.bincount(true * k + pred, minlength=k * k).reshape(k, k)
                 n_images += len(positions)
@@ -375,7 +380,7 @@ class _FailureLog:
             f = self._stack.enter_context(open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape"))
             self._writer = csv.writer(f)
             self._writer.writerow(FAILURE_COLUMNS)
-        self._writer.writerow((path, reason))
+        self._writer.writerow((escape(path), escape(reason)))
         self.n += 1
 
     def __exit__(self, *exc: Any) -> None:
@@ -391,28 +396,21 @@ def _unusable(listing: Listing, shard: Shard | None) -> list[tuple[str, str]]:
     return [(p, why) for p, why in listing.skipped if shard is None or shard.contains(p)]
 
 
-def _printable(text: str) -> str:
-    """`text` on one line: control characters and undecodable bytes (surrogates) as escapes."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
 def _what_else(listing: Listing) -> str:
-    parts = [f"{len(listing.skipped):,} unusable: {_printable(listing.skipped[0][0])}: {listing.skipped[0][1]}"
+    parts = [f"{len(listing.skipped):,} unusable: {printable(listing.skipped[0][0])}: {listing.skipped[0][1]}"
              if listing.skipped else "", describe_ignored(listing.ignored)]
     parts = [p for p in parts if p]
     return f"; {', '.join(parts)}" if parts else ""
 
 
 def _strict_message(path: str, reason: str, output: str) -> str:
-    return f"{_printable(path)}: {reason} (--strict: stopped at the first file that failed; {output} not written)"
+    return f"{printable(path)}: {reason} (--strict: stopped at the first file that failed; {output} not written)"
 
 
 def _print_failures(failures: list[tuple[str, str]], n_failed: int, listed_in: str) -> None:
     log(f"{n_failed:,} file(s) could not be used (all listed in {listed_in}):")
     for path, reason in failures[:FAILURES_PRINTED]:
-        log(f"  {_printable(path)}: {reason}")
+        log(f"  {printable(path)}: {reason}")
     if n_failed > FAILURES_PRINTED:
         log(f"  ... and {n_failed - FAILURES_PRINTED:,} more")
 
@@ -432,7 +430,7 @@ def format_summary(result: InferResult) -> str:
     if result.png_folders:
         n = len(result.png_folders)
         lines.append(f"note      {n:,} folder{'s' if n > 1 else ''} named like a PNG, searched like any folder: "
-                     f"{_printable(result.png_folders[0])}{', ...' if n > 1 else ''}")
+                     f"{printable(result.png_folders[0])}{', ...' if n > 1 else ''}")
     if result.shard is not None:
         lines.append(f"shard     {result.shard} (summary {result.summary})")
     lines += [f"note      {n}" for n in result.notes]

@@ -30,6 +30,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from cnnkit.console import printable
+from cnnkit.csvcells import escape, unescape
 from cnnkit.errors import DataError
 from cnnkit.files import atomic_path, write_json
 
@@ -401,8 +403,12 @@ def _same(summaries: list[tuple[str, dict[str, Any]]], key: str, what: str) -> A
     return first.get(key)
 
 
-def _rows(path: str, summary: dict[str, Any], columns: tuple[str, ...], counts: dict[str, int]) -> Iterator[list[str]]:
-    """The data rows of one shard CSV, checked: 4 columns, paths strictly increasing."""
+def _rows(path: str, summary: dict[str, Any], columns: tuple[str, ...],
+          counts: dict[str, int]) -> Iterator[tuple[str, list[str]]]:
+    """(file path, row as written) of one shard CSV, checked: 4 columns, paths strictly increasing.
+
+    The row keeps its cells as written (spreadsheet-escaped, `cnnkit.csvcells`), so the merge writes
+    the same bytes; the path is the original, which orders the rows and names the file on disk."""
     with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         reader = csv.reader(f)
         header = next(reader, None)
@@ -413,12 +419,13 @@ def _rows(path: str, summary: dict[str, Any], columns: tuple[str, ...], counts: 
         for row in reader:
             if len(row) != len(columns):
                 raise ShardError(f"{path}, row {n + 2}: {len(row)} columns instead of {len(columns)}")
-            if prev is not None and row[0] <= prev:
+            rel = unescape(row[0])
+            if prev is not None and rel <= prev:
                 raise ShardError(f"{path}, row {n + 2}: paths out of order; was the file edited? "
                                  f"rerun shard {summary['shard']['index']}")
-            prev = row[0]
+            prev = rel
             n += 1
-            yield row
+            yield rel, row
     counts[path] = n
 
 
@@ -511,8 +518,7 @@ def merge(csvs: list[str], output: str, *, check_folder: bool = False) -> MergeR
         writer.writerow(CSV_COLUMNS)
         prev: str | None = None
         batch: list[list[str]] = []
-        for row in heapq.merge(*streams, key=lambda r: r[0]):
-            path = row[0]
+        for path, row in heapq.merge(*streams, key=lambda r: r[0]):
             if path == prev:
                 res.n_duplicates += 1
                 if len(res.duplicates) < LISTED:
@@ -554,7 +560,7 @@ def merge(csvs: list[str], output: str, *, check_folder: bool = False) -> MergeR
                 open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
             writer = csv.writer(f)
             writer.writerow(FAILURE_COLUMNS)
-            writer.writerows(failed)
+            writer.writerows([(escape(path), escape(reason)) for path, reason in failed])
     elif os.path.exists(res.failures_output):  # a stale list from an earlier merge
         os.unlink(res.failures_output)
     confusions = [s.get("confusion") for _, s in summaries]
@@ -569,7 +575,8 @@ def merge(csvs: list[str], output: str, *, check_folder: bool = False) -> MergeR
         res.problems.append(f"{len(missing)} of {count} shards missing: {_ranges(missing)} "
                             f"(run `cnnkit infer {folder} --shard K/{count}` for each)")
     if res.n_duplicates:
-        res.problems.append(f"{res.n_duplicates:,} file(s) in more than one shard, e.g. {res.duplicates[0]}")
+        res.problems.append(f"{res.n_duplicates:,} file(s) in more than one shard, "
+                            f"e.g. {printable(res.duplicates[0])}")
     listed = {s["n_listed"] for _, s in summaries}
     if len(listed) > 1:
         res.problems.append(f"the folder changed while the shards ran: their listings saw "
@@ -580,24 +587,25 @@ def merge(csvs: list[str], output: str, *, check_folder: bool = False) -> MergeR
                             f"{next(iter(listed)):,} in the folder")
     if res.n_unassigned:
         res.problems.append(f"{res.n_unassigned:,} file(s) of the folder are in no output although their shard "
-                            f"ran (added after it listed the folder?), e.g. {res.unassigned[0]}"
+                            f"ran (added after it listed the folder?), e.g. {printable(res.unassigned[0])}"
                             + ("; some shards' failure lists were truncated, so some may have failed" if truncated
                                else ""))
     if res.n_gone:
-        res.problems.append(f"{res.n_gone:,} file(s) in the outputs are no longer in the folder, e.g. {res.gone[0]}")
+        res.problems.append(f"{res.n_gone:,} file(s) in the outputs are no longer in the folder, "
+                            f"e.g. {printable(res.gone[0])}")
     write_json(res.summary, res.to_dict())
     return res
 
 
 def _failure_rows(path: str, columns: tuple[str, ...]) -> list[tuple[str, str]] | None:
-    """The (path, reason) rows of a shard's failure list; None when there is none."""
+    """The (path, reason) rows of a shard's failure list, unescaped; None when there is none."""
     try:
         with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
             reader = csv.reader(f)
             header = next(reader, None)
             if header is None or tuple(header) != columns:
                 raise ShardError(f"{path}: not a failure list (header {header!r})")
-            return [(r[0], r[1]) for r in reader if len(r) >= 2]
+            return [(unescape(r[0]), unescape(r[1])) for r in reader if len(r) >= 2]
     except FileNotFoundError:
         return None
 
