@@ -273,3 +273,31 @@ def test_augment_shift_moves_each_image_within_two_pixels_and_flip_mirrors():
     mirrored = [torch.equal(f, a.flip(-1)) for f, a in zip(flips, x, strict=True)]
     assert 10 < sum(mirrored) < 54 and all(torch.equal(f, a) or m for f, a, m in zip(flips, x, mirrored, strict=True))
     assert not torch.equal(both, flips)
+
+
+def test_unusable_training_files_are_reported_not_dropped(tmp_path, tiny_tree, capsys):
+    """Dangling symlinks, FIFOs (never opened: reading one would block) and corrupt PNGs in the splits
+    are counted and named on stderr, in metrics.json and in the result, as `cnnkit infer` does."""
+    import shutil
+
+    root = tmp_path / "d"
+    shutil.copytree(tiny_tree, root)
+    os.symlink("nowhere.png", root / "training" / "0" / "dangling.png")
+    os.mkfifo(root / "training" / "1" / "fifo.png")
+    (root / "training" / "2" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    os.symlink("gone.png", root / "testing" / "1" / "=gone\x1b.png")
+    os.mkfifo(root / "training" / "elsewhere.png")  # in no class folder: not the split's, not listed
+    result = train(_cfg(tmp_path, os.fspath(root)))
+    expected = [
+        {"split": "training", "path": "0/dangling.png", "reason": "dangling symlink"},
+        {"split": "training", "path": "1/fifo.png", "reason": "not a regular file (a FIFO)"},
+        {"split": "testing", "path": "1/=gone\x1b.png", "reason": "dangling symlink"},
+    ]
+    assert result.n_skipped == 4 and result.skipped[:2] + result.skipped[3:] == expected
+    assert result.skipped[2]["path"] == "2/corrupt.png" and result.skipped[2]["reason"].startswith("truncated")
+    metrics = json.load(open(os.path.join(result.run_dir, "metrics.json")))
+    assert metrics["n_skipped"] == 4 and metrics["skipped"] == result.skipped
+    err = capsys.readouterr().err
+    assert f"warning: skipped 3 file(s) under {root / 'training'} that could not be used" in err
+    assert "  1/fifo.png: not a regular file (a FIFO)" in err and "  1/=gone\\x1b.png: dangling symlink" in err
+    assert "skipped 4 file(s) that could not be used" in loop.format_summary(result)

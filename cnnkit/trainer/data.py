@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from cnnkit.console import Progress, log
+from cnnkit.console import Progress, log, printable
 from cnnkit.errors import DataError
 from cnnkit.images import ImageError, decode_batches, png_size
 from cnnkit.listing import class_of, list_pngs
+
+SKIPPED_PRINTED = 5  # files named in the warning; all are counted
+SKIPPED_KEPT = 1000  # files listed in metrics.json and `cnnkit train --json`
 
 
 @dataclass
@@ -23,6 +26,9 @@ class LoadedSplit:
         labels: int64 (N,), indices into `classes`.
         classes: class names (folder names), in label order.
         paths: file paths relative to `folder`, in the same order as `images`.
+        skipped: (path relative to `folder`, reason) of the files of these classes that could not be
+            used: named like a PNG but a dangling symlink, symlink loop, FIFO, device or unreadable
+            (never opened), or a PNG that did not decode; sorted. With `shard`, this rank's share.
     """
 
     folder: str
@@ -30,6 +36,7 @@ class LoadedSplit:
     labels: np.ndarray
     classes: tuple[str, ...]
     paths: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
 def class_names(folder: str) -> list[str]:
@@ -66,6 +73,9 @@ def load_split(
     listing = list_pngs(folder)
     wanted = {c: i for i, c in enumerate(classes)}
     files = [f for f in listing.files if class_of(f) in wanted]
+    # What the walk could not use (it never opens these: a FIFO would block), in the wanted classes
+    # (an unreadable class folder is its own entry); each rank reports its share, as with the files.
+    unusable = [(p, why) for p, why in listing.skipped if p in wanted or class_of(p) in wanted]
     for c in classes:
         if not os.path.isdir(os.path.join(folder, c)):
             raise DataError(f"{folder}: no class folder {c!r} (found: {', '.join(class_names(folder))})")
@@ -92,13 +102,22 @@ def load_split(
             f"{folder}: {converted} image(s) are not 8-bit grayscale {size[0]}x{size[1]} like the first one; "
             "training needs images of one size and mode"
         )
-    if failures:
-        log(f"warning: skipped {len(failures)} unreadable image(s) under {folder}:")
-        for pos, reason in failures[:5]:
-            log(f"  {files[pos]}: {reason}")
+    skipped = sorted(unusable[shard[0] :: shard[1]] + [(files[pos], reason) for pos, reason in failures])
+    _warn_skipped(folder, skipped)
     labels = np.array([wanted[class_of(f)] for f in files], dtype=np.int64)
     paths = [f for f, k in zip(files, keep, strict=True) if k]
-    return LoadedSplit(folder, images[keep], labels[keep], tuple(classes), paths)
+    return LoadedSplit(folder, images[keep], labels[keep], tuple(classes), paths, skipped)
+
+
+def _warn_skipped(folder: str, skipped: list[tuple[str, str]]) -> None:
+    """Every file left out is said: the count, and the first few with their reason."""
+    if not skipped:
+        return
+    log(f"warning: skipped {len(skipped):,} file(s) under {folder} that could not be used:")
+    for path, reason in skipped[:SKIPPED_PRINTED]:
+        log(f"  {printable(path)}: {reason}")
+    if len(skipped) > SKIPPED_PRINTED:
+        log(f"  ... and {len(skipped) - SKIPPED_PRINTED:,} more (the run's metrics.json lists up to {SKIPPED_KEPT:,})")
 
 
 def _first_size(folder: str, files: list[str]) -> tuple[int, int]:

@@ -29,7 +29,7 @@ from cnnkit.files import write_json
 from cnnkit.meta import OUTPUT_SIGMOID, ModelMeta
 from cnnkit.runs import RUNS_DIR, mark_latest, new_run_dir
 from cnnkit.trainer.checkpoint import BEST_NAME, CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from cnnkit.trainer.data import LoadedSplit, class_names, load_split, split_validation
+from cnnkit.trainer.data import SKIPPED_KEPT, LoadedSplit, class_names, load_split, split_validation
 from cnnkit.trainer.distributed import Dist, amp_for, setup, teardown
 from cnnkit.trainer.models import DEFAULT_ARCH, RECIPES, build_model, count_parameters
 
@@ -127,6 +127,8 @@ class TrainResult:
     test_images: int = 0
     world_size: int = 1
     rank: int = 0  # under torchrun, which process this is (only rank 0 reports)
+    n_skipped: int = 0  # files of the splits that could not be used (all processes)
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {split, path, reason}, this process's first
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -221,13 +223,16 @@ def _load_data(cfg: TrainConfig, d: Dist) -> tuple[LoadedSplit, LoadedSplit | No
         size = (train.images.shape[2], train.images.shape[3])
         test = load_split(test_dir, classes, size=size, desc="loading testing", **kw)
     n_loaded = len(train.labels) + (len(test.labels) if test is not None else 0)
+    skipped = [{"split": name, "path": path, "reason": reason}
+               for name, split in (("training", train), ("testing", test)) if split is not None
+               for path, reason in split.skipped]
     val = None
     if cfg.val_split > 0:  # carved from training only: testing/ never takes part in selection
         tr_idx, va_idx = split_validation(train.labels, cfg.val_split, cfg.seed + d.rank)
         val = _subset(train, va_idx)
         train = _subset(train, tr_idx)
     data_info = {"root": os.path.abspath(root), "train": train_dir, "test": test_dir, "val_split": cfg.val_split,
-                 "n_loaded": n_loaded}
+                 "n_loaded": n_loaded, "skipped": skipped}
     return train, val, test, data_info
 
 
@@ -283,6 +288,9 @@ def _train(cfg: TrainConfig, resume: str | None, d: Dist, device: torch.device) 
     train_split, val_split, test_split, data_info = _load_data(cfg, d)
     load_seconds = time.perf_counter() - t_load
     images_loaded = int(d.all_sum(data_info.pop("n_loaded"))[0])
+    skipped = data_info.pop("skipped")  # not part of the model's record: it describes this run's folders
+    n_skipped = int(d.all_sum(len(skipped))[0])
+    skipped_info = {"n_skipped": n_skipped, "skipped": skipped[:SKIPPED_KEPT]}
     classes = train_split.classes
     _, _, h, w = train_split.images.shape
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -419,7 +427,8 @@ def _train(cfg: TrainConfig, resume: str | None, d: Dist, device: torch.device) 
                     save_checkpoint(os.path.join(run_dir, BEST_NAME), ckpt)
                 # checkpoint.pt also carries the selected weights, so --resume reports the same model.
                 save_checkpoint(os.path.join(run_dir, CHECKPOINT_NAME), {**ckpt, "best_model": best_state})
-                write_json(os.path.join(run_dir, "metrics.json"), {"config": ckpt["config"], "history": history})
+                write_json(os.path.join(run_dir, "metrics.json"),
+                           {"config": ckpt["config"], "history": history, **skipped_info})
                 mark_latest(run_dir)
     except KeyboardInterrupt:
         raise Interrupted(run_dir, epoch) from None
@@ -442,7 +451,7 @@ def _train(cfg: TrainConfig, resume: str | None, d: Dist, device: torch.device) 
             os.path.join(run_dir, "metrics.json"),
             {"config": _plain_config(cfg), "history": history, "selection": selection, "best_epoch": best_epoch,
              "val_accuracy": selection["val_accuracy"], "test_accuracy": test_accuracy, "test_loss": test_loss,
-             "test_images": n_test, "world_size": d.world},
+             "test_images": n_test, "world_size": d.world, **skipped_info},
         )
     d.barrier()  # rank 0's files exist before anyone returns
     total_images = sum(r["images_per_second"] * r["seconds"] for r in history)
@@ -467,6 +476,7 @@ def _train(cfg: TrainConfig, resume: str | None, d: Dist, device: torch.device) 
         test_images=n_test,
         world_size=d.world,
         rank=d.rank,
+        **skipped_info,
     )
 
 
@@ -563,6 +573,9 @@ def format_summary(result: TrainResult) -> str:
         lines.append("test accuracy       - (no testing/ folder)")
     lines.append(f"trained {result.train_seconds:.1f} s at {result.train_images_per_second:,.0f} img/s "
                  f"on {result.device} (data loaded in {result.load_seconds:.1f} s)")
+    if result.n_skipped:
+        lines.append(f"skipped {result.n_skipped:,} file(s) that could not be used (listed above and in "
+                     "metrics.json)")
     if result.plots:
         lines.append(f"plots: {', '.join(result.plots)}")
     return "\n".join(lines)
