@@ -444,7 +444,10 @@ def test_formula_like_names_are_escaped_in_every_csv_and_merge_recovers_them(tmp
     # On the terminal (confusion tables, `error:` lines), the class names' control characters are escaped.
     res = infer(labeled, model, device="cpu", output=str(tmp_path / "l.csv"), progress=False, shard="0/1")
     assert res.confusion is not None
-    merged = merge([res.output], str(tmp_path / "l-merged.csv"))
+    _write(labeled, "@cmd/late\x1b[2J.png", _image(rng, 1))  # added after the shard ran: a PROBLEM line names it
+    merged = merge([res.output], str(tmp_path / "l-merged.csv"), check_folder=True)
+    assert merged.unassigned == ["@cmd/late\x1b[2J.png"] and "\x1b" in merged.problems[0]  # raw in the JSON
+    assert "PROBLEM" in format_merge(merged) and "@cmd/late\\x1b[2J.png" in format_merge(merged)
     os.rename(os.path.join(labeled, FORMULA_CLASSES[3]), os.path.join(labeled, "elsewhere"))
     error = runner.invoke(app, ["train", labeled, "--classes", ",".join(FORMULA_CLASSES), "--epochs", "1"]).stderr
     assert error.startswith("error: ") and error.count("\n") == 1

@@ -30,7 +30,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from cnnkit.console import printable
 from cnnkit.csvcells import escape, unescape
 from cnnkit.errors import DataError
 from cnnkit.files import atomic_path, write_json
@@ -575,8 +574,7 @@ def merge(csvs: list[str], output: str, *, check_folder: bool = False) -> MergeR
         res.problems.append(f"{len(missing)} of {count} shards missing: {_ranges(missing)} "
                             f"(run `cnnkit infer {folder} --shard K/{count}` for each)")
     if res.n_duplicates:
-        res.problems.append(f"{res.n_duplicates:,} file(s) in more than one shard, "
-                            f"e.g. {printable(res.duplicates[0])}")
+        res.problems.append(f"{res.n_duplicates:,} file(s) in more than one shard, e.g. {res.duplicates[0]}")
     listed = {s["n_listed"] for _, s in summaries}
     if len(listed) > 1:
         res.problems.append(f"the folder changed while the shards ran: their listings saw "
@@ -587,12 +585,11 @@ def merge(csvs: list[str], output: str, *, check_folder: bool = False) -> MergeR
                             f"{next(iter(listed)):,} in the folder")
     if res.n_unassigned:
         res.problems.append(f"{res.n_unassigned:,} file(s) of the folder are in no output although their shard "
-                            f"ran (added after it listed the folder?), e.g. {printable(res.unassigned[0])}"
+                            f"ran (added after it listed the folder?), e.g. {res.unassigned[0]}"
                             + ("; some shards' failure lists were truncated, so some may have failed" if truncated
                                else ""))
     if res.n_gone:
-        res.problems.append(f"{res.n_gone:,} file(s) in the outputs are no longer in the folder, "
-                            f"e.g. {printable(res.gone[0])}")
+        res.problems.append(f"{res.n_gone:,} file(s) in the outputs are no longer in the folder, e.g. {res.gone[0]}")
     write_json(res.summary, res.to_dict())
     return res
 
@@ -626,13 +623,13 @@ def _ranges(ks: list[int]) -> str:
 
 def format_merge(res: MergeResult) -> str:
     """A short human-readable report of a merge."""
-    from cnnkit.console import table
+    from cnnkit.console import printable, table
 
     lines = [
         f"shards    {len(res.present)} of {res.count} merged"
         + (f" (missing: {_ranges(res.missing)})" if res.missing else ""),
-        f"model     {res.model} (sha256 {res.model_sha256[:12]})",
-        f"folder    {res.folder}",
+        f"model     {printable(res.model)} (sha256 {res.model_sha256[:12]})",  # from the summaries: escaped
+        f"folder    {printable(res.folder)}",
         f"images    {res.n_images:,} predicted, {res.n_failed:,} failed, {res.n_converted:,} converted",
         f"output    {res.output} (summary {res.summary})",
     ]
@@ -646,5 +643,5 @@ def format_merge(res: MergeResult) -> str:
     if res.checked_folder and not res.n_unassigned and not res.n_gone:
         lines.append("folder    checked: every file is in exactly one output"
                      + (f" or in a missing shard ({res.n_in_missing_shards:,})" if res.missing else ""))
-    lines += [f"PROBLEM   {p}" for p in res.problems]
+    lines += [f"PROBLEM   {printable(p)}" for p in res.problems]  # raw in the JSON, escaped here
     return "\n".join(lines)
