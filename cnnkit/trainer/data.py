@@ -10,7 +10,7 @@ import numpy as np
 from cnnkit.console import Progress, log, printable
 from cnnkit.errors import DataError
 from cnnkit.images import ImageError, decode_batches, png_size
-from cnnkit.listing import class_of, list_pngs
+from cnnkit.listing import class_of, describe_ignored, list_pngs
 
 SKIPPED_PRINTED = 5  # files named in the warning; all are counted
 SKIPPED_KEPT = 1000  # files listed in metrics.json and `cnnkit train --json`
@@ -29,6 +29,8 @@ class LoadedSplit:
         skipped: (path relative to `folder`, reason) of the files of these classes that could not be
             used: named like a PNG but a dangling symlink, symlink loop, FIFO, device or unreadable
             (never opened), or a PNG that did not decode; sorted. With `shard`, this rank's share.
+        ignored: entries of `folder` left out on purpose, by kind (`cnnkit.listing.Listing.ignored`:
+            non-PNG files, hidden entries, symlinked folders), nonzero counts only.
     """
 
     folder: str
@@ -37,6 +39,7 @@ class LoadedSplit:
     classes: tuple[str, ...]
     paths: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    ignored: dict[str, int] = field(default_factory=dict)
 
 
 def class_names(folder: str) -> list[str]:
@@ -104,9 +107,12 @@ def load_split(
         )
     skipped = sorted(unusable[shard[0] :: shard[1]] + [(files[pos], reason) for pos, reason in failures])
     _warn_skipped(folder, skipped)
+    ignored = {kind: n for kind, n in listing.ignored.items() if n}
+    if ignored and shard[0] == 0:  # the same on every rank: said once
+        log(f"note: {folder}: ignored {describe_ignored(ignored)}")
     labels = np.array([wanted[class_of(f)] for f in files], dtype=np.int64)
     paths = [f for f, k in zip(files, keep, strict=True) if k]
-    return LoadedSplit(folder, images[keep], labels[keep], tuple(classes), paths, skipped)
+    return LoadedSplit(folder, images[keep], labels[keep], tuple(classes), paths, skipped, ignored)
 
 
 def _warn_skipped(folder: str, skipped: list[tuple[str, str]]) -> None:

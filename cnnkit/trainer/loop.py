@@ -129,6 +129,7 @@ class TrainResult:
     rank: int = 0  # under torchrun, which process this is (only rank 0 reports)
     n_skipped: int = 0  # files of the splits that could not be used (all processes)
     skipped: list[dict[str, str]] = field(default_factory=list)  # {split, path, reason}, this process's first
+    ignored: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> kind -> count (non-PNG, hidden, ...)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -226,13 +227,15 @@ def _load_data(cfg: TrainConfig, d: Dist) -> tuple[LoadedSplit, LoadedSplit | No
     skipped = [{"split": name, "path": path, "reason": reason}
                for name, split in (("training", train), ("testing", test)) if split is not None
                for path, reason in split.skipped]
+    ignored = {name: split.ignored for name, split in (("training", train), ("testing", test))
+               if split is not None and split.ignored}
     val = None
     if cfg.val_split > 0:  # carved from training only: testing/ never takes part in selection
         tr_idx, va_idx = split_validation(train.labels, cfg.val_split, cfg.seed + d.rank)
         val = _subset(train, va_idx)
         train = _subset(train, tr_idx)
     data_info = {"root": os.path.abspath(root), "train": train_dir, "test": test_dir, "val_split": cfg.val_split,
-                 "n_loaded": n_loaded, "skipped": skipped}
+                 "n_loaded": n_loaded, "skipped": skipped, "ignored": ignored}
     return train, val, test, data_info
 
 
@@ -290,7 +293,7 @@ def _train(cfg: TrainConfig, resume: str | None, d: Dist, device: torch.device) 
     images_loaded = int(d.all_sum(data_info.pop("n_loaded"))[0])
     skipped = data_info.pop("skipped")  # not part of the model's record: it describes this run's folders
     n_skipped = int(d.all_sum(len(skipped))[0])
-    skipped_info = {"n_skipped": n_skipped, "skipped": skipped[:SKIPPED_KEPT]}
+    skipped_info = {"n_skipped": n_skipped, "skipped": skipped[:SKIPPED_KEPT], "ignored": data_info.pop("ignored")}
     classes = train_split.classes
     _, _, h, w = train_split.images.shape
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
