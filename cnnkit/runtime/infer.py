@@ -33,13 +33,13 @@ import numpy as np
 
 from cnnkit.console import Progress, log, table
 from cnnkit.errors import DataError, FileFailedError
-from cnnkit.files import atomic_path, remove_stale_temps
+from cnnkit.files import atomic_path, check_not_an_input, check_writable, remove_stale_temps
 from cnnkit.images import decode_batches, default_workers
-from cnnkit.listing import Listing, describe_ignored, iter_pngs
+from cnnkit.listing import Listing, describe_ignored, is_listed, iter_pngs
 from cnnkit.meta import predict
 from cnnkit.runs import ONNX_NAME, PREDICTIONS_NAME, latest_file
 from cnnkit.runtime.session import create_session, read_meta
-from cnnkit.runtime.shard import Shard, ShardFilter, parse_shard, write_shard_summary
+from cnnkit.runtime.shard import Shard, ShardFilter, parse_shard, summary_path, write_shard_summary
 
 CSV_COLUMNS = ("path", "predicted", "score", "label")
 _NEEDS_QUOTING = re.compile(r'[,"\r\n]')
@@ -226,6 +226,7 @@ def infer(
     if output is None:
         name = PREDICTIONS_NAME if shard is None else shard.default_output
         output = os.path.join(os.path.dirname(os.path.abspath(model)), name)
+    _check_outputs(folder, model, [output, failures_path(output), *([summary_path(output)] if shard else [])])
     # The folder is walked as the run goes, in the order of its sorted paths. The first files are
     # read ahead: a folder (or shard) smaller than that is sized exactly as a listed one would be;
     # past it, decode tasks are at their largest whatever the size, so a lower bound is enough.
@@ -348,6 +349,17 @@ def infer(
     if shard is not None:
         result.summary = write_shard_summary(result, folder, shard, n_listed)
     return result
+
+
+def _check_outputs(folder: str, model: str, outputs: list[str]) -> None:
+    """Refuse, before any work, outputs that would destroy an input (the model, an image of the folder)
+    or that cannot be written: a failure at the end would leave some outputs written and not others."""
+    check_not_an_input(outputs, [model])
+    for out in outputs:
+        if is_listed(folder, out):
+            raise DataError(f"{out}: is one of the images under {folder}; writing there would destroy it "
+                            "(choose another output path)")
+        check_writable(out)
 
 
 def failures_path(output: str) -> str:
