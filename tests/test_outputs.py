@@ -170,12 +170,12 @@ def test_a_shard_summary_that_cannot_be_written_stops_infer_before_the_csv(work)
     assert os.listdir(out) == ["p.csv.json"]
 
 
-def _full_disk_open(real_open=builtins.open):
-    """`open` whose writes to a temporary output file go to /dev/full (ENOSPC on flush)."""
+def _full_disk_open(prefix: str = ".", real_open=builtins.open):
+    """`open` whose writes to a temporary output file (named `prefix`...) go to /dev/full (ENOSPC on flush)."""
 
     def fake(path, mode="r", *args, **kwargs):
         name = os.path.basename(os.fspath(path))
-        if "w" in mode and name.startswith(".") and name.endswith(".tmp"):
+        if "w" in mode and name.startswith(prefix) and name.endswith(".tmp") and ".failures.csv." not in name:
             return real_open("/dev/full", mode, *args, **kwargs)
         return real_open(path, mode, *args, **kwargs)
 
@@ -189,6 +189,11 @@ def test_full_disk_is_one_line_and_leaves_nothing(work, monkeypatch):
     monkeypatch.setattr(infer_mod, "open", _full_disk_open(), raising=False)
     line = one_line_error(runner.invoke(app, ["infer", images, "--model", model, "--output", str(out / "p.csv")]))
     assert line == f"error: {out / 'p.csv'}: cannot write (No space left on device); nothing was written there"
+    assert os.listdir(out) == []
+    # With a file that fails, the failure list (written fine) once stayed behind without its CSV.
+    (tmp / "images" / "0" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="p.csv: cannot write"):
+        infer(images, model=model, output=str(out / "p.csv"), workers=0, progress=False)
     assert os.listdir(out) == []
 
 

@@ -266,11 +266,13 @@ def infer(
         session = create_session(model, device=device, threads=threads)
         bar = Progress(n_known if n_known < ahead else None, "infer", unit="img") if progress else None
         # Names that are not valid UTF-8 reach us surrogate-escaped (`os.fsdecode`): they are written
-        # back as their original bytes, so the CSV names exactly the file on disk.
+        # back as their original bytes, so the CSV names exactly the file on disk. The failure list
+        # is entered first so that it is committed last: a CSV that cannot be written (a full disk)
+        # leaves no failure list of a run that has no CSV.
         with (
+            _FailureLog(failures_path(output)) as failure_log,
             atomic_path(output) as tmp,
             open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f,
-            _FailureLog(failures_path(output)) as failure_log,
         ):
             writer = csv.writer(f)
             writer.writerow(CSV_COLUMNS)
