@@ -6,8 +6,8 @@ import contextlib
 import errno
 import json
 import os
+import secrets
 import stat
-import tempfile
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -108,12 +108,21 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
     try:
         os.makedirs(parent, exist_ok=True)
         remove_stale_temps(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{os.getpid()}.", suffix=".tmp", dir=parent)
-        os.close(fd)
     except OSError as e:
         raise _cannot_write(path, e) from None
+    prefix = os.path.join(parent, f".{os.path.basename(path)}.{os.getpid()}.")
+    tmp = ""
     try:
-        os.chmod(tmp, _default_mode())  # mkstemp makes 0600; outputs are meant to be shared
+        # The name is chosen before the file is made, inside the `try`: a Ctrl-C or SIGTERM arriving
+        # just after the file exists still reaches the cleanup below (tempfile.mkstemp returns the
+        # name only after Python code that a signal can interrupt).
+        while True:
+            tmp = f"{prefix}{secrets.token_hex(4)}.tmp"
+            try:  # mode 0666 less the umask, as a plain open() gives: outputs are meant to be shared
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666))
+                break
+            except FileExistsError:
+                continue
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -162,13 +171,6 @@ def remove_stale_temps(path: str | os.PathLike[str]) -> list[str]:
                 os.unlink(os.path.join(parent, name))
                 removed.append(os.path.join(parent, name))
     return removed
-
-
-def _default_mode() -> int:
-    """The mode a plain `open(path, "w")` would give: 0666 less the umask."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
 
 
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:

@@ -220,3 +220,23 @@ def test_an_error_of_the_final_fsync_or_rename_names_the_output(tmp_path, monkey
     with pytest.raises(DataError, match=r"out.json: cannot write \(No space left on device\)"):
         files.write_json(tmp_path / "out.json", {"a": 1})
     assert os.listdir(tmp_path) == []
+
+
+def test_a_stop_just_after_the_temporary_file_is_made_leaves_nothing(tmp_path, monkeypatch):
+    """A Ctrl-C or SIGTERM landing right after the temporary file existed (a window before the
+    cleanup's `try`, seen once as a leftover `.checkpoint.pt.*.tmp` after an interrupted training)."""
+    from cnnkit import files
+
+    real_close, calls = os.close, []
+
+    def close_then_stop(fd):
+        real_close(fd)
+        if not calls:
+            calls.append(fd)
+            raise KeyboardInterrupt  # what the CLI's handler raises on SIGTERM
+
+    monkeypatch.setattr(files.os, "close", close_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        files.write_text(tmp_path / "out.txt", "x")
+    monkeypatch.undo()
+    assert calls and os.listdir(tmp_path) == []
