@@ -8,11 +8,12 @@ stderr.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -75,13 +76,36 @@ class Split(str, Enum):
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (human output on stderr).")]
 
 
+def _sigterm_as_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _stops_cleanly_on_sigterm() -> Iterator[None]:
+    """SIGTERM (`kill`, a batch scheduler, `docker stop`) stops a command as Ctrl-C does: the
+    exception unwinds through every `finally`, so temporary files and folders are removed, and the
+    command exits 130 with one line. Its default action would end the process on the spot (exit 143),
+    leaving them behind."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    except ValueError:  # not the main thread (an embedding program): leave signals to it
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _reports_errors(fn: F) -> F:
-    """Turn CnnkitError into one line on stderr and a non-zero exit, instead of a traceback."""
+    """Turn CnnkitError into one line on stderr and a non-zero exit, instead of a traceback; stop
+    cleanly on Ctrl-C and SIGTERM (exit 130)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            with _stops_cleanly_on_sigterm():
+                return fn(*args, **kwargs)
         except CnnkitError as e:
             log(f"error: {printable(str(e))}")  # one line, whatever file or class name it quotes
             raise typer.Exit(e.exit_code) from None
@@ -111,10 +135,6 @@ def _parse_classes(classes: str | None) -> tuple[str, ...] | None:
 
 # --------------------------------------------------------------------------------------------
 # train
-
-
-def _sigterm_as_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
 
 
 @app.command()
@@ -164,14 +184,11 @@ def train(
         seed=seed,
         workers=workers,
     )
-    previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         result = run_training(cfg, resume=str(resume) if resume else None)
     except Interrupted as e:
         log(f"error: {e}")
         raise typer.Exit(EXIT_INTERRUPTED) from None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     if result.rank != 0:
         return  # under torchrun only rank 0 reports
     d = result.to_dict()
@@ -300,20 +317,16 @@ def infer(
     from cnnkit.runtime.shard import parse_shard
 
     picked = parse_shard(shard) if shard is not None else None  # a bad value fails before any work
-    previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)  # a clean stop: no temporary file left
-    try:
-        result = run_infer(
-            str(folder),
-            model=str(model) if model else None,
-            device=device,
-            batch_size=batch_size,
-            output=str(output) if output else None,
-            workers=workers,
-            shard=picked,
-            strict=strict,
-        )
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    result = run_infer(
+        str(folder),
+        model=str(model) if model else None,
+        device=device,
+        batch_size=batch_size,
+        output=str(output) if output else None,
+        workers=workers,
+        shard=picked,
+        strict=strict,
+    )
     _emit(result.to_dict(), as_json, format_summary(result))
     if result.n_failed:
         raise typer.Exit(EXIT_FILES_FAILED)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import secrets
 import stat
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from cnnkit.errors import DataError
@@ -34,6 +35,59 @@ def check_output_target(path: str | os.PathLike[str]) -> None:
                         "(choose another output path)")
 
 
+def check_writable(path: str | os.PathLike[str]) -> None:
+    """Fail now, in one line, where writing `path` later would fail: called on every output of a
+    command before its work starts, so a long run does not end in an error or leave some outputs
+    written and others not.
+
+    Raises:
+        DataError: `path` is not a regular file (`check_output_target`), or its nearest existing
+            parent is not a folder or cannot be written in.
+    """
+    check_output_target(path)
+    ancestor = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(ancestor):  # makedirs will create the rest
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise DataError(f"{os.fspath(path)}: cannot write there ({ancestor} is not a folder; "
+                        "choose another output path)")
+    if not os.access(ancestor, os.W_OK | os.X_OK):  # root passes this except on a read-only file system
+        raise DataError(f"{os.fspath(path)}: cannot write there (no permission to write in {ancestor}, or it is "
+                        "on a read-only file system; choose another output path)")
+
+
+def check_not_an_input(outputs: Iterable[str | os.PathLike[str]], inputs: Iterable[str | os.PathLike[str]]) -> None:
+    """Refuse to write an output over one of the command's own inputs (a model, a checkpoint, an image, a
+    shard CSV): the same file however it is named (relative, through a symlink, a hard link).
+
+    Raises:
+        DataError: an output is an input, in one line naming both.
+    """
+    seen: dict[tuple[int, int], str] = {}
+    for src in inputs:
+        with contextlib.suppress(OSError, ValueError):  # a missing input cannot be destroyed
+            st = os.stat(src)
+            seen.setdefault((st.st_dev, st.st_ino), os.fspath(src))
+    for out in outputs:
+        try:
+            st = os.stat(out)
+        except (OSError, ValueError):  # a new file
+            continue
+        src = seen.get((st.st_dev, st.st_ino))
+        if src is not None:
+            same = "" if os.path.abspath(src) == os.path.abspath(out) else f" ({src})"
+            raise DataError(f"{os.fspath(out)}: is an input of this command{same}; writing there would destroy "
+                            "it (choose another output path)")
+
+
+# An error of these kinds while the body of `atomic_path` writes its temporary file is about the output.
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def _cannot_write(path: str, e: OSError) -> DataError:
+    return DataError(f"{path}: cannot write ({e.strerror or e}); nothing was written there")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
     """Yield a temporary path next to `path`; on success fsync it and rename it onto `path`.
@@ -42,27 +96,44 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
     before the rename: `--output /dev/null` must not replace the device with a file.
 
     On an exception (Ctrl-C and SIGTERM included, which the CLI turns into one) the temporary file
-    is removed and `path` is untouched. A process killed outright (SIGKILL, power loss) cannot clean
-    up: its temporary file stays as the hidden `.<name>.<pid>.<random>.tmp`, `path` itself still
-    untouched, and the next write of the same `path` removes it (`remove_stale_temps`).
+    is removed and `path` is untouched. An OSError of the write itself (the parent is a file, a
+    read-only folder, a full disk) becomes a one-line `DataError` naming `path`.
+    A process killed outright (SIGKILL, power loss) cannot clean up: its temporary file stays as
+    the hidden `.<name>.<pid>.<random>.tmp`, `path` itself still untouched, and the next write of
+    the same `path` removes it (`remove_stale_temps`).
     """
     path = os.fspath(path)
     check_output_target(path)
     parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    remove_stale_temps(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{os.getpid()}.", suffix=".tmp", dir=parent)
-    os.close(fd)
     try:
-        os.chmod(tmp, _default_mode())  # mkstemp makes 0600; outputs are meant to be shared
+        os.makedirs(parent, exist_ok=True)
+        remove_stale_temps(path)
+    except OSError as e:
+        raise _cannot_write(path, e) from None
+    prefix = os.path.join(parent, f".{os.path.basename(path)}.{os.getpid()}.")
+    tmp = ""
+    try:
+        # The name is chosen before the file is made, inside the `try`: a Ctrl-C or SIGTERM arriving
+        # just after the file exists still reaches the cleanup below (tempfile.mkstemp returns the
+        # name only after Python code that a signal can interrupt).
+        while True:
+            tmp = f"{prefix}{secrets.token_hex(4)}.tmp"
+            try:  # mode 0666 less the umask, as a plain open() gives: outputs are meant to be shared
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666))
+                break
+            except FileExistsError:
+                continue
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         check_output_target(path)  # again: it may have appeared while the work ran
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        # Only errors of writing the output: an OSError reading an input keeps its own message.
+        if isinstance(e, OSError) and (e.filename in (tmp, path) or e.errno in _FULL):
+            raise _cannot_write(path, e) from None
         raise
 
 
@@ -102,13 +173,6 @@ def remove_stale_temps(path: str | os.PathLike[str]) -> list[str]:
     return removed
 
 
-def _default_mode() -> int:
-    """The mode a plain `open(path, "w")` would give: 0666 less the umask."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
@@ -128,10 +192,16 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
 
 
 def point_symlink(link: str | os.PathLike[str], target: str) -> None:
-    """Make `link` a symlink to `target`, replacing an existing one atomically."""
+    """Make `link` a symlink to `target`, replacing an existing one atomically (nothing left behind
+    when that fails)."""
     link = os.fspath(link)
     tmp = f"{link}.{os.getpid()}.tmp"
     with contextlib.suppress(FileNotFoundError):
         os.unlink(tmp)
     os.symlink(target, tmp)
-    os.replace(tmp, link)
+    try:
+        os.replace(tmp, link)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

@@ -313,16 +313,19 @@ def _decode_chunk(root: str, files: Sequence[str], start: int, size: tuple[int, 
 
 
 def _init_worker(parent: int) -> None:
-    """Decoder processes leave Ctrl-C to the main process and die with it.
+    """Decoder processes leave Ctrl-C and SIGTERM to the main process and die with it.
 
-    A terminal's Ctrl-C reaches every process of the group: the main process turns it into a clean
-    stop that shuts the pool down, so the workers ignore it (instead of each printing a traceback).
+    A terminal's Ctrl-C, and a SIGTERM sent to the process group (`kill -- -PGID`, a batch scheduler),
+    reach every process of the group: the main process turns either into a clean stop that shuts the
+    pool down, so the workers ignore both (instead of each printing a traceback: a forked worker
+    inherits the CLI's SIGTERM handler, which raises KeyboardInterrupt).
     When the main process is killed outright (SIGKILL, the OOM killer), nothing tells pool workers
     to exit and they would wait on their queue forever: on Linux the kernel kills them instead.
     """
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         try:
             import ctypes

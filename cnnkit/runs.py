@@ -37,10 +37,36 @@ def new_run_dir(runs_dir: str = RUNS_DIR, name: str | None = None) -> str:
     raise ModelError(f"cannot create a new run folder under {runs_dir}")
 
 
-def mark_latest(run_dir: str) -> None:
-    """Point `runs/latest` at `run_dir` (a relative symlink, replaced atomically)."""
-    parent = os.path.dirname(os.path.abspath(run_dir))
-    point_symlink(os.path.join(parent, LATEST), os.path.basename(os.path.abspath(run_dir)))
+def _latest_link(run_dir: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(run_dir)), LATEST)
+
+
+def latest_note(run_dir: str) -> str | None:
+    """Why `mark_latest(run_dir)` will leave `latest` beside `run_dir` alone, or None when it may point it.
+
+    cnnkit replaces `latest` only when it is absent or a symlink to a sibling folder's name (what
+    `mark_latest` makes): a user's own file, folder or symlink elsewhere of that name is never touched.
+    """
+    link = _latest_link(run_dir)
+    if not os.path.lexists(link):
+        return None
+    if os.path.islink(link):
+        target = os.readlink(link)
+        if target and os.sep not in target and target not in (".", ".."):
+            return None
+        kind = f"a symlink to {target}"
+    else:
+        kind = "a folder" if os.path.isdir(link) else "a file"
+    return f"{link} is {kind}, not cnnkit's `latest` symlink: left alone, so it will not point at this run"
+
+
+def mark_latest(run_dir: str) -> bool:
+    """Point `latest` beside `run_dir` at it (a relative symlink, replaced atomically), unless
+    `latest_note` says it is not cnnkit's. Returns whether it points there now."""
+    if latest_note(run_dir) is not None:
+        return False
+    point_symlink(_latest_link(run_dir), os.path.basename(os.path.abspath(run_dir)))
+    return True
 
 
 def latest_run(runs_dir: str = RUNS_DIR) -> str:

@@ -590,3 +590,82 @@ def test_outputs_never_replace_a_device_a_folder_or_a_fifo(model, tiny_tree, tmp
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "/dev/null: is a character device" in result.stderr
     assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_is_one_line_from_the_main_process(model, big_folder, tmp_path):
+    """`kill -- -PGID` (a batch scheduler's stop) reaches the decoder processes too: they inherited the
+    CLI's SIGTERM handler and each printed a KeyboardInterrupt traceback."""
+    out = str(tmp_path / "pred.csv")
+    proc = subprocess.Popen([sys.executable, "-m", "cnnkit", "infer", big_folder, "--model", model, "--workers", "2",
+                             "--output", out], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    # Soon after the decoders start: they fill their queue and then wait while this process starts
+    # onnxruntime and predicts, and an idle worker is where the inherited handler's traceback came
+    # from (a busy one sends its KeyboardInterrupt back as the task's result, silently).
+    deadline = time.monotonic() + 60
+    while not (kids := _children(proc.pid)):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.005)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert kids and proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert err.strip().splitlines()[-1] == "interrupted"
+    assert not os.path.exists(out) and no_temp_files(str(tmp_path))
+
+
+def _handlers_in_a_decoder() -> tuple[object, object]:
+    return signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+
+
+def test_decoders_leave_sigint_and_sigterm_to_the_main_process():
+    """A forked decoder inherits the CLI's SIGTERM handler (it raises KeyboardInterrupt): it must
+    ignore SIGTERM as it ignores SIGINT, so that only the main process reports a stop."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    from cnnkit.cli import _stops_cleanly_on_sigterm
+    from cnnkit.images import _init_worker
+
+    with _stops_cleanly_on_sigterm(), ProcessPoolExecutor(
+        1, mp_context=mp.get_context("fork"), initializer=_init_worker, initargs=(os.getpid(),)
+    ) as pool:
+        assert pool.submit(_handlers_in_a_decoder).result() == (signal.SIG_IGN, signal.SIG_IGN)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_tree, tmp_path_factory) -> str:
+    """A random-init 2-class checkpoint whose recorded data (ant, bee) has training/ and testing/."""
+    import shutil
+
+    from test_export import make_checkpoint
+
+    root = tmp_path_factory.mktemp("antbee")
+    for split in ("training", "testing"):
+        for name, digit in (("ant", "0"), ("bee", "1")):
+            shutil.copytree(os.path.join(tiny_tree, split, digit), root / split / name)
+    return make_checkpoint(str(tmp_path_factory.mktemp("run")), "lecture", 2, str(root))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_sigterm_during_export_is_a_clean_stop(checkpoint, tmp_path, precision):
+    """SIGTERM once ended `cnnkit export` with status 143, leaving its temporary file (and for INT8
+    its `.cnnkit-export-*` folder) beside the output."""
+    out = tmp_path / "out"
+    out.mkdir()
+    extra = ["--quantize", "int8"] if precision == "int8" else []
+    proc = subprocess.Popen([sys.executable, "-m", "cnnkit", "export", checkpoint, "--out", str(out / "m.onnx"),
+                             *extra], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    pattern = str(out / (".cnnkit-export-*" if precision == "int8" else ".m.onnx.*.tmp"))
+    deadline = time.monotonic() + 120
+    while not glob.glob(pattern):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == "interrupted"
+    assert os.listdir(out) == []

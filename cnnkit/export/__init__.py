@@ -40,7 +40,7 @@ from cnnkit.errors import CnnkitError, DataError, DeviceError, ModelError, Parit
 from cnnkit.export.onnx import DEFAULT_EXPORTER, EXPORTERS, check_options
 from cnnkit.export.parity import TIERS, ParityReport, run_parity
 from cnnkit.export.quantize import DEFAULT_CALIBRATION_SIZE, DEFAULT_EVAL_LIMIT, DEFAULT_MAX_ACCURACY_DROP
-from cnnkit.files import atomic_path, write_json
+from cnnkit.files import atomic_path, check_not_an_input, check_writable, write_json
 from cnnkit.images import sample_folder
 from cnnkit.meta import ModelMeta
 from cnnkit.provenance import record
@@ -260,7 +260,7 @@ def export(
                             raise ParityError(f"fp16 export of {checkpoint}: {NOT_ON_TARGET} and --strict is set; "
                                               f"nothing was written ({'; '.join(notes)})")
                     info = {**info, "exporter": used_exporter, "fp32": base_info}
-    except PermissionError as e:
+    except PermissionError as e:  # an exporter's own write (atomic_path reports the rest)
         raise ModelError(f"cannot write {out}: {e.strerror or e}; pass another --out") from None
 
     result = ExportResult(
@@ -445,9 +445,22 @@ def _resolve_out(out: str | None, checkpoint: str, kind: str) -> str:
         out = os.path.join(os.path.dirname(checkpoint), name)
     elif out.endswith(("/", os.sep)) or os.path.isdir(out):
         out = os.path.join(out, name)
-    if os.path.abspath(out) == os.path.abspath(checkpoint):
-        raise ModelError(f"{out}: the output would overwrite the checkpoint; pass another --out")
+    _check_out(out, checkpoint)
     return out
+
+
+def _check_out(out: str, checkpoint: str) -> None:
+    """Refuse, before any work, an artifact path that is a checkpoint (the source, its run's other
+    one, any cnnkit checkpoint) or that cannot be written; likewise its report."""
+    from cnnkit.trainer.checkpoint import BEST_NAME, CHECKPOINT_NAME, is_checkpoint
+
+    run = os.path.dirname(checkpoint)
+    outputs = [out, out + REPORT_SUFFIX]
+    check_not_an_input(outputs, [checkpoint, os.path.join(run, BEST_NAME), os.path.join(run, CHECKPOINT_NAME)])
+    for path in outputs:
+        if is_checkpoint(path):
+            raise ModelError(f"{path}: is a cnnkit checkpoint; exporting there would destroy it (pass another --out)")
+        check_writable(path)
 
 
 def _resolve_data(data: str | None, meta: ModelMeta, checkpoint: str) -> str:

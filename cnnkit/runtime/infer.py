@@ -34,13 +34,13 @@ import numpy as np
 from cnnkit.console import Progress, log, printable, table
 from cnnkit.csvcells import RISKY_START, escape
 from cnnkit.errors import DataError, FileFailedError
-from cnnkit.files import atomic_path, remove_stale_temps
+from cnnkit.files import atomic_path, check_not_an_input, check_writable, remove_stale_temps
 from cnnkit.images import decode_batches, default_workers
-from cnnkit.listing import Listing, describe_ignored, iter_pngs
+from cnnkit.listing import Listing, describe_ignored, is_listed, iter_pngs
 from cnnkit.meta import predict
 from cnnkit.runs import ONNX_NAME, PREDICTIONS_NAME, latest_file
 from cnnkit.runtime.session import create_session, read_meta
-from cnnkit.runtime.shard import Shard, ShardFilter, parse_shard, write_shard_summary
+from cnnkit.runtime.shard import Shard, ShardFilter, parse_shard, summary_path, write_shard_summary
 
 CSV_COLUMNS = ("path", "predicted", "score", "label")
 # Paths and class names that the csv module must quote, or that `escape` must prefix (at a cell's start:
@@ -229,6 +229,7 @@ def infer(
     if output is None:
         name = PREDICTIONS_NAME if shard is None else shard.default_output
         output = os.path.join(os.path.dirname(os.path.abspath(model)), name)
+    _check_outputs(folder, model, [output, failures_path(output), *([summary_path(output)] if shard else [])])
     # The folder is walked as the run goes, in the order of its sorted paths. The first files are
     # read ahead: a folder (or shard) smaller than that is sized exactly as a listed one would be;
     # past it, decode tasks are at their largest whatever the size, so a lower bound is enough.
@@ -268,11 +269,13 @@ def infer(
         session = create_session(model, device=device, threads=threads)
         bar = Progress(n_known if n_known < ahead else None, "infer", unit="img") if progress else None
         # Names that are not valid UTF-8 reach us surrogate-escaped (`os.fsdecode`): they are written
-        # back as their original bytes, so the CSV names exactly the file on disk.
+        # back as their original bytes, so the CSV names exactly the file on disk. The failure list
+        # is entered first so that it is committed last: a CSV that cannot be written (a full disk)
+        # leaves no failure list of a run that has no CSV.
         with (
+            _FailureLog(failures_path(output)) as failure_log,
             atomic_path(output) as tmp,
             open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f,
-            _FailureLog(failures_path(output)) as failure_log,
         ):
             writer = csv.writer(f)
             writer.writerow(CSV_COLUMNS)
@@ -353,6 +356,17 @@ def infer(
     if shard is not None:
         result.summary = write_shard_summary(result, folder, shard, n_listed)
     return result
+
+
+def _check_outputs(folder: str, model: str, outputs: list[str]) -> None:
+    """Refuse, before any work, outputs that would destroy an input (the model, an image of the folder)
+    or that cannot be written: a failure at the end would leave some outputs written and not others."""
+    check_not_an_input(outputs, [model])
+    for out in outputs:
+        if is_listed(folder, out):
+            raise DataError(f"{out}: is one of the images under {folder}; writing there would destroy it "
+                            "(choose another output path)")
+        check_writable(out)
 
 
 def failures_path(output: str) -> str:

@@ -32,7 +32,7 @@ from typing import Any
 
 from cnnkit.csvcells import escape, unescape
 from cnnkit.errors import DataError
-from cnnkit.files import atomic_path, write_json
+from cnnkit.files import atomic_path, check_not_an_input, check_writable, write_json
 
 ASSIGNMENT = "blake2b-64(utf-8 relative path) mod N"
 SHARD_KIND = "cnnkit-infer-shard"
@@ -448,10 +448,11 @@ def merge(csvs: list[str], output: str, *, check_folder: bool = False) -> MergeR
                                     and os.path.exists(summary_path(p[: -len(FAILURES_SUFFIX)])))]
     if not csvs:
         raise ShardError("no shard outputs given")
-    out_abs = os.path.abspath(output)
-    for p in csvs:
-        if os.path.abspath(p) in (out_abs, os.path.abspath(summary_path(output))):
-            raise ShardError(f"{p}: the merge output is also an input; write the merge elsewhere")
+    outputs = [output, summary_path(output), failures_path(output)]
+    # An input is a shard's CSV, its summary and its failure list; all are refused as outputs before any work.
+    check_not_an_input(outputs, [f(p) for p in csvs for f in (str, summary_path, failures_path)])
+    for out in outputs:
+        check_writable(out)
     summaries = [(p, _load_summary(p)) for p in csvs]
     _same(summaries, "assignment", "shard assignments (cnnkit versions?)")
     count = _same([(p, {"n": s["shard"]["count"]}) for p, s in summaries], "n", "numbers of shards (N)")

@@ -13,8 +13,10 @@ Layout (a dict):
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
+import zipfile
 from typing import Any
 
 import torch
@@ -31,8 +33,22 @@ BEST_NAME = "best.pt"  # the epoch with the best validation metric (what export 
 
 def save_checkpoint(path: str, state: dict[str, Any]) -> None:
     """Write atomically: a kill during the write leaves the previous checkpoint intact."""
-    with atomic_path(path) as tmp:
-        torch.save({"format": FORMAT, **state}, tmp)
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, **state}, buf)
+    # Written by Python, not by torch's own writer, whose full-disk error is a RuntimeError
+    # (`atomic_path` turns an OSError into one line naming the path).
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(buf.getbuffer())
+
+
+def is_checkpoint(path: str) -> bool:
+    """Whether `path` is a cnnkit checkpoint, by a look at its pickle only (no tensors loaded)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            name = next((n for n in z.namelist() if n.endswith("/data.pkl")), None)
+            return name is not None and FORMAT.encode() in z.read(name)
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
 
 
 def load_checkpoint(path: str) -> dict[str, Any]:

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from cnnkit import __version__
 from cnnkit.console import Progress, log, table
 from cnnkit.errors import DataError, ModelError
-from cnnkit.files import write_json
+from cnnkit.files import check_writable, write_json
 from cnnkit.meta import OUTPUT_SIGMOID, ModelMeta
-from cnnkit.runs import RUNS_DIR, mark_latest, new_run_dir
+from cnnkit.runs import RUNS_DIR, latest_note, mark_latest, new_run_dir
 from cnnkit.trainer.checkpoint import BEST_NAME, CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from cnnkit.trainer.data import SKIPPED_KEPT, LoadedSplit, class_names, load_split, split_validation
 from cnnkit.trainer.distributed import Dist, amp_for, setup, teardown
@@ -287,6 +287,7 @@ def _train(cfg: TrainConfig, resume: str | None, d: Dist, device: torch.device) 
     if cfg.batch_size % d.world:
         raise DataError(f"--batch-size {cfg.batch_size} is the global batch: make it a multiple of {d.world} processes")
     say = log if d.main else (lambda *_: None)
+    _check_run_folder(resume or cfg.out, cfg.runs_dir, say)
     t_load = time.perf_counter()
     train_split, val_split, test_split, data_info = _load_data(cfg, d)
     load_seconds = time.perf_counter() - t_load
@@ -538,6 +539,17 @@ def build_for_training(
     if state is not None:
         opt.load_state_dict(state["optimizer"])  # casts each state tensor to its parameter's device
     return net, opt, output
+
+
+def _check_run_folder(out: str | None, runs_dir: str, say: Any) -> None:
+    """Before any work: the run folder can hold its files, and whether `latest` beside it is cnnkit's."""
+    run = out or os.path.join(runs_dir, "new")  # a new run goes under runs_dir
+    if out and os.path.lexists(out) and not os.path.isdir(out):
+        raise DataError(f"{out}: is a file, not a folder; --out takes a run folder (choose another path)")
+    check_writable(os.path.join(run, CHECKPOINT_NAME))
+    note = latest_note(run)
+    if note:
+        say(f"note: {note}")
 
 
 def _run_folder(cfg: TrainConfig) -> str:
