@@ -70,3 +70,47 @@ def test_resume_with_garbage_optimizer_state_is_a_model_error(one_epoch_run, tmp
     run = _damaged_run(one_epoch_run, os.fspath(tmp_path / "run"), lambda c: c.update(optimizer={"state": 1}))
     with pytest.raises(ModelError, match="'optimizer'"):
         train(TrainConfig(epochs=2, workers=0), resume=run)
+
+
+# --------------------------------------------------------------------------------------------
+# IDX gzip bombs (item 12)
+
+
+def _idx_gz(path, dims: tuple[int, ...], n_bytes: int) -> str:
+    import gzip
+    import struct
+
+    with gzip.open(path, "wb") as f:
+        f.write(b"\0\0\x08" + bytes([len(dims)]) + struct.pack(f">{len(dims)}I", *dims))
+        f.write(bytes(n_bytes))
+    return os.fspath(path)
+
+
+def test_idx_declaring_more_than_the_cap_is_refused_before_decompressing(tmp_path, monkeypatch):
+    from cnnkit.datasets import idx
+    from cnnkit.errors import DataError
+
+    # 4,000,000 x 28 x 28: the 3.1 GB the bomb of the issue declared.
+    path = _idx_gz(tmp_path / "bomb.gz", (4_000_000, 28, 28), 1 << 20)
+    read = []
+    real = idx._read_upto
+    monkeypatch.setattr(idx, "_read_upto", lambda stream, n: read.append(n) or real(stream, n))
+    with pytest.raises(DataError, match=r"declares shape \(4000000, 28, 28\), 3,136,000,000 bytes, over the 1,024 MB"):
+        idx.read_idx(path)
+    assert read == []  # nothing was decompressed past the header
+
+
+def test_idx_reads_only_the_declared_bytes_and_refuses_the_rest(tmp_path, monkeypatch):
+    from cnnkit.datasets import idx
+    from cnnkit.errors import DataError
+
+    monkeypatch.setattr(idx, "MAX_IDX_BYTES", 10 * 28 * 28)
+    assert idx.read_idx(_idx_gz(tmp_path / "ok.gz", (10, 28, 28), 10 * 28 * 28)).shape == (10, 28, 28)
+    with pytest.raises(DataError, match="over the"):
+        idx.read_idx(_idx_gz(tmp_path / "big.gz", (11, 28, 28), 11 * 28 * 28))
+    with pytest.raises(DataError, match="trailing data"):
+        idx.read_idx(_idx_gz(tmp_path / "tail.gz", (10, 28, 28), 50 << 20))
+    result = runner.invoke(app, ["data", "idx", _idx_gz(tmp_path / "i.gz", (11, 28, 28), 0),
+                                 _idx_gz(tmp_path / "l.gz", (11,), 11), "--out", os.fspath(tmp_path / "o"),
+                                 "--split", "training"])
+    assert result.exit_code == 2 and "over the" in result.output and "Traceback" not in result.output
