@@ -36,6 +36,7 @@ import numpy as np
 from cnnkit.console import log, table
 from cnnkit.devices import parse_device
 from cnnkit.errors import DataError, DeviceError, ModelError
+from cnnkit.files import path_kind
 from cnnkit.images import Sample, sample_folder
 from cnnkit.meta import ModelMeta, predict
 from cnnkit.provenance import why_untrusted
@@ -361,7 +362,9 @@ def bench(
         raise DataError("batch size and threads must be at least 1")
     run_dir = run if run is not None else latest_run()
     if not os.path.isdir(run_dir):
-        raise ModelError(f"{run_dir}: no such run folder")
+        there = path_kind(run_dir)
+        said = "no such run folder" if there == "nothing" else f"is {there}, not a run folder"
+        raise ModelError(f"{run_dir}: {said}")
     found = {kind: os.path.join(run_dir, name) for kind, name, _ in ARTIFACTS
              if os.path.isfile(os.path.join(run_dir, name))}
     meta = _meta_of(run_dir, found)

@@ -114,3 +114,46 @@ def test_idx_reads_only_the_declared_bytes_and_refuses_the_rest(tmp_path, monkey
                                  _idx_gz(tmp_path / "l.gz", (11,), 11), "--out", os.fspath(tmp_path / "o"),
                                  "--split", "training"])
     assert result.exit_code == 2 and "over the" in result.output and "Traceback" not in result.output
+
+
+# --------------------------------------------------------------------------------------------
+# Model paths that are folders or FIFOs (item 13)
+
+
+@pytest.fixture
+def odd_paths(tmp_path) -> dict[str, str]:
+    folder = tmp_path / "model.onnx"
+    folder.mkdir()
+    fifo = os.fspath(tmp_path / "fifo.onnx")
+    os.mkfifo(fifo)
+    return {"a folder": os.fspath(folder), "a FIFO": fifo}
+
+
+@pytest.mark.parametrize("kind", ["a folder", "a FIFO"])
+def test_model_paths_say_what_is_there_without_opening_it(odd_paths, kind):
+    from cnnkit.export.pt2 import load_pt2
+    from cnnkit.export.torchscript import load_torchscript
+    from cnnkit.runtime.session import read_meta
+    from cnnkit.trainer.checkpoint import load_checkpoint
+
+    path = odd_paths[kind]
+    for load, what in ((read_meta, "model file"), (load_checkpoint, "checkpoint"),
+                       (load_torchscript, "TorchScript file"), (load_pt2, "pt2 file")):
+        with pytest.raises(ModelError, match=f"is {kind}, not a {what}"):
+            load(path)
+
+
+def test_infer_and_export_cli_on_a_fifo_exit_2_at_once(odd_paths, tmp_path):
+    import subprocess
+    import sys
+
+    fifo = odd_paths["a FIFO"]
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    for args in (["infer", os.fspath(tmp_path), "--model", fifo], ["export", fifo]):
+        # A timeout, not a hang, if anything opened the FIFO (nobody writes to it).
+        proc = subprocess.run([sys.executable, "-m", "cnnkit", *args], capture_output=True, text=True, timeout=120,
+                              env=env)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.strip().splitlines()[-1] == f"error: {fifo}: is a FIFO, not a " + (
+            "model file (export one with `cnnkit export --format onnx`)" if args[0] == "infer"
+            else "checkpoint (train one with `cnnkit train`)")

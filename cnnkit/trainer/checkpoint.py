@@ -15,14 +15,13 @@ Layout (a dict):
 
 from __future__ import annotations
 
-import os
 import pickle
 from typing import Any
 
 import torch
 
 from cnnkit.errors import ModelError
-from cnnkit.files import atomic_path
+from cnnkit.files import atomic_path, check_model_file
 from cnnkit.meta import ModelMeta
 from cnnkit.trainer.models import Classifier, build_model
 
@@ -43,8 +42,7 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     Raises:
         ModelError: missing, truncated, foreign or unsafe file.
     """
-    if not os.path.isfile(path):
-        raise ModelError(f"{path}: no such checkpoint (train one with `cnnkit train`)")
+    check_model_file(path, "checkpoint", "train one with `cnnkit train`")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
