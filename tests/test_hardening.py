@@ -157,3 +157,117 @@ def test_infer_and_export_cli_on_a_fifo_exit_2_at_once(odd_paths, tmp_path):
         assert proc.stderr.strip().splitlines()[-1] == f"error: {fifo}: is a FIFO, not a " + (
             "model file (export one with `cnnkit export --format onnx`)" if args[0] == "infer"
             else "checkpoint (train one with `cnnkit train`)")
+
+
+# --------------------------------------------------------------------------------------------
+# Many classes and non-UTF-8 class names in plots and confusion reports (items 2 and 8)
+
+NON_UTF8 = os.fsdecode(b"caf\xe9")  # a latin-1 folder name: Python hands it over surrogate-escaped
+
+
+def _plot(run_dir: str, classes: list[str], n: int, sigmoid: bool = False) -> dict[str, tuple[int, int]]:
+    """write_plots on `n` images of random scores; the pixel size of each PNG written."""
+    import numpy as np
+    from PIL import Image
+
+    from cnnkit.trainer.plots import write_plots
+
+    gen = torch.Generator().manual_seed(0)
+    k = len(classes)
+    y = np.arange(n) % k
+    out = torch.rand(n, 1, generator=gen) if sigmoid else torch.randn(n, k, generator=gen)
+    hist = [{"epoch": 1, "train_loss": 1.0, "val_loss": 1.0, "train_accuracy": 0.5, "val_accuracy": 0.5}]
+    paths = write_plots(run_dir, hist, {"testing": out}, {"testing": y}, classes, sigmoid, 1)
+    return {os.path.basename(p): Image.open(p).size for p in paths}
+
+
+def test_a_thousand_classes_plot_a_fixed_size_summary_not_a_matrix(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    real = plt.subplots
+
+    def bounded(*args, figsize=(6.4, 4.8), **kw):
+        # Fail before drawing: the old 1,000-class matrix (601 x 501 inches) was OOM-killed at 20 GB.
+        assert max(figsize) <= 40, f"figure of {figsize} inches"
+        return real(*args, figsize=figsize, **kw)
+
+    monkeypatch.setattr(plt, "subplots", bounded)
+    sizes = _plot(os.fspath(tmp_path), [f"class{i:04d}" for i in range(1000)], 1000)
+    w, h = sizes["confusion.png"]
+    assert w < 1500 and h < 1500, sizes  # the matrix would be 60,100 x 50,100 pixels
+    few = _plot(os.fspath(tmp_path), [str(i) for i in range(10)], 100)
+    assert few["confusion.png"][0] > 400  # ten classes still get their matrix
+
+
+@pytest.mark.parametrize("sigmoid", [True, False])
+def test_plots_draw_class_names_that_are_not_utf8(tmp_path, sigmoid):
+    sizes = _plot(os.fspath(tmp_path), [NON_UTF8, "b", "c"][: 2 if sigmoid else 3], 30, sigmoid)
+    assert set(sizes) == {"curves.png", "scores_testing.png", "confusion.png"}
+
+
+def test_train_on_a_non_utf8_class_folder_writes_its_plots(tmp_path, tiny_tree):
+    from cnnkit.trainer.loop import TrainConfig, train
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_tree, data)
+    for split in ("training", "testing"):
+        os.rename(os.path.join(data, split, "0"), os.path.join(os.fsencode(data), split.encode(), b"caf\xe9"))
+    result = train(TrainConfig(data=os.fspath(data), runs_dir=os.fspath(tmp_path / "runs"), workers=0, epochs=1))
+    assert NON_UTF8 in result.classes and os.path.isfile(os.path.join(result.run_dir, "confusion.png"))
+
+
+def test_confusion_keeps_pairs_not_a_matrix_past_the_limit():
+    import numpy as np
+
+    from cnnkit.confusion import MAX_MATRIX_CLASSES, Confusion, summary_lines
+    from cnnkit.console import table
+
+    k = 100_000  # a K x K int64 matrix would be 80 GB
+    conf = Confusion(k)
+    true = np.array([0, 1, 2, 2, 99_999, 5])
+    conf.add(true, np.array([0, 2, 1, 1, 3, 5]))
+    assert conf.matrix is None and (conf.n_correct, conf.n_total) == (2, 6)
+    assert conf.pairs() == [[2, 1, 2], [1, 2, 1], [99_999, 3, 1]]
+    lines = summary_lines([f"c{i}" for i in range(k)], None, conf.pairs(), table)
+    assert f"over {MAX_MATRIX_CLASSES}" in lines[0] and "c2" in lines[1] and len(lines) == 2
+    small = Confusion(3)
+    small.add(np.array([0, 1, 2]), np.array([0, 2, 2]))
+    assert small.matrix.tolist() == [[1, 0, 0], [0, 0, 1], [0, 0, 1]] and small.pairs() == [[1, 2, 1]]
+
+
+@pytest.fixture(scope="module")
+def many_class_run(tmp_path_factory):
+    """A 60-class ONNX model (over MAX_MATRIX_CLASSES) and a labeled folder of 6 of its classes."""
+    import numpy as np
+    from conftest import export_onnx
+
+    from cnnkit.datasets.layout import encode_png
+
+    d = tmp_path_factory.mktemp("many")
+    classes = tuple(f"k{i:02d}" for i in range(60))
+    model = export_onnx(os.fspath(d / "m.onnx"), classes)
+    rng = np.random.default_rng(0)
+    for c in classes[:6]:
+        os.makedirs(d / "data" / c)
+        for i in range(5):
+            (d / "data" / c / f"{i}.png").write_bytes(encode_png(rng.integers(0, 256, (28, 28), dtype=np.uint8)))
+    return model, os.fspath(d / "data"), classes
+
+
+def test_infer_past_the_matrix_limit_reports_top_confusions_and_merges(many_class_run, tmp_path):
+    from cnnkit.runtime.infer import format_summary, infer
+    from cnnkit.runtime.shard import format_merge, merge
+
+    model, data, classes = many_class_run
+    whole = infer(data, model, output=os.fspath(tmp_path / "all.csv"), workers=0, progress=False)
+    d = whole.to_dict()
+    assert d["confusion"] is None and d["accuracy"] is not None
+    wrong = whole.n_images - whole.n_correct
+    assert wrong == sum(p["count"] for p in d["top_confused"]) or len(d["top_confused"]) == 20
+    assert {p["true"] for p in d["top_confused"]} <= set(classes[:6])
+    assert "over 50 so no matrix" in format_summary(whole)
+    parts = [infer(data, model, output=os.fspath(tmp_path / f"s{k}.csv"), workers=0, progress=False,
+                   shard=f"{k}/2").output for k in range(2)]
+    merged = merge(parts, os.fspath(tmp_path / "merged.csv"))
+    assert merged.accuracy == whole.accuracy and merged.confused_pairs == whole.confused_pairs
+    assert merged.to_dict()["top_confused"] == d["top_confused"] and "no matrix" in format_merge(merged)
