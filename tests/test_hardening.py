@@ -271,3 +271,63 @@ def test_infer_past_the_matrix_limit_reports_top_confusions_and_merges(many_clas
     merged = merge(parts, os.fspath(tmp_path / "merged.csv"))
     assert merged.accuracy == whole.accuracy and merged.confused_pairs == whole.confused_pairs
     assert merged.to_dict()["top_confused"] == d["top_confused"] and "no matrix" in format_merge(merged)
+
+
+# --------------------------------------------------------------------------------------------
+# Untrusted metadata records: bounded before they cost memory or recursion (item 2)
+
+
+def _record(**changes) -> dict:
+    from cnnkit.meta import ModelMeta
+
+    return {**ModelMeta(arch="lecture", classes=("a", "b"), input_shape=(1, 28, 28), output="logits").to_dict(),
+            **changes}
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"classes": [f"c{i}" for i in range(100_000)]}, "names 100,000 classes, over the 10,000"),
+    ({"input_shape": [1, 100_000, 100_000]}, r"bad input_shape \(1, 100000, 100000\).*H and W from 1 to 4096"),
+    ({"input_shape": [1, 28, 5000]}, "H and W from 1 to 4096"),
+    ({"extra": {"x": "[" * 10}}, None),  # brackets inside a string are text, not nesting
+])
+def test_record_limits(changes, message):
+    import json
+
+    from cnnkit.meta import ModelMeta
+
+    text = json.dumps(_record(**changes))
+    if message is None:
+        assert ModelMeta.from_json(text).extra == changes["extra"]
+        return
+    for load in (lambda: ModelMeta.from_json(text), lambda: ModelMeta.from_dict(json.loads(text))):
+        with pytest.raises(ModelError, match=message):
+            load()
+
+
+def test_deep_or_huge_record_text_is_one_model_error():
+    import json
+
+    from cnnkit.meta import ModelMeta
+
+    deep = json.dumps(_record())[:-1] + ', "junk": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    with pytest.raises(ModelError, match="nests 100,001 levels deep, over the 32"):
+        ModelMeta.from_json(deep)
+    nested: dict = {}
+    inner = nested
+    for _ in range(5000):  # a checkpoint's dict, never JSON text
+        inner["x"] = inner = {}
+    with pytest.raises(ModelError, match="levels deep"):
+        ModelMeta.from_dict(_record(extra=nested))
+    with pytest.raises(ModelError, match="characters is over the"):
+        ModelMeta.from_json(json.dumps(_record(extra={"pad": "x" * (5 << 20)})))
+
+
+def test_infer_with_a_100k_class_record_exits_2(tmp_path):
+    import json
+
+    from conftest import export_onnx
+
+    model = export_onnx(os.fspath(tmp_path / "m.onnx"), meta=json.dumps(_record(
+        classes=[f"c{i}" for i in range(100_000)])))
+    result = runner.invoke(app, ["infer", os.fspath(tmp_path), "--model", model])
+    assert result.exit_code == 2 and "over the 10,000" in result.output and "Traceback" not in result.output
