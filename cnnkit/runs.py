@@ -21,6 +21,7 @@ LATEST = "latest"
 ONNX_NAME = "model.onnx"
 TORCHSCRIPT_NAME = "model.ts"
 PREDICTIONS_NAME = "predictions.csv"
+REPORT_SUFFIX = ".parity.json"  # `cnnkit export`'s report beside each artifact (stays on this machine)
 
 
 def new_run_dir(runs_dir: str = RUNS_DIR, name: str | None = None) -> str:

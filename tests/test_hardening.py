@@ -331,3 +331,44 @@ def test_infer_with_a_100k_class_record_exits_2(tmp_path):
         classes=[f"c{i}" for i in range(100_000)])))
     result = runner.invoke(app, ["infer", os.fspath(tmp_path), "--model", model])
     assert result.exit_code == 2 and "over the 10,000" in result.output and "Traceback" not in result.output
+
+
+# --------------------------------------------------------------------------------------------
+# What an exported artifact reveals about the training machine (item 14)
+
+
+def test_exports_record_data_folder_names_not_full_paths(one_epoch_run, tiny_tree, tmp_path):
+    from cnnkit.export import export
+    from cnnkit.export.torchscript import load_torchscript
+    from cnnkit.runtime.session import read_meta
+    from cnnkit.trainer.checkpoint import BEST_NAME, load_checkpoint
+
+    ckpt = os.path.join(one_epoch_run, BEST_NAME)
+    full = load_checkpoint(ckpt)["meta"]["extra"]["data"]
+    assert full["root"] == os.path.abspath(tiny_tree)  # the run on the user's disk keeps full paths
+    name = os.path.basename(os.path.abspath(tiny_tree))
+    onnx_path = export(ckpt, "onnx", out=os.fspath(tmp_path / "m.onnx"), exporter="torchscript").path
+    ts_path = export(ckpt, "torchscript", out=os.fspath(tmp_path / "m.ts")).path
+    for record in (read_meta(onnx_path), load_torchscript(ts_path)[1]):
+        data = record.extra["data"]
+        assert (data["root"], data["train"], data["test"]) == (name, f"{name}/training", f"{name}/testing")
+        assert os.path.dirname(os.path.abspath(tiny_tree)) not in record.to_json()
+    kept = export(ckpt, "onnx", out=os.fspath(tmp_path / "k.onnx"), exporter="torchscript", keep_paths=True).path
+    assert read_meta(kept).extra["data"]["root"] == full["root"]
+    result = runner.invoke(app, ["export", ckpt, "--out", os.fspath(tmp_path / "c.onnx"), "--exporter",
+                                 "torchscript", "--keep-paths"])
+    assert result.exit_code == 0, result.output
+    assert read_meta(os.fspath(tmp_path / "c.onnx")).extra["data"]["test"] == full["test"]
+
+
+def test_bench_finds_the_testing_folder_through_the_export_report(one_epoch_run, tmp_path):
+    from cnnkit.bench import bench
+    from cnnkit.export import export
+    from cnnkit.trainer.checkpoint import BEST_NAME
+
+    run = os.fspath(tmp_path / "run")
+    shutil.copytree(one_epoch_run, run)
+    export(os.path.join(run, BEST_NAME), "onnx", exporter="torchscript")
+    os.remove(os.path.join(run, BEST_NAME))  # the ONNX record alone names folders only
+    result = bench(run=run, limit=6, device="cpu")
+    assert [r.artifact for r in result.rows] == ["onnx"]
