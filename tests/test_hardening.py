@@ -372,3 +372,13 @@ def test_bench_finds_the_testing_folder_through_the_export_report(one_epoch_run,
     os.remove(os.path.join(run, BEST_NAME))  # the ONNX record alone names folders only
     result = bench(run=run, limit=6, device="cpu")
     assert [r.artifact for r in result.rows] == ["onnx"]
+
+
+def test_training_refuses_more_classes_than_a_record_may_hold(tiny_tree, tmp_path, monkeypatch):
+    from cnnkit import meta
+    from cnnkit.errors import DataError
+    from cnnkit.trainer.loop import TrainConfig, train
+
+    monkeypatch.setattr(meta, "MAX_CLASSES", 2)  # tiny_tree has 3: fail before loading, not at export
+    with pytest.raises(DataError, match="3 class folders, over the 2 cnnkit supports"):
+        train(TrainConfig(data=tiny_tree, runs_dir=os.fspath(tmp_path / "runs"), workers=0, epochs=1))

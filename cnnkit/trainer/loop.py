@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from cnnkit import __version__
+from cnnkit import meta as meta_mod
 from cnnkit.console import Progress, log, table
 from cnnkit.errors import DataError, ModelError
 from cnnkit.files import write_json
@@ -209,6 +210,9 @@ def _load_data(cfg: TrainConfig, d: Dist) -> tuple[LoadedSplit, LoadedSplit | No
         raise DataError(f"--classes {','.join(missing)} not found in {train_dir} (has: {', '.join(available)})")
     if len(classes) < 2:
         raise DataError(f"{train_dir}: training needs at least two classes, found {', '.join(classes)}")
+    if len(classes) > meta_mod.MAX_CLASSES:  # its checkpoint would not load (cnnkit.meta bounds records)
+        raise DataError(f"{train_dir}: {len(classes):,} class folders, over the {meta_mod.MAX_CLASSES:,} cnnkit "
+                        "supports; pick some with --classes")
     kw = {"workers": cfg.workers, "shard": (d.rank, d.world), "progress": d.main}
     train = load_split(train_dir, classes, desc="loading training", **kw)
     test = None
