@@ -24,6 +24,8 @@ so the benchmark works on an edge device with onnxruntime + numpy only.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import statistics
 import time
@@ -36,14 +38,16 @@ import numpy as np
 from cnnkit.console import log, table
 from cnnkit.devices import parse_device
 from cnnkit.errors import DataError, DeviceError, ModelError
+from cnnkit.files import path_kind
 from cnnkit.images import Sample, sample_folder
 from cnnkit.meta import ModelMeta, predict
 from cnnkit.provenance import why_untrusted
-from cnnkit.runs import latest_run
+from cnnkit.runs import REPORT_SUFFIX, latest_run
 
 DEFAULT_LIMIT = 10_000  # images of DATA used (spread over the folder): all of an MNIST-style test split
 DEFAULT_BATCH = 256  # `cnnkit infer`'s default
 DEFAULT_THREADS = 1
+MAX_REPORT_BYTES = 16 << 20  # an export report holds one model record (at most 4 MiB, `cnnkit.meta`)
 P50_CALLS = 200  # batch-1 calls for the median (fewer when they take more than P50_SECONDS)
 P50_SECONDS = 2.0
 THROUGHPUT_PASSES = 3
@@ -310,13 +314,28 @@ def _meta_of(run_dir: str, found: dict[str, str]) -> ModelMeta:
     raise ModelError(f"{run_dir}: no ONNX model (and no usable checkpoint) to benchmark; run `cnnkit export` first")
 
 
-def _resolve_data(data: str | None, meta: ModelMeta, run_dir: str) -> str:
+def _recorded_test(meta: ModelMeta, found: dict[str, str]) -> str | None:
+    """The testing folder the model was trained with. An exported record names folders only (see
+    `cnnkit.export.shipped_meta`), so the full path comes from an export report beside the artifacts,
+    which stays on the machine that exported them, else from the record itself."""
+    names = [meta.extra]
+    for path in found.values():
+        report = path + REPORT_SUFFIX
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            if os.path.getsize(report) <= MAX_REPORT_BYTES:
+                with open(report, encoding="utf-8") as f:
+                    names.append(json.load(f)["meta"]["extra"])
+    folders = [e.get("data", {}).get("test") for e in names if isinstance(e, dict) and isinstance(e.get("data"), dict)]
+    folders = [f for f in folders if isinstance(f, str) and f]
+    return next((f for f in folders if os.path.isdir(f)), folders[0] if folders else None)
+
+
+def _resolve_data(data: str | None, meta: ModelMeta, run_dir: str, found: dict[str, str]) -> str:
     if data is not None:
         if not os.path.isdir(data):
             raise DataError(f"{data}: no such folder")
         return data
-    recorded = meta.extra.get("data")
-    folder = recorded.get("test") if isinstance(recorded, dict) else None
+    folder = _recorded_test(meta, found)
     if not folder or not os.path.isdir(folder):
         raise DataError(
             f"the model in {run_dir} records no testing folder{'' if not folder else ' that exists (' + folder + ')'}; "
@@ -361,11 +380,13 @@ def bench(
         raise DataError("batch size and threads must be at least 1")
     run_dir = run if run is not None else latest_run()
     if not os.path.isdir(run_dir):
-        raise ModelError(f"{run_dir}: no such run folder")
+        there = path_kind(run_dir)
+        said = "no such run folder" if there == "nothing" else f"is {there}, not a run folder"
+        raise ModelError(f"{run_dir}: {said}")
     found = {kind: os.path.join(run_dir, name) for kind, name, _ in ARTIFACTS
              if os.path.isfile(os.path.join(run_dir, name))}
     meta = _meta_of(run_dir, found)
-    folder = _resolve_data(data, meta, run_dir)
+    folder = _resolve_data(data, meta, run_dir, found)
     loaded = load_images(folder, meta, limit)
     images, labels = loaded.images, loaded.labels
     log(f"bench: {len(images):,} images from {folder}" + ("" if labels is not None else " (unlabeled: no accuracy)"))

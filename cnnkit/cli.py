@@ -232,6 +232,8 @@ def export(
                                           "provider: their files are for any device).")] = "auto",
     strict: Annotated[bool, typer.Option("--strict", help="--half: fail (exit 3, nothing written) unless the "
                                                           "fp16 file was verified on the CUDA provider.")] = False,
+    keep_paths: Annotated[bool, typer.Option("--keep-paths", help="Record the full paths of the training data "
+                                             "in the artifact (default: folder names only).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Export a checkpoint to ONNX (fp32, int8, fp16), TorchScript or pt2; keep it only if it passes its gate."""
@@ -254,6 +256,7 @@ def export(
         max_accuracy_drop=max_accuracy_drop,
         device=device,
         strict=strict,
+        keep_paths=keep_paths,
         **kwargs,
     )
     p = result.parity

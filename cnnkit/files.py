@@ -11,7 +11,7 @@ import stat
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from cnnkit.errors import DataError
+from cnnkit.errors import DataError, ModelError
 
 _KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
           (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
@@ -86,6 +86,37 @@ _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 def _cannot_write(path: str, e: OSError) -> DataError:
     return DataError(f"{path}: cannot write ({e.strerror or e}); nothing was written there")
+
+
+def path_kind(path: str | os.PathLike[str]) -> str:
+    """What is at `path`, in words ("a file", "a folder", "a FIFO", "nothing", ...), from stat alone:
+    nothing is opened, so a FIFO cannot block the caller."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "a broken symbolic link" if os.path.islink(path) else "nothing"
+    except OSError as e:
+        return f"unreadable ({e.strerror or e})"
+    if stat.S_ISREG(mode):
+        return "a file"
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def check_model_file(path: str | os.PathLike[str], what: str, hint: str) -> None:
+    """Refuse, in one line that says what is there instead, a model path that is not a regular file.
+
+    Args:
+        what: the kind of file expected, e.g. "ONNX model file".
+        hint: how to make one, e.g. "export one with `cnnkit export --format onnx`".
+
+    Raises:
+        ModelError: nothing at `path`, or a folder, FIFO, device, socket or broken link.
+    """
+    kind = path_kind(path)
+    if kind == "a file":
+        return
+    said = f"no such {what}" if kind == "nothing" else f"is {kind}, not a {what}"
+    raise ModelError(f"{os.fspath(path)}: {said} ({hint})")
 
 
 @contextlib.contextmanager

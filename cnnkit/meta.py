@@ -14,6 +14,7 @@ ONNX models all see the same numbers and there is no preprocessing to get wrong 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -27,6 +28,15 @@ EXTRA_FILE = "cnnkit.json"  # TorchScript / pt2 extra file name
 
 OUTPUT_LOGITS = "logits"  # (N, K) raw scores; softmax gives probabilities
 OUTPUT_SIGMOID = "sigmoid"  # (N, 1) probability of classes[1] (the lecture's two-class model)
+
+# Bounds on a record, which may come from an untrusted file: without them a few bytes of metadata can
+# ask for a K x K table or an (H, W) batch that exhausts memory, or nest deeper than Python recurses.
+# Documented in docs/export.md.
+MAX_CLASSES = 10_000
+MAX_SIDE = 4096  # pixels, for H and W
+MAX_RECORD_CHARS = 4 << 20  # 10,000 class names of 100 characters are 1 MB of JSON
+MAX_RECORD_DEPTH = 32  # cnnkit's own records nest 4 deep
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 
 
 @dataclass(frozen=True)
@@ -83,6 +93,7 @@ class ModelMeta:
         if not isinstance(d, dict) or d.get("schema") != SCHEMA:
             found = d.get("schema") if isinstance(d, dict) else type(d).__name__
             raise ModelError(f"not a cnnkit model record (schema {found!r}, expected {SCHEMA!r})")
+        _check_size(d)
         try:
             meta = cls(
                 arch=str(d["arch"]),
@@ -102,15 +113,22 @@ class ModelMeta:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> ModelMeta:
+        if len(text) > MAX_RECORD_CHARS:
+            raise ModelError(f"cnnkit model record of {len(text):,} characters is over the {MAX_RECORD_CHARS:,} "
+                             "a model needs; the file is damaged or not cnnkit's")
         try:
+            if isinstance(text, bytes):
+                text = text.decode("utf-8")
+            _check_nesting(_nesting(text))  # before json.loads, which would recurse that deep
             d = json.loads(text)
         except (ValueError, UnicodeDecodeError) as e:
             raise ModelError(f"cnnkit model record is not valid JSON: {e}") from None
         return cls.from_dict(d)
 
     def validate(self) -> None:
-        if len(self.input_shape) != 3 or min(self.input_shape) < 1:
-            raise ModelError(f"model record has a bad input_shape {self.input_shape}")
+        if len(self.input_shape) != 3 or min(self.input_shape) < 1 or max(self.input_shape[1:]) > MAX_SIDE:
+            raise ModelError(f"model record has a bad input_shape {self.input_shape} "
+                             f"(expected [1, H, W], H and W from 1 to {MAX_SIDE})")
         if self.input_shape[0] != 1 or self.color != "L" or self.input_dtype != "uint8":
             raise ModelError("cnnkit models take 1-channel uint8 grayscale input")
         if self.output not in (OUTPUT_LOGITS, OUTPUT_SIGMOID):
@@ -119,6 +137,34 @@ class ModelMeta:
             raise ModelError(f"model record needs two or more distinct classes, got {self.classes}")
         if self.output == OUTPUT_SIGMOID and len(self.classes) != 2:
             raise ModelError("a sigmoid output needs exactly two classes")
+
+
+def _nesting(text: str) -> int:
+    """How deep the arrays and objects of JSON `text` nest, without parsing it (no recursion)."""
+    bare = _JSON_STRING.sub('""', text).encode("utf-8", "surrogatepass")  # strings may hold brackets
+    b = np.frombuffer(bare, dtype=np.uint8)
+    step = np.isin(b, (ord("["), ord("{"))).astype(np.int32) - np.isin(b, (ord("]"), ord("}")))
+    return int(np.cumsum(step).max(initial=0))
+
+
+def _check_nesting(depth: int) -> None:
+    if depth > MAX_RECORD_DEPTH:
+        raise ModelError(f"cnnkit model record nests {depth:,} levels deep, over the {MAX_RECORD_DEPTH} a model "
+                         "needs; the file is damaged or not cnnkit's")
+
+
+def _check_size(d: dict[str, Any]) -> None:
+    """Refuse a record that would cost memory out of proportion to a model, before copying any of it."""
+    classes = d.get("classes")
+    if isinstance(classes, list | tuple) and len(classes) > MAX_CLASSES:
+        raise ModelError(f"model record names {len(classes):,} classes, over the {MAX_CLASSES:,} cnnkit "
+                         "supports; the file is damaged or not cnnkit's")
+    depth, level = 0, [d]
+    while level:  # breadth first, no recursion: checkpoints bring dicts that never were JSON text
+        depth += 1
+        _check_nesting(depth)
+        level = [v for x in level for v in (x.values() if isinstance(x, dict) else x)
+                 if isinstance(v, dict | list | tuple)]
 
 
 def predict(outputs: np.ndarray, output_kind: str) -> tuple[np.ndarray, np.ndarray]:

@@ -14,13 +14,14 @@ import os
 import time
 
 from cnnkit.errors import ModelError
-from cnnkit.files import point_symlink
+from cnnkit.files import path_kind, point_symlink
 
 RUNS_DIR = "runs"
 LATEST = "latest"
 ONNX_NAME = "model.onnx"
 TORCHSCRIPT_NAME = "model.ts"
 PREDICTIONS_NAME = "predictions.csv"
+REPORT_SUFFIX = ".parity.json"  # `cnnkit export`'s report beside each artifact (stays on this machine)
 
 
 def new_run_dir(runs_dir: str = RUNS_DIR, name: str | None = None) -> str:
@@ -80,5 +81,6 @@ def latest_file(name: str, hint: str, runs_dir: str = RUNS_DIR) -> str:
     """`runs/latest/<name>`, or a ModelError whose message says which command makes it."""
     path = os.path.join(latest_run(runs_dir), name)
     if not os.path.isfile(path):
-        raise ModelError(f"no {path}: {hint}")
+        there = path_kind(path)
+        raise ModelError(f"no {path}: {hint}" if there == "nothing" else f"{path}: is {there}, not a file; {hint}")
     return path

@@ -3,6 +3,8 @@
 An IDX file is a 4-byte magic number `00 00 TT NN` (TT: element type, 0x08 = uint8; NN: number of
 dimensions), NN big-endian uint32 sizes, then the elements in row-major order. The files are usually
 gzip-compressed; `read_idx` recognizes gzip by its magic bytes, whatever the file is called.
+It decompresses no more than the header declares (at most MAX_IDX_BYTES) plus one byte to refuse
+trailing data, so a gzip bomb costs at most that much memory.
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ FASHION_MNIST_CLASSES = (
 _GZIP_MAGIC = b"\x1f\x8b"
 _TYPES = {0x08: "uint8", 0x09: "int8", 0x0B: "int16", 0x0C: "int32", 0x0D: "float32", 0x0E: "float64"}
 _CHUNK = 16 << 20
+# The most element bytes a header may declare. The header decides how much is decompressed, so without
+# a bound a small gzip file can expand to gigabytes; EMNIST ByClass, the largest IDX set in use, has
+# 547 MB of training images.
+MAX_IDX_BYTES = 1 << 30
 
 
 def _read_upto(stream: BinaryIO, n: int) -> bytearray:
@@ -94,6 +100,9 @@ def _parse(path: str, stream: BinaryIO) -> np.ndarray:
         raise DataError(f"{path}: truncated IDX header; download the file again")
     dims = struct.unpack(f">{ndim}I", head)
     count = math.prod(dims)
+    if count > MAX_IDX_BYTES:
+        raise DataError(f"{path}: the IDX header declares shape {dims}, {count:,} bytes, over the "
+                        f"{MAX_IDX_BYTES >> 20:,} MB cnnkit reads; not an image set cnnkit can train on")
     data = _read_upto(stream, count)
     if len(data) < count:
         raise DataError(

@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -44,7 +44,7 @@ from cnnkit.files import atomic_path, check_not_an_input, check_writable, write_
 from cnnkit.images import sample_folder
 from cnnkit.meta import ModelMeta
 from cnnkit.provenance import record
-from cnnkit.runs import ONNX_NAME, TORCHSCRIPT_NAME, latest_file
+from cnnkit.runs import ONNX_NAME, REPORT_SUFFIX, TORCHSCRIPT_NAME, latest_file
 
 __all__ = [
     "ARTIFACT_NAMES",
@@ -70,7 +70,6 @@ ARTIFACT_NAMES = {
     "torchscript": TORCHSCRIPT_NAME,
     "pt2": PT2_NAME,
 }
-REPORT_SUFFIX = ".parity.json"
 NOT_VERIFIED = "not verified here: no CUDA provider"
 NOT_ON_TARGET = "not verified on its target device (CUDA)"
 
@@ -160,6 +159,7 @@ def export(
     eval_limit: int = DEFAULT_EVAL_LIMIT,
     device: str = "auto",
     strict: bool = False,
+    keep_paths: bool = False,
 ) -> ExportResult:
     """Export a checkpoint and gate the artifact against the eager model.
 
@@ -184,6 +184,8 @@ def export(
         device: FP16: where its gate runs: `auto` (CUDA when it works, else the CPU provider), `cuda`,
             `cuda:N` (an error if it does not work), or `cpu`.
         strict: FP16: refuse to write a file that was not verified on the CUDA provider.
+        keep_paths: record the training machine's full data paths in the artifact; by default it gets
+            only folder names (`shipped_meta`). The report beside it keeps full paths either way.
 
     Returns:
         The result; `result.to_dict()` is the JSON the CLI prints.
@@ -228,6 +230,9 @@ def export(
 
     from cnnkit.export.parity import torch_runner
 
+    local_meta, meta = meta, shipped_meta(meta, keep_paths)  # what the artifact may tell about this machine
+    recorded = local_meta.extra.get("data")
+    root = recorded.get("root") if isinstance(recorded, dict) else None
     reference = torch_runner(model)
     accuracy: dict[str, Any] | None = None
     notes: list[str] = []
@@ -251,7 +256,8 @@ def export(
                     used_exporter = base_info["exporter"]
                     if precision == "int8":
                         assert int8_inputs is not None
-                        info, accuracy = _int8(fp32, tmp, meta, checkpoint, *int8_inputs, max_accuracy_drop)
+                        info, accuracy = _int8(fp32, tmp, meta, checkpoint, *int8_inputs, max_accuracy_drop,
+                                               ship=lambda p: shipped_path(p, root, keep_paths))
                         report = base
                     else:
                         info, report, notes, verified_on = _fp16(fp32, tmp, meta, checkpoint, reference, images,
@@ -282,9 +288,37 @@ def export(
     )
     record(out)  # lets `cnnkit bench` load a .ts / .pt2 it can prove cnnkit wrote (cnnkit.provenance)
     result.seconds = round(time.perf_counter() - t0, 3)
-    write_json(result.report_path, {**result.to_dict(), "meta": meta.to_dict()})
+    write_json(result.report_path, {**result.to_dict(), "meta": local_meta.to_dict()})  # stays on this machine
     log(f"export: wrote {out} ({info['bytes']:,} bytes) and {result.report_path}")
     return result
+
+
+DATA_PATH_KEYS = ("root", "train", "test")  # the folders `extra["data"]` records (cnnkit.trainer.loop)
+
+
+def shipped_path(path: Any, root: str | None, keep: bool = False) -> Any:
+    """`path` as an artifact records it: relative to the data root's parent (`fashion/training`), or
+    its last folder name when outside the root, so a shipped model does not reveal a user's home
+    folders; `path` itself with `keep`."""
+    if keep or not isinstance(path, str) or not path:
+        return path
+    path = os.path.normpath(path)
+    if isinstance(root, str) and root:
+        root = os.path.normpath(root)
+        if path == root or path.startswith(root.rstrip(os.sep) + os.sep):
+            return os.path.join(os.path.basename(root), os.path.relpath(path, root)).rstrip(os.sep + ".")
+    return os.path.basename(path)
+
+
+def shipped_meta(meta: ModelMeta, keep_paths: bool = False) -> ModelMeta:
+    """The record as an exported artifact carries it: `extra["data"]` folders by name (`shipped_path`),
+    unless `keep_paths`. The checkpoint and the run's own files keep full paths."""
+    data = meta.extra.get("data")
+    if keep_paths or not isinstance(data, dict):
+        return meta
+    root = data.get("root")
+    names = {k: shipped_path(v, root) if k in DATA_PATH_KEYS else v for k, v in data.items()}
+    return meta.replace(extra={**meta.extra, "data": names})
 
 
 def _fp32_base(
@@ -340,17 +374,20 @@ def _int8_inputs(
 
 def _int8(
     fp32: str, tmp: str, meta: ModelMeta, checkpoint: str, calib: np.ndarray, calib_dir: str,
-    eval_images: np.ndarray, labels: np.ndarray, eval_dir: str, max_drop: float,
+    eval_images: np.ndarray, labels: np.ndarray, eval_dir: str, max_drop: float, ship: Any = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Quantize and gate; the file records its folders as `ship` gives them (`shipped_path`), the
+    returned gate numbers keep the full paths."""
     from cnnkit.export import quantize as q
 
-    info = q.quantize_int8(fp32, tmp, meta, calib, calib_dir)
+    ship = ship or (lambda p: p)
+    info = q.quantize_int8(fp32, tmp, meta, calib, ship(calib_dir))
     log(f"export: int8 (QDQ, per-channel, {len(calib)} calibration images) in {info['seconds']:.2f} s")
     gate = q.accuracy_gate(fp32, tmp, eval_images, labels, meta, max_drop, data=eval_dir)
     if not gate.passed:  # atomic_path removes the temporary file
         raise ParityError(f"int8 export of {checkpoint}: {gate.summary()}; nothing was written "
                           "(calibrate on more images with --calibration-size, or allow more with --max-accuracy-drop)")
-    q.record_gate(tmp, meta, gate)
+    q.record_gate(tmp, meta, replace(gate, data=ship(gate.data)))
     info["bytes"] = os.path.getsize(tmp)
     return info, gate.to_dict()
 

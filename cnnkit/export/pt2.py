@@ -18,7 +18,7 @@ from typing import Any
 
 from cnnkit.errors import ModelError
 from cnnkit.export.onnx import BATCH_DIM, quiet
-from cnnkit.files import atomic_path
+from cnnkit.files import atomic_path, check_model_file
 from cnnkit.meta import EXTRA_FILE, ModelMeta
 
 EXPORTER = "torch.export"
@@ -87,8 +87,7 @@ def load_pt2(path: str, device: str = "cpu") -> tuple[Any, ModelMeta]:
     """
     import torch
 
-    if not os.path.isfile(path):
-        raise ModelError(f"{path}: no such pt2 file (make one with `cnnkit export --format pt2`)")
+    check_model_file(path, "pt2 file", "make one with `cnnkit export --format pt2`")
     extra = {EXTRA_FILE: ""}
     try:
         with quiet():

@@ -16,7 +16,7 @@ from typing import Any
 
 from cnnkit.console import log
 from cnnkit.errors import ModelError
-from cnnkit.files import atomic_path
+from cnnkit.files import atomic_path, check_model_file
 from cnnkit.meta import EXTRA_FILE, ModelMeta
 
 EXPORTER = "torch.jit.trace"
@@ -91,8 +91,7 @@ def load_torchscript(path: str) -> tuple[Any, ModelMeta]:
     """
     import torch
 
-    if not os.path.isfile(path):
-        raise ModelError(f"{path}: no such TorchScript file (make one with `cnnkit export --format torchscript`)")
+    check_model_file(path, "TorchScript file", "make one with `cnnkit export --format torchscript`")
     extra = {EXTRA_FILE: ""}
     try:
         with _no_deprecation_warnings():

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from cnnkit.confusion import Confusion, summary_lines, top_pairs
 from cnnkit.console import Progress, log, printable, table
 from cnnkit.csvcells import RISKY_START, escape
 from cnnkit.errors import DataError, FileFailedError
@@ -110,7 +111,11 @@ class InferResult:
         n_converted: images converted to 8-bit grayscale of the model's size.
         seconds: wall time of the whole call, listing included.
         accuracy: fraction predicted right, when every file sits under a class-named folder; else None.
-        confusion: counts [true][predicted] in class order, when `accuracy` is set.
+        confusion: counts [true][predicted] in class order, when `accuracy` is set and the model has at
+            most `cnnkit.confusion.MAX_MATRIX_CLASSES` classes.
+        confused_pairs: with more classes, instead: every [true, predicted, count] that occurred off the
+            diagonal, most frequent first (`--json` shows the first `TOP_PAIRS` as `top_confused`).
+        n_correct: images predicted right, when `accuracy` is set.
         failures: (path, reason) of the first failed files.
         notes: remarks for the user (e.g. why `device=auto` did not use the GPU).
         failures_output: `<output>.failures.csv`, every failed file and its reason; None when none failed.
@@ -128,6 +133,8 @@ class InferResult:
     seconds: float
     accuracy: float | None = None
     confusion: list[list[int]] | None = None
+    confused_pairs: list[list[int]] | None = None
+    n_correct: int | None = None
     failures: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     batch_size: int = 0
@@ -156,6 +163,7 @@ class InferResult:
             "images_per_second": round(self.images_per_second, 1),
             "accuracy": self.accuracy,
             "confusion": self.confusion,
+            "top_confused": top_pairs(self.classes, self.confused_pairs) if self.confused_pairs is not None else None,
             "failures": [{"path": p, "reason": r} for p, r in self.failures],
             "notes": list(self.notes),
             "batch_size": self.batch_size,
@@ -255,7 +263,7 @@ def infer(
     k = len(classes)
     labeled = True  # every file so far sits under a class folder
     names = [*classes, ""]  # names[-1] == "": one lookup gives the label column for -1 too
-    confusion = np.zeros((k, k), dtype=np.int64)
+    confusion = Confusion(k)
     failures: list[tuple[str, str]] = []
     n_failed = n_images = n_converted = 0
 
@@ -314,7 +322,7 @@ def infer(
                     writer.writerows([(escape(files[p]), escape(classes[i]), f"{v:.9g}", escape(names[t]))
                                       for p, i, v, t in cols])
                 if labeled:
-                    confusion += np.bincount(true * k + pred, minlength=k * k).reshape(k, k)
+                    confusion.add(true, pred)
                 n_images += len(positions)
             # The walk is over: PNG-named entries it could not use (dangling symlinks, ...) failed too.
             for path, reason in _unusable(listing, shard):
@@ -331,7 +339,7 @@ def infer(
     failures = (unusable + failures)[:FAILURES_KEPT]
     if failures:
         _print_failures(failures, n_failed, failure_log.path)
-    correct = int(np.trace(confusion))
+    correct = confusion.n_correct
     result = InferResult(
         model=model,
         provider=session.provider,
@@ -342,7 +350,9 @@ def infer(
         n_converted=n_converted,
         seconds=time.perf_counter() - t0,
         accuracy=correct / n_images if labeled and n_images else None,
-        confusion=confusion.tolist() if labeled else None,
+        confusion=confusion.matrix.tolist() if labeled and confusion.matrix is not None else None,
+        confused_pairs=confusion.pairs() if labeled and confusion.matrix is None else None,
+        n_correct=correct if labeled else None,
         failures=failures,
         notes=session.notes,
         batch_size=batch_size,
@@ -448,9 +458,7 @@ def format_summary(result: InferResult) -> str:
     if result.shard is not None:
         lines.append(f"shard     {result.shard} (summary {result.summary})")
     lines += [f"note      {n}" for n in result.notes]
-    if result.accuracy is not None and result.confusion is not None:
+    if result.accuracy is not None:
         lines.append(f"accuracy  {result.accuracy:.4f}")
-        lines.append("confusion (rows: true class, columns: predicted)")
-        rows = [[c, *counts] for c, counts in zip(result.classes, result.confusion, strict=True)]
-        lines.append(table(["true \\ pred", *result.classes], rows))
+        lines += summary_lines(result.classes, result.confusion, result.confused_pairs, table)
     return "\n".join(lines)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import io
 import mmap
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +23,7 @@ import numpy as np
 
 from cnnkit.devices import DeviceSpec, parse_device
 from cnnkit.errors import DeviceError, ModelError
+from cnnkit.files import check_model_file
 from cnnkit.meta import METADATA_KEY, OUTPUT_SIGMOID, ModelMeta
 
 CPU = "CPUExecutionProvider"
@@ -144,11 +144,6 @@ def _metadata_props(buf: Any) -> dict[str, str]:
     return props
 
 
-def _check_model_file(path: str) -> None:
-    if not os.path.isfile(path):
-        raise ModelError(f"{path}: no such model file (export one with `cnnkit export --format onnx`)")
-
-
 def read_meta(path: str) -> ModelMeta:
     """The cnnkit record of an ONNX model, read without onnxruntime (cheap, and safe before forking).
 
@@ -160,7 +155,7 @@ def read_meta(path: str) -> ModelMeta:
         ModelError: the file is missing, is not ONNX, carries no valid cnnkit record, or its input
             does not match the record.
     """
-    _check_model_file(path)
+    check_model_file(path, "model file", "export one with `cnnkit export --format onnx`")
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             props = _metadata_props(buf)

@@ -30,6 +30,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from cnnkit.confusion import Confusion, summary_lines, top_pairs
 from cnnkit.csvcells import escape, unescape
 from cnnkit.errors import DataError
 from cnnkit.files import atomic_path, check_not_an_input, check_writable, write_json
@@ -152,6 +153,8 @@ def write_shard_summary(result: Any, folder: str, shard: Shard, n_listed: int) -
             "n_converted": result.n_converted,
             "accuracy": result.accuracy,
             "confusion": result.confusion,
+            "n_correct": result.n_correct,
+            "confused_pairs": result.confused_pairs,
             "failures": [{"path": p, "reason": r} for p, r in result.failures],
             "provider": result.provider,
             "seconds": round(result.seconds, 4),
@@ -207,6 +210,7 @@ class MergeResult:
     n_converted: int = 0
     accuracy: float | None = None
     confusion: list[list[int]] | None = None
+    confused_pairs: list[list[int]] | None = None  # instead of `confusion` past MAX_MATRIX_CLASSES classes
     failures: list[tuple[str, str]] = field(default_factory=list)
     n_duplicates: int = 0
     duplicates: list[str] = field(default_factory=list)
@@ -242,6 +246,7 @@ class MergeResult:
             "n_converted": self.n_converted,
             "accuracy": self.accuracy,
             "confusion": self.confusion,
+            "top_confused": top_pairs(self.classes, self.confused_pairs) if self.confused_pairs is not None else None,
             "failures": [{"path": p, "reason": r} for p, r in self.failures],
             "n_duplicates": self.n_duplicates,
             "duplicates": list(self.duplicates),
@@ -358,6 +363,13 @@ def _check_summary(path: str, s: dict[str, Any]) -> None:
     if confusion is not None and not (len(confusion) == k and all(
             isinstance(row, list) and len(row) == k and all(map(_is_count, row)) for row in confusion)):
         raise bad(f"'confusion' must be {k} x {k} counts, one row and column per class")
+    pairs, n_correct = s.get("confused_pairs"), s.get("n_correct")  # written past MAX_MATRIX_CLASSES classes
+    if n_correct is not None and not (_is_count(n_correct) and n_correct <= s["n_images"]):
+        raise bad("'n_correct' must be a count no larger than 'n_images'")
+    if pairs is not None and not (isinstance(pairs, list) and all(
+            isinstance(p, list) and len(p) == 3 and all(map(_is_count, p)) and p[0] < k and p[1] < k
+            for p in pairs)):
+        raise bad(f"'confused_pairs' must be [true, predicted, count] triples of class indices below {k}")
     if s["csv"]["rows"] != s["n_images"]:
         raise bad(f"'csv' has {s['csv']['rows']} rows but 'n_images' is {s['n_images']}")
     failures_rows = 0 if s["failures_csv"] is None else s["failures_csv"]["rows"]
@@ -426,6 +438,24 @@ def _rows(path: str, summary: dict[str, Any], columns: tuple[str, ...],
             n += 1
             yield rel, row
     counts[path] = n
+
+
+def _merge_confusion(res: MergeResult, summaries: list[dict[str, Any]]) -> None:
+    """Accuracy and confusion of the shards together: matrices added up, or, for a model with more than
+    MAX_MATRIX_CLASSES classes, the right answers and confused pairs; none if a shard has neither."""
+    confusions = [s.get("confusion") for s in summaries]
+    k = len(res.classes)
+    if all(c is not None for c in confusions):
+        total = [[sum(c[i][j] for c in confusions) for j in range(k)] for i in range(k)]
+        seen = sum(map(sum, total))
+        res.confusion = total
+        res.accuracy = sum(total[i][i] for i in range(k)) / seen if seen else None
+    elif all(s.get("confused_pairs") is not None and s.get("n_correct") is not None for s in summaries):
+        conf = Confusion(k)
+        for s in summaries:
+            conf.add_pairs(s["n_correct"], s["n_images"], s["confused_pairs"])
+        res.confused_pairs = conf.pairs()
+        res.accuracy = conf.n_correct / conf.n_total if conf.n_total else None
 
 
 def merge(csvs: list[str], output: str, *, check_folder: bool = False) -> MergeResult:
@@ -563,13 +593,7 @@ def merge(csvs: list[str], output: str, *, check_folder: bool = False) -> MergeR
             writer.writerows([(escape(path), escape(reason)) for path, reason in failed])
     elif os.path.exists(res.failures_output):  # a stale list from an earlier merge
         os.unlink(res.failures_output)
-    confusions = [s.get("confusion") for _, s in summaries]
-    if all(c is not None for c in confusions):
-        k = len(classes)
-        total = [[sum(c[i][j] for c in confusions) for j in range(k)] for i in range(k)]
-        seen = sum(map(sum, total))
-        res.confusion = total
-        res.accuracy = sum(total[i][i] for i in range(k)) / seen if seen else None
+    _merge_confusion(res, [s for _, s in summaries])
 
     if missing:
         res.problems.append(f"{len(missing)} of {count} shards missing: {_ranges(missing)} "
@@ -636,11 +660,9 @@ def format_merge(res: MergeResult) -> str:
     ]
     if res.n_failed:
         lines.append(f"failures  {res.n_failed:,} file(s) could not be used, listed in {res.failures_output}")
-    if res.accuracy is not None and res.confusion is not None:
+    if res.accuracy is not None:
         lines.append(f"accuracy  {res.accuracy:.4f}")
-        lines.append("confusion (rows: true class, columns: predicted)")
-        rows = [[c, *counts] for c, counts in zip(res.classes, res.confusion, strict=True)]
-        lines.append(table(["true \\ pred", *res.classes], rows))
+        lines += summary_lines(res.classes, res.confusion, res.confused_pairs, table)
     if res.checked_folder and not res.n_unassigned and not res.n_gone:
         lines.append("folder    checked: every file is in exactly one output"
                      + (f" or in a missing shard ({res.n_in_missing_shards:,})" if res.missing else ""))

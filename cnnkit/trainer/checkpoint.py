@@ -8,13 +8,14 @@ Layout (a dict):
     optimizer:  the optimizer's state_dict (for `--resume`)
     history:    list of per-epoch metric dicts
     config:     the training config as a plain dict
-    rng:        {"torch": ByteTensor} generator state, so a resumed run draws the same batches
+    rng:        {"batches": [ByteTensor], "dropout": [ByteTensor]} generator states, one per process,
+                so a resumed run draws the same batches
+    best_epoch, best_model (checkpoint.pt only), scaler, world_size: what `--resume` continues from
 """
 
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import zipfile
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 
 from cnnkit.errors import ModelError
-from cnnkit.files import atomic_path
+from cnnkit.files import atomic_path, check_model_file
 from cnnkit.meta import ModelMeta
 from cnnkit.trainer.models import Classifier, build_model
 
@@ -57,8 +58,7 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     Raises:
         ModelError: missing, truncated, foreign or unsafe file.
     """
-    if not os.path.isfile(path):
-        raise ModelError(f"{path}: no such checkpoint (train one with `cnnkit train`)")
+    check_model_file(path, "checkpoint", "train one with `cnnkit train`")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -79,6 +79,39 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     except ModelError as e:
         raise ModelError(f"{path}: {e}") from None
     return ckpt
+
+
+# What `cnnkit train --resume` reads beyond `load_checkpoint`'s keys (`scaler` and `history` may be empty).
+RESUME_KEYS = ("config", "epoch", "best_epoch", "best_model", "optimizer", "rng")
+RNG_KEYS = ("batches", "dropout")
+
+
+def check_resumable(ckpt: dict[str, Any], path: str) -> None:
+    """Refuse, in one line naming the key, a checkpoint that `--resume` cannot continue from.
+
+    Raises:
+        ModelError: a key is missing or is not the plain data `cnnkit train` writes.
+    """
+    config = ckpt.get("config")
+    if not isinstance(config, dict):
+        raise _unresumable(path, "config")
+    if config.get("val_split") is None or "best_model" not in ckpt:
+        raise ModelError(f"{path} was written by cnnkit before 0.4, which validated on testing/; "
+                         "start a new run (its checkpoints still export)")
+    for key in RESUME_KEYS:
+        if key not in ckpt:
+            raise _unresumable(path, key)
+    rng = ckpt["rng"]
+    for key in RNG_KEYS:
+        if not isinstance(rng, dict) or not isinstance(rng.get(key), list | tuple) or not rng[key]:
+            raise _unresumable(path, f"rng.{key}")
+    if "epochs" not in config:
+        raise _unresumable(path, "config.epochs")
+
+
+def _unresumable(path: str, key: str) -> ModelError:
+    return ModelError(f"{path}: cannot resume, the checkpoint has no usable {key!r} (damaged, or not written by "
+                      "`cnnkit train`); start a new run, or export it as it is")
 
 
 def model_from_checkpoint(path: str) -> tuple[Classifier, ModelMeta, dict[str, Any]]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -23,12 +23,13 @@ import torch
 import torch.nn.functional as F
 
 from cnnkit import __version__
+from cnnkit import meta as meta_mod
 from cnnkit.console import Progress, log, table
 from cnnkit.errors import DataError, ModelError
 from cnnkit.files import check_writable, write_json
 from cnnkit.meta import OUTPUT_SIGMOID, ModelMeta
 from cnnkit.runs import RUNS_DIR, latest_note, mark_latest, new_run_dir
-from cnnkit.trainer.checkpoint import BEST_NAME, CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from cnnkit.trainer.checkpoint import BEST_NAME, CHECKPOINT_NAME, check_resumable, load_checkpoint, save_checkpoint
 from cnnkit.trainer.data import SKIPPED_KEPT, LoadedSplit, class_names, load_split, split_validation
 from cnnkit.trainer.distributed import Dist, amp_for, setup, teardown
 from cnnkit.trainer.models import DEFAULT_ARCH, RECIPES, build_model, count_parameters
@@ -212,6 +213,9 @@ def _load_data(cfg: TrainConfig, d: Dist) -> tuple[LoadedSplit, LoadedSplit | No
         raise DataError(f"--classes {','.join(missing)} not found in {train_dir} (has: {', '.join(available)})")
     if len(classes) < 2:
         raise DataError(f"{train_dir}: training needs at least two classes, found {', '.join(classes)}")
+    if len(classes) > meta_mod.MAX_CLASSES:  # its checkpoint would not load (cnnkit.meta bounds records)
+        raise DataError(f"{train_dir}: {len(classes):,} class folders, over the {meta_mod.MAX_CLASSES:,} cnnkit "
+                        "supports; pick some with --classes")
     kw = {"workers": cfg.workers, "shard": (d.rank, d.world), "progress": d.main}
     train = load_split(train_dir, classes, desc="loading training", **kw)
     test = None
@@ -271,11 +275,8 @@ def _train(cfg: TrainConfig, resume: str | None, d: Dist, device: torch.device) 
     state = None
     if resume is not None:
         state = load_checkpoint(os.path.join(resume, CHECKPOINT_NAME))
-        saved = dict(state.get("config", {}))
-        saved["classes"] = tuple(saved["classes"]) if saved.get("classes") else None
-        if saved.get("val_split") is None or "best_model" not in state:
-            raise ModelError(f"{resume} was trained by cnnkit before 0.4, which validated on testing/; "
-                             "start a new run (its checkpoints still export)")
+        check_resumable(state, os.path.join(resume, CHECKPOINT_NAME))
+        saved = _saved_config(state["config"], resume)
         epochs = cfg.epochs if cfg.epochs is not None else saved["epochs"]
         cfg = TrainConfig(**{**saved, "epochs": epochs, "device": cfg.device, "workers": cfg.workers})
         if len(state["rng"]["batches"]) != d.world:
@@ -316,8 +317,11 @@ def _train(cfg: TrainConfig, resume: str | None, d: Dist, device: torch.device) 
     torch.manual_seed(cfg.seed + d.rank)  # dropout masks differ between ranks
     gen = torch.Generator().manual_seed(cfg.seed + d.rank)
     if state is not None:
-        gen.set_state(state["rng"]["batches"][d.rank])
-        torch.set_rng_state(state["rng"]["dropout"][d.rank])
+        try:
+            gen.set_state(state["rng"]["batches"][d.rank])
+            torch.set_rng_state(state["rng"]["dropout"][d.rank])
+        except (TypeError, RuntimeError, IndexError):
+            raise ModelError(f"{resume}: the checkpoint's 'rng' is not a generator state; start a new run") from None
         history = list(state.get("history", []))
         start_epoch = int(state["epoch"])
         best_epoch = int(state["best_epoch"])
@@ -537,7 +541,11 @@ def build_for_training(
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                            fused=device.type in ("cpu", "cuda"))
     if state is not None:
-        opt.load_state_dict(state["optimizer"])  # casts each state tensor to its parameter's device
+        try:
+            opt.load_state_dict(state["optimizer"])  # casts each state tensor to its parameter's device
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise ModelError(f"the checkpoint's 'optimizer' does not fit arch {cfg.arch!r} ({e}); "
+                             "start a new run") from None
     return net, opt, output
 
 
@@ -557,6 +565,15 @@ def _run_folder(cfg: TrainConfig) -> str:
         os.makedirs(cfg.out, exist_ok=True)
         return cfg.out
     return new_run_dir(cfg.runs_dir)
+
+
+def _saved_config(config: dict[str, Any], resume: str) -> dict[str, Any]:
+    """The checkpoint's config as TrainConfig keyword arguments; an unknown key is a ModelError."""
+    unknown = sorted(set(config) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise ModelError(f"{resume}: the checkpoint's config has keys this cnnkit does not know "
+                         f"({', '.join(unknown)}); resume it with the cnnkit that wrote it, or start a new run")
+    return {**config, "classes": tuple(config["classes"]) if config.get("classes") else None}
 
 
 def _plain_config(cfg: TrainConfig) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cnnkit.confusion import MAX_MATRIX_CLASSES, TOP_PAIRS, Confusion, display_name
 from cnnkit.files import atomic_path
 
 
@@ -21,10 +22,6 @@ def _save(fig: Any, path: str) -> str:
     return path
 
 
-def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, k: int) -> np.ndarray:
-    return np.bincount(labels * k + predicted, minlength=k * k).reshape(k, k)
-
-
 def write_plots(
     run_dir: str,
     history: list[dict[str, Any]],
@@ -35,13 +32,31 @@ def write_plots(
     selected_epoch: int | None = None,
 ) -> list[str]:
     """Write curves.png (the selected epoch marked), scores_<split>.png for each split and confusion.png
-    (of the last split: testing, else validation); return their paths."""
+    (of the last split: testing, else validation); return their paths.
+
+    Class names are drawn through `display_name`: a folder name that is not UTF-8 shows as `\\xNN`
+    (matplotlib's font code refuses the surrogates Python decodes such bytes to).
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=True)  # files only, never a window
+    names = [display_name(c) for c in classes]
+    paths = [_curves(run_dir, history, selected_epoch)]
+    for split, out in scores.items():
+        paths.append(_scores(run_dir, split, out, labels[split], names, sigmoid))
+    if scores:
+        split = list(scores)[-1]
+        out, y = scores[split], labels[split]
+        pred = (out[:, 0] >= 0.5).long().numpy() if sigmoid else out.argmax(1).numpy()
+        confusion = Confusion(len(classes))
+        confusion.add(y, pred)
+        paths.append(_confusion(run_dir, split, confusion, names))
+    return paths
+
+
+def _curves(run_dir: str, history: list[dict[str, Any]], selected_epoch: int | None) -> str:
     import matplotlib.pyplot as plt
 
-    paths = []
     epochs = [r["epoch"] for r in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     ax1.plot(epochs, [r["train_loss"] for r in history], "o-", label="training")
@@ -58,43 +73,55 @@ def write_plots(
                        label=f"selected (epoch {selected_epoch})")
     ax1.legend()
     ax2.legend()
-    paths.append(_save(fig, os.path.join(run_dir, "curves.png")))
+    return _save(fig, os.path.join(run_dir, "curves.png"))
 
-    # The lecture's plot: the label of every image (in data order, grouped by class) and the model's
-    # score for it. Two classes: the sigmoid output. K classes: the probability of the true class.
-    last_split = None
-    for split, out in scores.items():
-        y = labels[split]
-        order = np.argsort(y, kind="stable")
-        if sigmoid:
-            score = out[:, 0].numpy()
-            ylabel = f"P({classes[1]})"
-            truth = y
-        else:
-            prob = torch.softmax(out, 1).numpy()
-            score = prob[np.arange(len(y)), y]
-            ylabel = "probability of the true class"
-            truth = np.ones(len(y))
-        fig, ax = plt.subplots(figsize=(8, 4))
-        ax.plot(truth[order], label="label" if sigmoid else "target (1)")
-        ax.plot(score[order], ".", markersize=2, alpha=0.5, label="model")
-        ax.set(title=f"{split.capitalize()} set", xlabel="image (grouped by class)", ylabel=ylabel)
-        ax.legend(loc="center right")
-        paths.append(_save(fig, os.path.join(run_dir, f"scores_{split}.png")))
-        last_split = split
 
-    if last_split is not None:
-        out, y = scores[last_split], labels[last_split]
-        pred = (out[:, 0] >= 0.5).long().numpy() if sigmoid else out.argmax(1).numpy()
-        cm = confusion_matrix(y, pred, len(classes))
-        fig, ax = plt.subplots(figsize=(1 + 0.6 * len(classes), 1 + 0.5 * len(classes)))
-        ax.imshow(cm, cmap="Blues")
-        for i in range(len(classes)):
-            for j in range(len(classes)):
-                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
-                        color="white" if cm[i, j] > cm.max() / 2 else "black")
-        ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-        ax.set_yticks(range(len(classes)), classes)
-        ax.set(title=f"Confusion matrix ({last_split})", xlabel="predicted", ylabel="true")
-        paths.append(_save(fig, os.path.join(run_dir, "confusion.png")))
-    return paths
+def _scores(run_dir: str, split: str, out: torch.Tensor, y: np.ndarray, names: Sequence[str], sigmoid: bool) -> str:
+    """The lecture's plot: the label of every image (in data order, grouped by class) and the model's
+    score for it. Two classes: the sigmoid output. K classes: the probability of the true class."""
+    import matplotlib.pyplot as plt
+
+    order = np.argsort(y, kind="stable")
+    if sigmoid:
+        score = out[:, 0].numpy()
+        ylabel = f"P({names[1]})"
+        truth = y
+    else:
+        prob = torch.softmax(out, 1).numpy()
+        score = prob[np.arange(len(y)), y]
+        ylabel = "probability of the true class"
+        truth = np.ones(len(y))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot(truth[order], label="label" if sigmoid else "target (1)")
+    ax.plot(score[order], ".", markersize=2, alpha=0.5, label="model")
+    ax.set(title=f"{split.capitalize()} set", xlabel="image (grouped by class)", ylabel=ylabel)
+    ax.legend(loc="center right")
+    return _save(fig, os.path.join(run_dir, f"scores_{split}.png"))
+
+
+def _confusion(run_dir: str, split: str, confusion: Confusion, names: Sequence[str]) -> str:
+    """The matrix for up to MAX_MATRIX_CLASSES classes; past that (its size and labels grow with K
+    squared) a bar chart of the TOP_PAIRS most frequent confusions, of a fixed size."""
+    import matplotlib.pyplot as plt
+
+    path = os.path.join(run_dir, "confusion.png")
+    cm, k = confusion.matrix, len(names)
+    if cm is None:
+        pairs = confusion.pairs()[:TOP_PAIRS]
+        fig, ax = plt.subplots(figsize=(8, 1.5 + 0.3 * max(1, len(pairs))))
+        ax.barh(range(len(pairs)), [c for _, _, c in pairs], color="tab:blue")
+        ax.set_yticks(range(len(pairs)), [f"{names[t]} -> {names[p]}" for t, p, _ in pairs])
+        ax.invert_yaxis()  # the most frequent on top
+        ax.set(title=f"Most frequent confusions ({split}, {k:,} classes: over {MAX_MATRIX_CLASSES}, no matrix)",
+               xlabel="images", ylabel="true -> predicted")
+        return _save(fig, path)
+    fig, ax = plt.subplots(figsize=(1 + 0.6 * k, 1 + 0.5 * k))
+    ax.imshow(cm, cmap="Blues")
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
+                    color="white" if cm[i, j] > cm.max() / 2 else "black")
+    ax.set_xticks(range(k), names, rotation=45, ha="right")
+    ax.set_yticks(range(k), names)
+    ax.set(title=f"Confusion matrix ({split})", xlabel="predicted", ylabel="true")
+    return _save(fig, path)
