@@ -21,6 +21,7 @@ import tempfile
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -153,6 +154,41 @@ def write_tree(
     Raises:
         DataError: `out/<split>` exists (and not `overwrite`), or the arrays or names are unusable.
     """
+    images, labels, ids = _checked_arrays(split, images, labels, class_names, ids)
+
+    target = os.path.join(out, split)
+    _refuse_existing(target, overwrite)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{out}: cannot create the folder ({e.strerror or e})") from None
+
+    tmp = make_temp_dir(out, split)
+    try:
+        _write_files(tmp, images, labels, ids, class_names, progress_desc)
+        _refuse_existing(target, overwrite)  # again: another process may have written it meanwhile
+        _install(tmp, target, out, split)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return len(images)
+
+
+def _install(tmp: str, target: str, out: str, split: str) -> None:
+    """Rename the finished `tmp` onto `target`, moving an existing split aside first and removing it after."""
+    if os.path.isdir(target):
+        old = tempfile.mkdtemp(prefix=f".{split}.", suffix=".old", dir=out)
+        os.replace(target, os.path.join(old, split))
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
+def _checked_arrays(
+    split: str, images: Any, labels: Any, class_names: Sequence[str], ids: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`write_tree`'s arguments as arrays, or DataError saying which one cannot be written as a tree."""
     _check_folder_name(split, "split")
     for name in class_names:
         _check_folder_name(name, "class name")
@@ -170,7 +206,6 @@ def write_tree(
             f"labels range {labels.min()}..{labels.max()} but there are {len(class_names)} class names; "
             "give one name per label value"
         )
-
     if ids is None:
         ids = np.arange(len(images))
     ids = np.asarray(ids)
@@ -178,29 +213,7 @@ def write_tree(
         raise DataError(f"ids must be non-negative integers, one per image; got {ids.dtype} {ids.shape}")
     if len(np.unique(ids)) != len(ids):
         raise DataError("ids must be distinct: two images would get the same file name")
-
-    target = os.path.join(out, split)
-    _refuse_existing(target, overwrite)
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"{out}: cannot create the folder ({e.strerror or e})") from None
-
-    tmp = make_temp_dir(out, split)
-    try:
-        _write_files(tmp, images, labels, ids, class_names, progress_desc)
-        _refuse_existing(target, overwrite)  # again: another process may have written it meanwhile
-        if os.path.isdir(target):
-            old = tempfile.mkdtemp(prefix=f".{split}.", suffix=".old", dir=out)
-            os.replace(target, os.path.join(old, split))
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return len(images)
+    return images, labels, ids
 
 
 def _refuse_existing(target: str, overwrite: bool) -> None:

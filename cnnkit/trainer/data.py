@@ -52,6 +52,24 @@ def class_names(folder: str) -> list[str]:
     return names
 
 
+def _decode_all(
+    folder: str, files: list[str], size: tuple[int, int], workers: int | None, desc: str, progress: bool
+) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]], int]:
+    """Decode `files` into one (N, 1, H, W) array: (images, which decoded, failures, how many converted)."""
+    images = np.empty((len(files), 1, *size), dtype=np.uint8)
+    keep = np.zeros(len(files), dtype=bool)
+    failures: list[tuple[int, str]] = []
+    converted = 0
+    with Progress(len(files), desc, unit="img", enabled=progress) as bar:
+        for batch in decode_batches(folder, files, size, batch_size=1024, workers=workers):
+            images[batch.positions, 0] = batch.images
+            keep[batch.positions] = True
+            failures.extend(batch.failures)
+            converted += batch.converted
+            bar.update(len(batch.positions) + len(batch.failures))
+    return images, keep, failures, converted
+
+
 def load_split(
     folder: str,
     classes: tuple[str, ...],
@@ -89,17 +107,7 @@ def load_split(
     if size is None:
         size = _first_size(folder, files)  # before sharding, so every rank agrees
     files = files[shard[0] :: shard[1]]
-    images = np.empty((len(files), 1, *size), dtype=np.uint8)
-    keep = np.zeros(len(files), dtype=bool)
-    failures: list[tuple[int, str]] = []
-    converted = 0
-    with Progress(len(files), desc, unit="img", enabled=progress) as bar:
-        for batch in decode_batches(folder, files, size, batch_size=1024, workers=workers):
-            images[batch.positions, 0] = batch.images
-            keep[batch.positions] = True
-            failures.extend(batch.failures)
-            converted += batch.converted
-            bar.update(len(batch.positions) + len(batch.failures))
+    images, keep, failures, converted = _decode_all(folder, files, size, workers, desc, progress)
     if converted:
         raise DataError(
             f"{folder}: {converted} image(s) are not 8-bit grayscale {size[0]}x{size[1]} like the first one; "
