@@ -73,9 +73,9 @@ def check_not_an_input(outputs: Iterable[str | os.PathLike[str]], inputs: Iterab
             st = os.stat(out)
         except (OSError, ValueError):  # a new file
             continue
-        src = seen.get((st.st_dev, st.st_ino))
-        if src is not None:
-            same = "" if os.path.abspath(src) == os.path.abspath(out) else f" ({src})"
+        found = seen.get((st.st_dev, st.st_ino))
+        if found is not None:
+            same = "" if os.path.abspath(found) == os.path.abspath(out) else f" ({found})"
             raise DataError(f"{os.fspath(out)}: is an input of this command{same}; writing there would destroy "
                             "it (choose another output path)")
 
@@ -190,7 +190,7 @@ def remove_stale_temps(path: str | os.PathLike[str]) -> list[str]:
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path))
     prefix = f".{os.path.basename(path)}."
-    removed = []
+    removed: list[str] = []
     try:
         names = [n for n in os.listdir(parent) if n.startswith(prefix) and n.endswith(".tmp")]
     except OSError:

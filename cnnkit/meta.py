@@ -159,7 +159,8 @@ def _check_size(d: dict[str, Any]) -> None:
     if isinstance(classes, list | tuple) and len(classes) > MAX_CLASSES:
         raise ModelError(f"model record names {len(classes):,} classes, over the {MAX_CLASSES:,} cnnkit "
                          "supports; the file is damaged or not cnnkit's")
-    depth, level = 0, [d]
+    depth = 0
+    level: list[Any] = [d]
     while level:  # breadth first, no recursion: checkpoints bring dicts that never were JSON text
         depth += 1
         _check_nesting(depth)
