@@ -40,16 +40,13 @@ from cnnkit.images import decode_batches, default_workers
 from cnnkit.listing import Listing, describe_ignored, is_listed, iter_pngs
 from cnnkit.meta import predict
 from cnnkit.runs import ONNX_NAME, PREDICTIONS_NAME, latest_file
+from cnnkit.runtime.outputs import CSV_COLUMNS, FAILURE_COLUMNS, FAILURES_KEPT, failures_path, summary_path
 from cnnkit.runtime.session import create_session, read_meta
-from cnnkit.runtime.shard import Shard, ShardFilter, parse_shard, summary_path, write_shard_summary
+from cnnkit.runtime.shard import Shard, ShardFilter, parse_shard, write_shard_summary
 
-CSV_COLUMNS = ("path", "predicted", "score", "label")
 # Paths and class names that the csv module must quote, or that `escape` must prefix (at a cell's start:
 # the names are joined with "\0" before the search).
 _NEEDS_CARE = re.compile(r'[,"\r\n]|(?:^|\0)[' + re.escape(RISKY_START) + "]")
-FAILURES_KEPT = 1000  # failures listed in the result (all are counted, and all go to the failures file)
-FAILURES_SUFFIX = ".failures.csv"  # <output>.failures.csv: every file that failed, with its reason
-FAILURE_COLUMNS = ("path", "reason")
 FAILURES_PRINTED = 5
 # Files per decode task. Every task costs a round trip through the process pool (pickling, a pipe,
 # thread wake-ups), so fewer, larger tasks ran faster in the tuning runs (scripts/bench_infer.py). Smaller
@@ -377,11 +374,6 @@ def _check_outputs(folder: str, model: str, outputs: list[str]) -> None:
             raise DataError(f"{out}: is one of the images under {folder}; writing there would destroy it "
                             "(choose another output path)")
         check_writable(out)
-
-
-def failures_path(output: str) -> str:
-    """Where `infer` lists the files that failed: `<output>.failures.csv`."""
-    return output + FAILURES_SUFFIX
 
 
 class _FailureLog:

@@ -31,9 +31,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cnnkit.confusion import Confusion, summary_lines, top_pairs
+from cnnkit.console import printable, table
 from cnnkit.csvcells import escape, unescape
 from cnnkit.errors import DataError
 from cnnkit.files import atomic_path, check_not_an_input, check_writable, write_json
+from cnnkit.listing import Listing, iter_pngs
+from cnnkit.runtime.outputs import (
+    CSV_COLUMNS,
+    FAILURE_COLUMNS,
+    FAILURES_KEPT,
+    FAILURES_SUFFIX,
+    failures_path,
+    summary_path,
+)
 
 ASSIGNMENT = "blake2b-64(utf-8 relative path) mod N"
 SHARD_KIND = "cnnkit-infer-shard"
@@ -117,11 +127,6 @@ class ShardFilter:
             if int.from_bytes(blake2b(rel.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "big") \
                     % count == index:
                 yield rel
-
-
-def summary_path(csv_path: str) -> str:
-    """Where the summary of a shard's (or a merge's) CSV lives: `<csv>.json`."""
-    return os.fspath(csv_path) + ".json"
 
 
 def file_sha256(path: str) -> str:
@@ -471,9 +476,6 @@ def merge(csvs: list[str], output: str, *, check_folder: bool = False) -> MergeR
         ShardError: an input without its summary, or inputs that are not shards of one run (another
             model file, folder or N, one shard twice, an edited CSV).
     """
-    from cnnkit.listing import Listing, iter_pngs
-    from cnnkit.runtime.infer import CSV_COLUMNS, FAILURE_COLUMNS, FAILURES_KEPT, FAILURES_SUFFIX, failures_path
-
     csvs = [p for p in csvs if not (p.endswith(FAILURES_SUFFIX) and not os.path.exists(summary_path(p))
                                     and os.path.exists(summary_path(p[: -len(FAILURES_SUFFIX)])))]
     if not csvs:
@@ -648,8 +650,6 @@ def _ranges(ks: list[int]) -> str:
 
 def format_merge(res: MergeResult) -> str:
     """A short human-readable report of a merge."""
-    from cnnkit.console import printable, table
-
     lines = [
         f"shards    {len(res.present)} of {res.count} merged"
         + (f" (missing: {_ranges(res.missing)})" if res.missing else ""),
