@@ -29,14 +29,14 @@ import json
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
 from cnnkit.console import log, table
-from cnnkit.devices import parse_device
+from cnnkit.devices import DeviceSpec, parse_device
 from cnnkit.errors import DataError, DeviceError, ModelError
 from cnnkit.files import path_kind
 from cnnkit.images import Sample, sample_folder
@@ -378,63 +378,15 @@ def bench(
     gpu = "cuda" if spec.index is None else str(spec)  # the name rows, torch and onnxruntime get
     if batch_size < 1 or threads < 1:
         raise DataError("batch size and threads must be at least 1")
-    run_dir = run if run is not None else latest_run()
-    if not os.path.isdir(run_dir):
-        there = path_kind(run_dir)
-        said = "no such run folder" if there == "nothing" else f"is {there}, not a run folder"
-        raise ModelError(f"{run_dir}: {said}")
-    found = {kind: os.path.join(run_dir, name) for kind, name, _ in ARTIFACTS
-             if os.path.isfile(os.path.join(run_dir, name))}
+    run_dir, found = _artifacts(run)
     meta = _meta_of(run_dir, found)
-    folder = _resolve_data(data, meta, run_dir, found)
-    loaded = load_images(folder, meta, limit)
-    images, labels = loaded.images, loaded.labels
-    log(f"bench: {len(images):,} images from {folder}" + ("" if labels is not None else " (unlabeled: no accuracy)"))
-
-    notes: list[str] = []
+    folder, images, labels = _images(data, meta, run_dir, found, limit)
     torch_ok = _have_torch()
-    if not trust_model:
-        notes += _drop_unproven(found)
-    if not torch_ok:
-        skipped = [k for k in ("eager", "torchscript", "pt2") if k in found]
-        if skipped:
-            notes.append(f"torch is not installed: skipped {', '.join(skipped)}")
-        found = {k: v for k, v in found.items() if k not in skipped}
-    torch_devices = ["cpu"] + ([gpu] if torch_ok and _torch_cuda(spec.cuda_index) else [])
-    onnx_probe = next((found[k] for k in ("onnx", "onnx-int8", "onnx-fp16") if k in found), None)
-    ort_cuda, why = _onnx_cuda_works(onnx_probe, gpu) if onnx_probe else (False, "")
-    ort_devices = ["cpu"] + ([gpu] if ort_cuda else [])
-    if spec.kind == "cuda":
-        if gpu not in torch_devices and not ort_cuda:
-            raise DeviceError(f"device {gpu}: neither torch nor onnxruntime can use it here ({why or 'no CUDA'})")
-        torch_devices, ort_devices = [d for d in torch_devices if d == gpu], [d for d in ort_devices if d == gpu]
-        if not ort_cuda and onnx_probe:
-            notes.append(f"ONNX files skipped: the onnxruntime CUDA provider is not usable ({why})")
-        if gpu not in torch_devices and torch_ok:
-            notes.append(f"torch rows skipped: torch cannot use {gpu}")
-    elif spec.kind == "cpu":
-        torch_devices, ort_devices = ["cpu"], ["cpu"]
-    elif why and onnx_probe:
-        notes.append(f"onnxruntime CUDA provider not used: {why}")
-
-    plan: list[tuple[str, str, str]] = []
-    for kind, _, runtime in ARTIFACTS:
-        if kind not in found:
-            continue
-        devices = torch_devices if runtime == "torch" else ort_devices
-        if kind == "onnx-fp16":
-            # FP16 is for the CUDA provider; the CPU provider would time a float32 run in disguise.
-            if gpu not in devices:
-                notes.append(f"{found[kind]}: skipped, FP16 runs on the CUDA provider and none works here")
-            devices = [d for d in devices if d == gpu]
-        plan += [(kind, found[kind], d) for d in devices]
-
-    restore = _torch_threads(threads) if torch_ok else None
-    try:
+    found, notes = _loadable(found, trust_model, torch_ok)
+    torch_devices, ort_devices = _devices(found, spec, gpu, torch_ok, notes)
+    plan = _plan(found, torch_devices, ort_devices, gpu, notes)
+    with _torch_threads(threads) if torch_ok else contextlib.nullcontext():
         rows, reference = _run_plan(plan, found, images, labels, meta, batch_size, threads)
-    finally:
-        if restore is not None:
-            restore()
     if reference is None and rows:
         notes.append("no eager reference (torch missing or no best.pt in the run): diff columns empty")
     if not rows:
@@ -454,13 +406,90 @@ def bench(
     )
 
 
-def _torch_threads(threads: int) -> Callable[[], None]:
-    """Set torch's intra-op threads; returns the function that puts the previous number back."""
+def _images(data: str | None, meta: ModelMeta, run_dir: str, found: dict[str, str],
+            limit: int | None) -> tuple[str, np.ndarray, np.ndarray | None]:
+    """The folder benchmarked on (DATA, or the run's testing split), its images and their labels."""
+    folder = _resolve_data(data, meta, run_dir, found)
+    loaded = load_images(folder, meta, limit)
+    log(f"bench: {len(loaded.images):,} images from {folder}"
+        + ("" if loaded.labels is not None else " (unlabeled: no accuracy)"))
+    return folder, loaded.images, loaded.labels
+
+
+def _artifacts(run: str | None) -> tuple[str, dict[str, str]]:
+    """The run folder (default `runs/latest`) and its artifact files, by kind."""
+    run_dir = run if run is not None else latest_run()
+    if not os.path.isdir(run_dir):
+        there = path_kind(run_dir)
+        said = "no such run folder" if there == "nothing" else f"is {there}, not a run folder"
+        raise ModelError(f"{run_dir}: {said}")
+    return run_dir, {kind: os.path.join(run_dir, name) for kind, name, _ in ARTIFACTS
+                     if os.path.isfile(os.path.join(run_dir, name))}
+
+
+def _loadable(found: dict[str, str], trust_model: bool, torch_ok: bool) -> tuple[dict[str, str], list[str]]:
+    """The artifacts this process may and can load, and a note for each left out."""
+    notes: list[str] = []
+    if not trust_model:
+        notes += _drop_unproven(found)
+    if not torch_ok:
+        skipped = [k for k in ("eager", "torchscript", "pt2") if k in found]
+        if skipped:
+            notes.append(f"torch is not installed: skipped {', '.join(skipped)}")
+        found = {k: v for k, v in found.items() if k not in skipped}
+    return found, notes
+
+
+def _devices(found: dict[str, str], spec: DeviceSpec, gpu: str, torch_ok: bool,
+             notes: list[str]) -> tuple[list[str], list[str]]:
+    """The devices torch and onnxruntime each run on here, for `--device` `spec`; notes say why not the GPU."""
+    torch_devices = ["cpu"] + ([gpu] if torch_ok and _torch_cuda(spec.cuda_index) else [])
+    onnx_probe = next((found[k] for k in ("onnx", "onnx-int8", "onnx-fp16") if k in found), None)
+    ort_cuda, why = _onnx_cuda_works(onnx_probe, gpu) if onnx_probe else (False, "")
+    ort_devices = ["cpu"] + ([gpu] if ort_cuda else [])
+    if spec.kind == "cuda":
+        if gpu not in torch_devices and not ort_cuda:
+            raise DeviceError(f"device {gpu}: neither torch nor onnxruntime can use it here ({why or 'no CUDA'})")
+        torch_devices, ort_devices = [d for d in torch_devices if d == gpu], [d for d in ort_devices if d == gpu]
+        if not ort_cuda and onnx_probe:
+            notes.append(f"ONNX files skipped: the onnxruntime CUDA provider is not usable ({why})")
+        if gpu not in torch_devices and torch_ok:
+            notes.append(f"torch rows skipped: torch cannot use {gpu}")
+    elif spec.kind == "cpu":
+        torch_devices, ort_devices = ["cpu"], ["cpu"]
+    elif why and onnx_probe:
+        notes.append(f"onnxruntime CUDA provider not used: {why}")
+    return torch_devices, ort_devices
+
+
+def _plan(found: dict[str, str], torch_devices: list[str], ort_devices: list[str], gpu: str,
+          notes: list[str]) -> list[tuple[str, str, str]]:
+    """(artifact kind, path, device) of every row, in the table's order."""
+    plan: list[tuple[str, str, str]] = []
+    for kind, _, runtime in ARTIFACTS:
+        if kind not in found:
+            continue
+        devices = torch_devices if runtime == "torch" else ort_devices
+        if kind == "onnx-fp16":
+            # FP16 is for the CUDA provider; the CPU provider would time a float32 run in disguise.
+            if gpu not in devices:
+                notes.append(f"{found[kind]}: skipped, FP16 runs on the CUDA provider and none works here")
+            devices = [d for d in devices if d == gpu]
+        plan += [(kind, found[kind], d) for d in devices]
+    return plan
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    """Run the block with torch's intra-op threads set to `threads`, then put the previous number back."""
     import torch
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
-    return lambda: torch.set_num_threads(previous)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _run_plan(

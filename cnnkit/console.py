@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 
 def log(msg: str = "") -> None:
@@ -72,13 +72,6 @@ class Progress:
 
     def close(self) -> None:
         self._draw(final=True)
-
-
-def track(items: Iterable, total: int | None, desc: str, unit: str = "it") -> Iterable:
-    with Progress(total, desc, unit) as bar:
-        for x in items:
-            yield x
-            bar.update(1)
 
 
 def _fmt(v: object) -> str:

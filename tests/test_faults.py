@@ -28,7 +28,8 @@ from cnnkit.datasets.layout import encode_png, write_tree
 from cnnkit.errors import EXIT_FILES_FAILED, FileFailedError, ModelError
 from cnnkit.images import MAX_FILE_BYTES
 from cnnkit.meta import ModelMeta
-from cnnkit.runtime.infer import failures_path, infer
+from cnnkit.runtime.infer import infer
+from cnnkit.runtime.outputs import failures_path
 
 torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")

@@ -19,7 +19,8 @@ import cnnkit.runtime.infer as infer_mod
 from cnnkit.errors import DataError, DeviceError, ModelError
 from cnnkit.images import read_image
 from cnnkit.meta import METADATA_KEY, ModelMeta, predict
-from cnnkit.runtime.infer import CSV_COLUMNS, format_summary, infer
+from cnnkit.runtime.infer import format_summary, infer
+from cnnkit.runtime.outputs import CSV_COLUMNS
 from cnnkit.runtime.session import create_session, read_meta
 
 CLASSES = ("ant", "bee", "cat")

@@ -30,7 +30,6 @@ from cnnkit.errors import DataError
 from cnnkit.images import PNG_SIGNATURE
 from cnnkit.listing import is_png_name
 
-DEFAULT_DATA_DIR = "data"  # relative to the working directory, like the lecture's notebooks
 SAMPLE_DIR = "data/mnist-sample"
 MNIST_DIR = "data/mnist_png"
 

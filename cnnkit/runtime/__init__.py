@@ -2,6 +2,10 @@
 
     cnnkit.runtime.session   create_session(): provider choice, metadata and input checks, run()
     cnnkit.runtime.infer     infer(): folder -> predictions CSV, accuracy; format_summary()
+    cnnkit.runtime.shard     --shard K/N: which files a shard keeps, its summary; merge() of the shards
+    cnnkit.runtime.outputs   the files infer writes and merge reads: names and columns
+
+Imports run one way: infer -> shard -> outputs.
 
 Nothing here (nor in the core modules it uses) imports torch, torchvision or onnx, so a machine with
 only `pip install 'cnnkit[cpu]'` can classify folders; `tests/test_runtime.py` proves it in a fresh

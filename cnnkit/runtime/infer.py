@@ -27,7 +27,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -36,20 +36,17 @@ from cnnkit.console import Progress, log, printable, table
 from cnnkit.csvcells import RISKY_START, escape
 from cnnkit.errors import DataError, FileFailedError
 from cnnkit.files import atomic_path, check_not_an_input, check_writable, remove_stale_temps
-from cnnkit.images import decode_batches, default_workers
+from cnnkit.images import DecodedBatch, decode_batches, default_workers
 from cnnkit.listing import Listing, describe_ignored, is_listed, iter_pngs
-from cnnkit.meta import predict
+from cnnkit.meta import ModelMeta, predict
 from cnnkit.runs import ONNX_NAME, PREDICTIONS_NAME, latest_file
-from cnnkit.runtime.session import create_session, read_meta
-from cnnkit.runtime.shard import Shard, ShardFilter, parse_shard, summary_path, write_shard_summary
+from cnnkit.runtime.outputs import CSV_COLUMNS, FAILURE_COLUMNS, FAILURES_KEPT, failures_path, summary_path
+from cnnkit.runtime.session import Session, create_session, read_meta
+from cnnkit.runtime.shard import Shard, ShardFilter, parse_shard, write_shard_summary
 
-CSV_COLUMNS = ("path", "predicted", "score", "label")
 # Paths and class names that the csv module must quote, or that `escape` must prefix (at a cell's start:
 # the names are joined with "\0" before the search).
 _NEEDS_CARE = re.compile(r'[,"\r\n]|(?:^|\0)[' + re.escape(RISKY_START) + "]")
-FAILURES_KEPT = 1000  # failures listed in the result (all are counted, and all go to the failures file)
-FAILURES_SUFFIX = ".failures.csv"  # <output>.failures.csv: every file that failed, with its reason
-FAILURE_COLUMNS = ("path", "reason")
 FAILURES_PRINTED = 5
 # Files per decode task. Every task costs a round trip through the process pool (pickling, a pipe,
 # thread wake-ups), so fewer, larger tasks ran faster in the tuning runs (scripts/bench_infer.py). Smaller
@@ -227,144 +224,228 @@ def infer(
         FileFailedError: with `strict`, a file that could not be used.
     """
     t0 = time.perf_counter()
+    job = _job(folder, model, batch_size, output, shard, strict)
+    plan = _plan(job, workers, threads, min_files_for_workers)
+    session, counts, failure_log = _stream(job, plan, device, progress)
+    return _result(job, plan, session, counts, failure_log, t0)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One call of `infer`, its arguments checked and defaulted: what every step reads."""
+
+    folder: str
+    model: str
+    meta: ModelMeta
+    classes: list[str]
+    output: str
+    shard: Shard | None
+    batch_size: int
+    strict: bool
+
+
+def _job(folder: str, model: str | None, batch_size: int, output: str | None, shard: Shard | str | None,
+         strict: bool) -> _Job:
+    """Check and default the arguments, before any work: a foreign or broken model, or an output that
+    cannot be written, fails here."""
     if batch_size < 1:
         raise DataError("batch size must be at least 1")
     if model is None:
         model = latest_file(ONNX_NAME, "export one with `cnnkit export --format onnx`, or pass the model path")
-    meta = read_meta(model)  # a foreign or broken model fails here, before any work
+    meta = read_meta(model)
     if isinstance(shard, str):
         shard = parse_shard(shard)
     if output is None:
         name = PREDICTIONS_NAME if shard is None else shard.default_output
         output = os.path.join(os.path.dirname(os.path.abspath(model)), name)
     _check_outputs(folder, model, [output, failures_path(output), *([summary_path(output)] if shard else [])])
-    # The folder is walked as the run goes, in the order of its sorted paths. The first files are
-    # read ahead: a folder (or shard) smaller than that is sized exactly as a listed one would be;
-    # past it, decode tasks are at their largest whatever the size, so a lower bound is enough.
-    listing = Listing(root=folder, files=[])  # what the walk skipped or ignored, filled as it goes
-    walk = iter_pngs(folder, listing)
-    picker = ShardFilter(walk, shard) if shard is not None else None
+    return _Job(folder=folder, model=model, meta=meta, classes=list(meta.classes), output=output, shard=shard,
+                batch_size=batch_size, strict=strict)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How the run reads its folder: the files in walk order, how many, in which tasks, on how many workers."""
+
+    listing: Listing  # what the walk skipped or ignored, filled as it goes
+    picker: ShardFilter | None  # with a shard: the filter that counts every file it saw
+    files: Iterator[str]  # the run's files, in the order of their sorted paths
+    n_known: int  # every file when not `streaming`, else a lower bound
+    streaming: bool  # more files than were read ahead: their number is known only at the end
+    task: int
+    workers: int
+    threads: int
+
+
+def _plan(job: _Job, workers: int | None, threads: int | None, min_files_for_workers: int) -> _Plan:
+    """Start the walk and read its first files ahead, to size the decode tasks and choose the workers.
+
+    The folder is walked as the run goes, in the order of its sorted paths. A folder (or shard) smaller
+    than the read-ahead is sized exactly as a listed one would be; past it, decode tasks are at their
+    largest whatever the size, so a lower bound is enough."""
+    listing = Listing(root=job.folder, files=[])
+    walk = iter_pngs(job.folder, listing)
+    picker = ShardFilter(walk, job.shard) if job.shard is not None else None
     selected = iter(picker if picker is not None else walk)
     workers = default_workers() if workers is None else max(0, workers)
-    image_bytes = meta.input_shape[1] * meta.input_shape[2]
-    largest = _task_files(1 << 40, workers, batch_size, image_bytes)
+    image_bytes = job.meta.input_shape[1] * job.meta.input_shape[2]
+    largest = _task_files(1 << 40, workers, job.batch_size, image_bytes)
     ahead = 1 + max(LOOKAHEAD_FILES, min_files_for_workers, TASKS_PER_WORKER * max(1, workers) * largest)
     head = list(itertools.islice(selected, ahead))
-    n_known = len(head)  # every file when below `ahead`, else a lower bound
     if not head and (picker is None or picker.n_seen == 0):
-        raise DataError(f"{folder}: no PNG files found (searched recursively for *.png{_what_else(listing)})")
-    task = _task_files(n_known, workers, batch_size, image_bytes)
-    if n_known < min_files_for_workers or n_known <= task:
+        raise DataError(f"{job.folder}: no PNG files found (searched recursively for *.png{_what_else(listing)})")
+    task = _task_files(len(head), workers, job.batch_size, image_bytes)
+    if len(head) < min_files_for_workers or len(head) <= task:
         workers = 0  # what decode_batches does: a small folder is not worth starting processes
-    if threads is None:
-        threads = _threads_for(workers)
+    streaming = len(head) == ahead
+    return _Plan(listing=listing, picker=picker, files=itertools.chain(head, selected) if streaming else iter(head),
+                 n_known=len(head), streaming=streaming, task=task, workers=workers,
+                 threads=_threads_for(workers) if threads is None else threads)
 
-    classes = list(meta.classes)
-    k = len(classes)
-    labeled = True  # every file so far sits under a class folder
-    names = [*classes, ""]  # names[-1] == "": one lookup gives the label column for -1 too
-    confusion = Confusion(k)
-    failures: list[tuple[str, str]] = []
-    n_failed = n_images = n_converted = 0
 
+@dataclass
+class _Counts:
+    """The running totals of a run: all the result needs, with no prediction kept in memory."""
+
+    confusion: Confusion
+    labeled: bool = True  # every file so far sits under a class folder
+    n_images: int = 0
+    n_failed: int = 0
+    n_converted: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)  # the first FAILURES_KEPT
+
+
+def _stream(job: _Job, plan: _Plan, device: str, progress: bool) -> tuple[Session, _Counts, _FailureLog]:
+    """Decode the files, run the model and write the CSV and failure list, a decoded batch at a time."""
     in_flight: deque[list[str]] = deque()  # the files of the chunks being decoded, in order
-    chunks = _chunked(itertools.chain(head, selected) if n_known == ahead else iter(head), task, in_flight)
-    del head
-    batches = decode_batches(folder, (), meta.input_shape[1:], task, workers=workers, chunks=chunks)
+    chunks = _chunked(plan.files, plan.task, in_flight)
+    batches = decode_batches(job.folder, (), job.meta.input_shape[1:], plan.task, workers=plan.workers, chunks=chunks)
+    counts = _Counts(Confusion(len(job.classes)))
     with contextlib.closing(batches):
         # Fork the decoders (first batch) before onnxruntime starts its threads.
         first = next(batches, None)  # None: a shard without files
-        session = create_session(model, device=device, threads=threads)
-        bar = Progress(n_known if n_known < ahead else None, "infer", unit="img") if progress else None
+        session = create_session(job.model, device=device, threads=plan.threads)
+        bar = Progress(None if plan.streaming else plan.n_known, "infer", unit="img") if progress else None
         # Names that are not valid UTF-8 reach us surrogate-escaped (`os.fsdecode`): they are written
         # back as their original bytes, so the CSV names exactly the file on disk. The failure list
         # is entered first so that it is committed last: a CSV that cannot be written (a full disk)
         # leaves no failure list of a run that has no CSV.
         with (
-            _FailureLog(failures_path(output)) as failure_log,
-            atomic_path(output) as tmp,
+            _FailureLog(failures_path(job.output)) as failure_log,
+            atomic_path(job.output) as tmp,
             open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f,
         ):
-            writer = csv.writer(f)
-            writer.writerow(CSV_COLUMNS)
+            rows = _PredictionRows(f, job.classes)
             for batch in itertools.chain([first] if first is not None else [], batches):
                 files = in_flight.popleft()  # batches come back in order, one per chunk
-                labels = _labels(files, classes)
-                labeled = labeled and bool((labels >= 0).all())
-                if strict and (listing.skipped or batch.failures):
-                    bad = _unusable(listing, shard) + [(files[p - batch.start], why) for p, why in batch.failures]
-                    if bad:
-                        raise FileFailedError(_strict_message(*bad[0], output))
-                for pos, reason in batch.failures:
-                    n_failed += 1
-                    failure_log.add(files[pos - batch.start], reason)
-                    if len(failures) < FAILURES_KEPT:
-                        failures.append((files[pos - batch.start], reason))
-                n_converted += batch.converted
+                labels = _labels(files, job.classes)
+                counts.labeled = counts.labeled and bool((labels >= 0).all())
+                _take_failures(job, plan.listing, batch, files, failure_log, counts)
                 if bar is not None:
                     bar.update(len(batch.images) + len(batch.failures))
-                if not len(batch.images):
-                    continue
-                # The model sees `batch_size` images per call; the rest works on the whole decoded
-                # batch at once (numpy calls on 256 rows cost more in overhead than in work).
-                images, positions = batch.images, batch.positions - batch.start
-                outputs = [session.run(images[s : s + batch_size]) for s in range(0, len(images), batch_size)]
-                pred, prob = predict(outputs[0] if len(outputs) == 1 else np.concatenate(outputs), meta.output)
-                true = labels[positions]
-                # %.9g round-trips a float32 exactly: the CSV holds the model's own number.
-                cols = zip(positions.tolist(), pred.tolist(), prob.tolist(), true.tolist(), strict=True)
-                # Plain f-string rows cost half the csv module's (0.8 vs 2 us/row); they are the same
-                # text when no path or class name holds a comma, quote or line break, or starts
-                # like a spreadsheet formula (`cnnkit.csvcells`).
-                if not _NEEDS_CARE.search("\0".join([*files, *classes])):
-                    f.write("".join([f"{files[p]},{classes[i]},{v:.9g},{names[t]}\r\n" for p, i, v, t in cols]))
-                else:
-                    writer.writerows([(escape(files[p]), escape(classes[i]), f"{v:.9g}", escape(names[t]))
-                                      for p, i, v, t in cols])
-                if labeled:
-                    confusion.add(true, pred)
-                n_images += len(positions)
+                if len(batch.images):
+                    _predict_batch(job, session, batch, files, labels, rows, counts)
             # The walk is over: PNG-named entries it could not use (dangling symlinks, ...) failed too.
-            for path, reason in _unusable(listing, shard):
-                if strict:
-                    raise FileFailedError(_strict_message(path, reason, output))
+            for path, reason in _unusable(plan.listing, job.shard):
+                if job.strict:
+                    raise FileFailedError(_strict_message(path, reason, job.output))
                 failure_log.add(path, reason)
         if bar is not None:
             bar.close()
+    return session, counts, failure_log
 
+
+def _take_failures(job: _Job, listing: Listing, batch: DecodedBatch, files: list[str], failure_log: _FailureLog,
+                   counts: _Counts) -> None:
+    """Count and list the files of a batch that failed; with `strict`, stop at the first one (or at an
+    entry the walk could not use)."""
+    if job.strict and (listing.skipped or batch.failures):
+        bad = _unusable(listing, job.shard) + [(files[p - batch.start], why) for p, why in batch.failures]
+        if bad:
+            raise FileFailedError(_strict_message(*bad[0], job.output))
+    for pos, reason in batch.failures:
+        counts.n_failed += 1
+        failure_log.add(files[pos - batch.start], reason)
+        if len(counts.failures) < FAILURES_KEPT:
+            counts.failures.append((files[pos - batch.start], reason))
+    counts.n_converted += batch.converted
+
+
+def _predict_batch(job: _Job, session: Session, batch: DecodedBatch, files: list[str], labels: np.ndarray,
+                   rows: _PredictionRows, counts: _Counts) -> None:
+    """Predict the images of a decoded batch, write their rows and count them."""
+    # The model sees `batch_size` images per call; the rest works on the whole decoded batch at once
+    # (numpy calls on 256 rows cost more in overhead than in work).
+    images, positions, step = batch.images, batch.positions - batch.start, job.batch_size
+    outputs = [session.run(images[s : s + step]) for s in range(0, len(images), step)]
+    pred, prob = predict(outputs[0] if len(outputs) == 1 else np.concatenate(outputs), job.meta.output)
+    true = labels[positions]
+    rows.write(files, positions, pred, prob, true)
+    if counts.labeled:
+        counts.confusion.add(true, pred)
+    counts.n_images += len(positions)
+
+
+class _PredictionRows:
+    """The predictions CSV (`CSV_COLUMNS`), written a decoded batch at a time."""
+
+    def __init__(self, f: TextIO, classes: list[str]):
+        self.f, self.writer, self.classes = f, csv.writer(f), classes
+        self.names = [*classes, ""]  # names[-1] == "": one lookup gives the label column for -1 too
+        self.writer.writerow(CSV_COLUMNS)
+
+    def write(self, files: list[str], positions: np.ndarray, pred: np.ndarray, prob: np.ndarray,
+              true: np.ndarray) -> None:
+        classes, names = self.classes, self.names
+        # %.9g round-trips a float32 exactly: the CSV holds the model's own number.
+        cols = zip(positions.tolist(), pred.tolist(), prob.tolist(), true.tolist(), strict=True)
+        # Plain f-string rows cost half the csv module's (0.8 vs 2 us/row); they are the same
+        # text when no path or class name holds a comma, quote or line break, or starts
+        # like a spreadsheet formula (`cnnkit.csvcells`).
+        if not _NEEDS_CARE.search("\0".join([*files, *classes])):
+            self.f.write("".join([f"{files[p]},{classes[i]},{v:.9g},{names[t]}\r\n" for p, i, v, t in cols]))
+        else:
+            self.writer.writerows([(escape(files[p]), escape(classes[i]), f"{v:.9g}", escape(names[t]))
+                                   for p, i, v, t in cols])
+
+
+def _result(job: _Job, plan: _Plan, session: Session, counts: _Counts, failure_log: _FailureLog,
+            t0: float) -> InferResult:
+    """The `InferResult` of a finished run (and, with a shard, its summary for `cnnkit merge`)."""
     # PNG-named entries the walk could not use failed too; with a shard, each belongs to one shard.
-    n_listed = (picker.n_seen if picker is not None else n_images + n_failed) + len(listing.skipped)
-    unusable = _unusable(listing, shard)
-    n_failed += len(unusable)
-    failures = (unusable + failures)[:FAILURES_KEPT]
+    n_seen = plan.picker.n_seen if plan.picker is not None else counts.n_images + counts.n_failed
+    n_listed = n_seen + len(plan.listing.skipped)
+    unusable = _unusable(plan.listing, job.shard)
+    n_failed = counts.n_failed + len(unusable)
+    failures = (unusable + counts.failures)[:FAILURES_KEPT]
     if failures:
         _print_failures(failures, n_failed, failure_log.path)
-    correct = confusion.n_correct
+    labeled, confusion, n_images = counts.labeled, counts.confusion, counts.n_images
     result = InferResult(
-        model=model,
+        model=job.model,
         provider=session.provider,
-        output=output,
-        classes=classes,
+        output=job.output,
+        classes=job.classes,
         n_images=n_images,
         n_failed=n_failed,
-        n_converted=n_converted,
+        n_converted=counts.n_converted,
         seconds=time.perf_counter() - t0,
-        accuracy=correct / n_images if labeled and n_images else None,
+        accuracy=confusion.n_correct / n_images if labeled and n_images else None,
         confusion=confusion.matrix.tolist() if labeled and confusion.matrix is not None else None,
         confused_pairs=confusion.pairs() if labeled and confusion.matrix is None else None,
-        n_correct=correct if labeled else None,
+        n_correct=confusion.n_correct if labeled else None,
         failures=failures,
         notes=session.notes,
-        batch_size=batch_size,
-        workers=workers,
-        threads=threads,
-        shard=str(shard) if shard is not None else None,
+        batch_size=job.batch_size,
+        workers=plan.workers,
+        threads=plan.threads,
+        shard=str(job.shard) if job.shard is not None else None,
         failures_output=failure_log.path if failure_log.n else None,
-        ignored=dict(listing.ignored),
-        png_folders=listing.png_folders[:FAILURES_KEPT],
+        ignored=dict(plan.listing.ignored),
+        png_folders=plan.listing.png_folders[:FAILURES_KEPT],
     )
-    if shard is not None:
-        result.summary = write_shard_summary(result, folder, shard, n_listed)
+    if job.shard is not None:
+        result.summary = write_shard_summary(result, job.folder, job.shard, n_listed)
     return result
 
 
@@ -377,11 +458,6 @@ def _check_outputs(folder: str, model: str, outputs: list[str]) -> None:
             raise DataError(f"{out}: is one of the images under {folder}; writing there would destroy it "
                             "(choose another output path)")
         check_writable(out)
-
-
-def failures_path(output: str) -> str:
-    """Where `infer` lists the files that failed: `<output>.failures.csv`."""
-    return output + FAILURES_SUFFIX
 
 
 class _FailureLog:

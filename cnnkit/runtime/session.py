@@ -214,10 +214,6 @@ class Session:
     cpu_slice: int = CPU_SLICE
     device_id: int = 0  # the GPU, when `provider` is CUDA
 
-    @property
-    def device(self) -> str:
-        return "cuda" if self.provider == CUDA else "cpu"
-
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Model outputs for a uint8 batch of shape (N, C, H, W) or (N, H, W) (1 channel)."""
         if batch.ndim == 3:

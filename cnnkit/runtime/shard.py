@@ -31,9 +31,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cnnkit.confusion import Confusion, summary_lines, top_pairs
+from cnnkit.console import printable, table
 from cnnkit.csvcells import escape, unescape
 from cnnkit.errors import DataError
 from cnnkit.files import atomic_path, check_not_an_input, check_writable, write_json
+from cnnkit.listing import Listing, iter_pngs
+from cnnkit.runtime.outputs import (
+    CSV_COLUMNS,
+    FAILURE_COLUMNS,
+    FAILURES_KEPT,
+    FAILURES_SUFFIX,
+    failures_path,
+    summary_path,
+)
 
 ASSIGNMENT = "blake2b-64(utf-8 relative path) mod N"
 SHARD_KIND = "cnnkit-infer-shard"
@@ -117,11 +127,6 @@ class ShardFilter:
             if int.from_bytes(blake2b(rel.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "big") \
                     % count == index:
                 yield rel
-
-
-def summary_path(csv_path: str) -> str:
-    """Where the summary of a shard's (or a merge's) CSV lives: `<csv>.json`."""
-    return os.fspath(csv_path) + ".json"
 
 
 def file_sha256(path: str) -> str:
@@ -467,15 +472,20 @@ def merge(csvs: list[str], output: str, *, check_folder: bool = False) -> MergeR
     (sorted by path; removed when no file failed). An input named `<csv>.failures.csv` next to a shard
     CSV (a shell glob such as `out/*.csv` picks those up) is that shard's failure list and is skipped.
 
+    Args:
+        csvs: the shards' predictions CSVs, each with its summary `<csv>.json` next to it.
+        output: the merged CSV to write.
+        check_folder: also walk the folder the shards listed, and report its files that are in no
+            output and the rows whose file is gone.
+
+    Returns:
+        A `MergeResult` (`to_dict()` is what `<output>.json` holds).
+
     Raises:
         ShardError: an input without its summary, or inputs that are not shards of one run (another
             model file, folder or N, one shard twice, an edited CSV).
     """
-    from cnnkit.listing import Listing, iter_pngs
-    from cnnkit.runtime.infer import CSV_COLUMNS, FAILURE_COLUMNS, FAILURES_KEPT, FAILURES_SUFFIX, failures_path
-
-    csvs = [p for p in csvs if not (p.endswith(FAILURES_SUFFIX) and not os.path.exists(summary_path(p))
-                                    and os.path.exists(summary_path(p[: -len(FAILURES_SUFFIX)])))]
+    csvs = [p for p in csvs if not _is_failure_list(p)]
     if not csvs:
         raise ShardError("no shard outputs given")
     outputs = [output, summary_path(output), failures_path(output)]
@@ -483,39 +493,73 @@ def merge(csvs: list[str], output: str, *, check_folder: bool = False) -> MergeR
     check_not_an_input(outputs, [f(p) for p in csvs for f in (str, summary_path, failures_path)])
     for out in outputs:
         check_writable(out)
+    summaries = _load_shards(csvs)
+    res = _new_result(summaries, output, check_folder)
+    failed, truncated = _failed_files(summaries)
+    check = _FolderCheck(res, {path for path, _ in failed}) if check_folder else None
+    _write_merged(res, summaries, check)
+    res.n_failed = sum(s["n_failed"] for _, s in summaries)
+    res.n_converted = sum(s["n_converted"] for _, s in summaries)
+    res.failures = failed[:FAILURES_KEPT]
+    _write_failures(res.failures_output, failed)
+    _merge_confusion(res, [s for _, s in summaries])
+    res.problems = _problems(res, summaries, truncated)
+    write_json(res.summary, res.to_dict())
+    return res
+
+
+def _is_failure_list(path: str) -> bool:
+    """`<csv>.failures.csv` next to a shard CSV `<csv>` (and no summary of its own)."""
+    return path.endswith(FAILURES_SUFFIX) and not os.path.exists(summary_path(path)) \
+        and os.path.exists(summary_path(path[: -len(FAILURES_SUFFIX)]))
+
+
+def _load_shards(csvs: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """(CSV, summary) of every input, checked to be shards of one run whose CSVs are as they wrote
+    them, before anything is written; in shard order."""
     summaries = [(p, _load_summary(p)) for p in csvs]
     _same(summaries, "assignment", "shard assignments (cnnkit versions?)")
     count = _same([(p, {"n": s["shard"]["count"]}) for p, s in summaries], "n", "numbers of shards (N)")
-    model_sha = _same(summaries, "model_sha256", "model files (SHA-256)")
-    folder = _same(summaries, "folder", "folders")
-    classes = _same(summaries, "classes", "class lists")
+    _same(summaries, "model_sha256", "model files (SHA-256)")
+    _same(summaries, "folder", "folders")
+    _same(summaries, "classes", "class lists")
     for p, s in summaries:
-        _verify_csvs(p, s, failures_path(p))  # before anything is written
+        _verify_csvs(p, s, failures_path(p))
     by_index: dict[int, str] = {}
     for p, s in summaries:
         k = s["shard"]["index"]
         if k in by_index:
             raise ShardError(f"shard {k}/{count} given twice: {by_index[k]} and {p}")
         by_index[k] = p
-    summaries.sort(key=lambda ps: ps[1]["shard"]["index"])
-    present = sorted(by_index)
-    missing = [k for k in range(count) if k not in by_index]
-    res = MergeResult(
+    return sorted(summaries, key=lambda ps: ps[1]["shard"]["index"])
+
+
+def _new_result(summaries: list[tuple[str, dict[str, Any]]], output: str, check_folder: bool) -> MergeResult:
+    """The `MergeResult` of shards of one run (`_load_shards`), before their rows are read."""
+    first = summaries[0][1]
+    count = first["shard"]["count"]
+    present = [s["shard"]["index"] for _, s in summaries]
+    given = set(present)
+    return MergeResult(
         output=output,
         summary=summary_path(output),
         failures_output=failures_path(output),
         count=count,
         present=present,
-        missing=missing,
+        missing=[k for k in range(count) if k not in given],
         inputs=[p for p, _ in summaries],
-        model=summaries[0][1]["model"],
-        model_sha256=model_sha,
-        folder=folder,
-        classes=list(classes),
+        model=first["model"],
+        model_sha256=first["model_sha256"],
+        folder=first["folder"],
+        classes=list(first["classes"]),
         checked_folder=check_folder,
     )
 
-    failed: list[tuple[str, str]] = []  # every failed file of the shards (their failures.csv), sorted
+
+def _failed_files(summaries: list[tuple[str, dict[str, Any]]]) -> tuple[list[tuple[str, str]], bool]:
+    """Every failed file of the shards (from their failure lists), sorted; and whether some shard had
+    no list, so that only the first ones its summary holds are known."""
+    failed: list[tuple[str, str]] = []
     truncated = False
     for p, s in summaries:
         rows = _failure_rows(failures_path(p), FAILURE_COLUMNS) if s["n_failed"] else []
@@ -524,26 +568,56 @@ def merge(csvs: list[str], output: str, *, check_folder: bool = False) -> MergeR
             truncated = truncated or s["n_failed"] > len(rows)
         failed += rows
     failed.sort()
-    failed_paths = {path for path, _ in failed}
-    walked = Listing(root=folder, files=[])
-    listing = iter_pngs(folder, walked) if check_folder else None  # raises DataError without the folder
-    nxt = next(listing, None) if listing is not None else None
-    missing_set = set(missing)
+    return failed, truncated
 
-    def unlisted(path: str) -> None:
+
+class _FolderCheck:
+    """With `check_folder`: walks the folder alongside the merged rows (both in sorted path order) and
+    counts, on the result, the folder's files in no output and the rows whose file is gone."""
+
+    def __init__(self, res: MergeResult, failed_paths: set[str]):
+        self.res, self.failed_paths, self.missing = res, failed_paths, set(res.missing)
+        self.walked = Listing(root=res.folder, files=[])
+        self.files = iter_pngs(res.folder, self.walked)
+        self.next_file = next(self.files, None)  # raises DataError without the folder
+
+    def row(self, path: str) -> None:
+        """A row of the merged CSV (in path order)."""
+        while self.next_file is not None and self.next_file < path:
+            self._unlisted(self.next_file)
+            self.next_file = next(self.files, None)
+        if self.next_file == path:
+            self.next_file = next(self.files, None)
+        else:
+            self.res.n_gone += 1
+            if len(self.res.gone) < LISTED:
+                self.res.gone.append(path)
+
+    def finish(self) -> None:
+        """After the last row: the rest of the folder is in no output."""
+        while self.next_file is not None:
+            self._unlisted(self.next_file)
+            self.next_file = next(self.files, None)
+        for path, _ in self.walked.skipped:  # unusable entries: each shard reports its own as failures
+            self._unlisted(path)
+
+    def _unlisted(self, path: str) -> None:
         """A file of the folder that is in no output."""
-        if path in failed_paths:
+        if path in self.failed_paths:
             return
-        if shard_of(path, count) in missing_set:
-            res.n_in_missing_shards += 1
+        if shard_of(path, self.res.count) in self.missing:
+            self.res.n_in_missing_shards += 1
             return
-        res.n_unassigned += 1
-        if len(res.unassigned) < LISTED:
-            res.unassigned.append(path)
+        self.res.n_unassigned += 1
+        if len(self.res.unassigned) < LISTED:
+            self.res.unassigned.append(path)
 
+
+def _write_merged(res: MergeResult, summaries: list[tuple[str, dict[str, Any]]], check: _FolderCheck | None) -> None:
+    """Write the merged CSV: the rows of every shard in path order, the first row of a file found twice."""
     counts: dict[str, int] = {}
     streams = [_rows(p, s, CSV_COLUMNS, counts) for p, s in summaries]
-    with atomic_path(output) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+    with atomic_path(res.output) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         writer = csv.writer(f)
         writer.writerow(CSV_COLUMNS)
         prev: str | None = None
@@ -560,63 +634,52 @@ def merge(csvs: list[str], output: str, *, check_folder: bool = False) -> MergeR
                 writer.writerows(batch)
                 batch.clear()
             res.n_images += 1
-            if listing is not None:
-                while nxt is not None and nxt < path:
-                    unlisted(nxt)
-                    nxt = next(listing, None)
-                if nxt == path:
-                    nxt = next(listing, None)
-                else:
-                    res.n_gone += 1
-                    if len(res.gone) < LISTED:
-                        res.gone.append(path)
+            if check is not None:
+                check.row(path)
         writer.writerows(batch)
-        if listing is not None:
-            while nxt is not None:
-                unlisted(nxt)
-                nxt = next(listing, None)
-            for path, _ in walked.skipped:  # unusable entries: each shard reports its own as failures
-                unlisted(path)
-        for p, s in summaries:
+        if check is not None:
+            check.finish()
+        for p, s in summaries:  # inside the `with`: a mismatch leaves no merged CSV
             if counts.get(p) != s["n_images"]:
                 raise ShardError(f"{p} holds {counts.get(p)} rows but its summary says {s['n_images']}: "
-                                 f"was one of them rewritten? rerun shard {s['shard']['index']}/{count}")
+                                 f"was one of them rewritten? rerun shard {s['shard']['index']}/{res.count}")
 
-    res.n_failed = sum(s["n_failed"] for _, s in summaries)
-    res.n_converted = sum(s["n_converted"] for _, s in summaries)
-    res.failures = failed[:FAILURES_KEPT]
+
+def _write_failures(path: str, failed: list[tuple[str, str]]) -> None:
+    """`<output>.failures.csv` of the merge: every failed file of the shards; none when none failed."""
     if failed:
-        with atomic_path(res.failures_output) as tmp, \
-                open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
             writer = csv.writer(f)
             writer.writerow(FAILURE_COLUMNS)
-            writer.writerows([(escape(path), escape(reason)) for path, reason in failed])
-    elif os.path.exists(res.failures_output):  # a stale list from an earlier merge
-        os.unlink(res.failures_output)
-    _merge_confusion(res, [s for _, s in summaries])
+            writer.writerows([(escape(p), escape(reason)) for p, reason in failed])
+    elif os.path.exists(path):  # a stale list from an earlier merge
+        os.unlink(path)
 
-    if missing:
-        res.problems.append(f"{len(missing)} of {count} shards missing: {_ranges(missing)} "
-                            f"(run `cnnkit infer {folder} --shard K/{count}` for each)")
+
+def _problems(res: MergeResult, summaries: list[tuple[str, dict[str, Any]]], truncated: bool) -> list[str]:
+    """What keeps the merge from being the output of one unsharded run, one line each."""
+    problems: list[str] = []
+    if res.missing:
+        problems.append(f"{len(res.missing)} of {res.count} shards missing: {_ranges(res.missing)} "
+                        f"(run `cnnkit infer {res.folder} --shard K/{res.count}` for each)")
     if res.n_duplicates:
-        res.problems.append(f"{res.n_duplicates:,} file(s) in more than one shard, e.g. {res.duplicates[0]}")
+        problems.append(f"{res.n_duplicates:,} file(s) in more than one shard, e.g. {res.duplicates[0]}")
     listed = {s["n_listed"] for _, s in summaries}
     if len(listed) > 1:
-        res.problems.append(f"the folder changed while the shards ran: their listings saw "
-                            f"{min(listed):,} to {max(listed):,} files"
-                            + ("" if check_folder else " (--check-folder lists the files in no output)"))
-    elif not missing and not res.n_duplicates and res.n_images + res.n_failed != next(iter(listed)):
-        res.problems.append(f"the shards hold {res.n_images + res.n_failed:,} files but each listed "
-                            f"{next(iter(listed)):,} in the folder")
+        problems.append(f"the folder changed while the shards ran: their listings saw "
+                        f"{min(listed):,} to {max(listed):,} files"
+                        + ("" if res.checked_folder else " (--check-folder lists the files in no output)"))
+    elif not res.missing and not res.n_duplicates and res.n_images + res.n_failed != next(iter(listed)):
+        problems.append(f"the shards hold {res.n_images + res.n_failed:,} files but each listed "
+                        f"{next(iter(listed)):,} in the folder")
     if res.n_unassigned:
-        res.problems.append(f"{res.n_unassigned:,} file(s) of the folder are in no output although their shard "
-                            f"ran (added after it listed the folder?), e.g. {res.unassigned[0]}"
-                            + ("; some shards' failure lists were truncated, so some may have failed" if truncated
-                               else ""))
+        problems.append(f"{res.n_unassigned:,} file(s) of the folder are in no output although their shard "
+                        f"ran (added after it listed the folder?), e.g. {res.unassigned[0]}"
+                        + ("; some shards' failure lists were truncated, so some may have failed" if truncated
+                           else ""))
     if res.n_gone:
-        res.problems.append(f"{res.n_gone:,} file(s) in the outputs are no longer in the folder, e.g. {res.gone[0]}")
-    write_json(res.summary, res.to_dict())
-    return res
+        problems.append(f"{res.n_gone:,} file(s) in the outputs are no longer in the folder, e.g. {res.gone[0]}")
+    return problems
 
 
 def _failure_rows(path: str, columns: tuple[str, ...]) -> list[tuple[str, str]] | None:
@@ -648,8 +711,6 @@ def _ranges(ks: list[int]) -> str:
 
 def format_merge(res: MergeResult) -> str:
     """A short human-readable report of a merge."""
-    from cnnkit.console import printable, table
-
     lines = [
         f"shards    {len(res.present)} of {res.count} merged"
         + (f" (missing: {_ranges(res.missing)})" if res.missing else ""),
