@@ -42,7 +42,7 @@ from cnnkit.files import path_kind
 from cnnkit.images import Sample, sample_folder
 from cnnkit.meta import ModelMeta, predict
 from cnnkit.provenance import why_untrusted
-from cnnkit.runs import REPORT_SUFFIX, latest_run
+from cnnkit.runs import ARTIFACT_NAMES, BEST_NAME, REPORT_SUFFIX, latest_run
 
 DEFAULT_LIMIT = 10_000  # images of DATA used (spread over the folder): all of an MNIST-style test split
 DEFAULT_BATCH = 256  # `cnnkit infer`'s default
@@ -52,16 +52,10 @@ P50_CALLS = 200  # batch-1 calls for the median (fewer when they take more than 
 P50_SECONDS = 2.0
 THROUGHPUT_PASSES = 3
 THROUGHPUT_SECONDS = 3.0  # stop adding passes after this long
-# Artifact kind -> (file name, runtime); the names `cnnkit.export.ARTIFACT_NAMES` writes (a test checks
-# they agree), repeated here so that benchmarking never imports the export room.
-ARTIFACTS = (
-    ("eager", "best.pt", "torch"),
-    ("onnx", "model.onnx", "onnxruntime"),
-    ("onnx-int8", "model.int8.onnx", "onnxruntime"),
-    ("onnx-fp16", "model.fp16.onnx", "onnxruntime"),
-    ("torchscript", "model.ts", "torch"),
-    ("pt2", "model.pt2", "torch"),
-)
+# Artifact kind -> (file name, runtime): the checkpoint run eagerly, then what `cnnkit export` writes.
+ARTIFACTS = (("eager", BEST_NAME, "torch"),
+             *((kind, name, "torch" if kind in ("torchscript", "pt2") else "onnxruntime")
+               for kind, name in ARTIFACT_NAMES.items()))
 
 # Loading these runs code from the file: only ones cnnkit can prove it wrote, or with trust_model.
 CODE_BEARING = ("torchscript", "pt2")

@@ -25,11 +25,10 @@ import torch
 from cnnkit.errors import ModelError
 from cnnkit.files import atomic_path, check_model_file
 from cnnkit.meta import ModelMeta
+from cnnkit.runs import BEST_NAME, CHECKPOINT_NAME  # noqa: F401 (the run folder's names live in runs)
 from cnnkit.trainer.models import Classifier, build_model
 
 FORMAT = "cnnkit.checkpoint/1"
-CHECKPOINT_NAME = "checkpoint.pt"  # the latest epoch, written after every epoch
-BEST_NAME = "best.pt"  # the epoch with the best validation metric (what export uses)
 
 
 def save_checkpoint(path: str, state: dict[str, Any]) -> None:
