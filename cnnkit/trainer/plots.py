@@ -11,6 +11,7 @@ import torch
 
 from cnnkit.confusion import MAX_MATRIX_CLASSES, TOP_PAIRS, Confusion, display_name
 from cnnkit.files import atomic_path
+from cnnkit.meta import OUTPUT_LOGITS, OUTPUT_SIGMOID, predict
 
 
 def _save(fig: Any, path: str) -> str:
@@ -47,7 +48,7 @@ def write_plots(
     if scores:
         split = list(scores)[-1]
         out, y = scores[split], labels[split]
-        pred = (out[:, 0] >= 0.5).long().numpy() if sigmoid else out.argmax(1).numpy()
+        pred, _ = predict(out.numpy(), OUTPUT_SIGMOID if sigmoid else OUTPUT_LOGITS)
         confusion = Confusion(len(classes))
         confusion.add(y, pred)
         paths.append(_confusion(run_dir, split, confusion, names))
