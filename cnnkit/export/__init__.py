@@ -41,7 +41,7 @@ from cnnkit.export.onnx import DEFAULT_EXPORTER, EXPORTERS, check_options
 from cnnkit.export.parity import TIERS, ParityReport, run_parity
 from cnnkit.export.quantize import DEFAULT_CALIBRATION_SIZE, DEFAULT_EVAL_LIMIT, DEFAULT_MAX_ACCURACY_DROP
 from cnnkit.files import atomic_path, check_not_an_input, check_writable, write_json
-from cnnkit.images import sample_folder
+from cnnkit.images import load_images, sample_folder
 from cnnkit.meta import ModelMeta
 from cnnkit.provenance import record
 from cnnkit.runs import ONNX_NAME, REPORT_SUFFIX, TORCHSCRIPT_NAME, latest_file
@@ -344,8 +344,6 @@ def _int8_inputs(
     checkpoint: str,
 ) -> tuple[np.ndarray, str, np.ndarray, np.ndarray, str]:
     """(calibration images, their folder, labeled test images, labels, their folder)."""
-    from cnnkit.bench import load_images
-
     recorded = meta.extra.get("data") if isinstance(meta.extra.get("data"), dict) else {}
     calib_dir = calibration or recorded.get("train")
     if not calib_dir or not os.path.isdir(calib_dir):
