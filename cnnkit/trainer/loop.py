@@ -306,7 +306,7 @@ class _Run:
 
 
 @dataclass
-class _Selection:
+class _SoFar:
     """What one epoch hands the next: the history so far and the selected epoch's weights."""
 
     history: list[dict[str, Any]]
@@ -319,7 +319,7 @@ def _train(cfg: TrainConfig, resume: str | None, d: Dist, device: torch.device) 
     cfg, state, recipe_epochs = _resolve_config(cfg, resume, d)
     say = log if d.main else (lambda *_: None)
     _check_run_folder(resume or cfg.out, cfg.runs_dir, say)
-    run, sel, start_epoch = _set_up_run(cfg, resume, state, recipe_epochs, d, device)
+    run, so_far, start_epoch = _set_up_run(cfg, resume, state, recipe_epochs, d, device)
     say(
         f"training {run.cfg.arch} ({count_parameters(run.net):,} parameters) on {run.n_total:,} images, "
         f"{len(run.meta.classes)} classes, {run.cfg.epochs} epochs, batch {run.cfg.batch_size}"
@@ -330,11 +330,11 @@ def _train(cfg: TrainConfig, resume: str | None, d: Dist, device: torch.device) 
     try:
         for epoch in range(start_epoch, run.cfg.epochs):
             record = train_one_epoch(run, epoch)
-            improved, weights = _validate_and_select(run, sel, record)
-            _save_checkpoints(run, sel, epoch, improved, weights)
+            improved, weights = _validate_and_select(run, so_far, record)
+            _save_checkpoints(run, so_far, epoch, improved, weights)
     except KeyboardInterrupt:
         raise Interrupted(run.run_dir, epoch) from None
-    return _finish(run, sel)
+    return _finish(run, so_far)
 
 
 def _resolve_config(
@@ -366,7 +366,7 @@ def _resolve_config(
 def _set_up_run(
     cfg: TrainConfig, resume: str | None, state: dict[str, Any] | None, recipe_epochs: bool, d: Dist,
     device: torch.device,
-) -> tuple[_Run, _Selection, int]:
+) -> tuple[_Run, _SoFar, int]:
     """Load the data, build (or restore) the model and optimizer: (the run, the selection so far, first epoch).
 
     The order of the seeding calls is part of the result: a resumed run must draw what an
@@ -380,7 +380,7 @@ def _set_up_run(
     n_skipped = int(d.all_sum(len(skipped))[0])
     skipped_info = {"n_skipped": n_skipped, "skipped": skipped[:SKIPPED_KEPT], "ignored": data_info.pop("ignored")}
     net, opt, meta = _build_model(cfg, resume, state, train_split, data_info, device)
-    gen, sel, start_epoch, run_dir = _restore_progress(cfg, resume, state, net, d)
+    gen, so_far, start_epoch, run_dir = _restore_progress(cfg, resume, state, net, d)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
     amp = amp_for(device)  # None on the CPU; bf16 on GPUs that have it natively, else fp16
@@ -412,7 +412,7 @@ def _set_up_run(
     run = _Run(cfg, d, device, run_dir, meta, net, model, opt, scaler, amp, gen, x_train, y_train, x_val, y_val,
                test_split, steps_per_epoch, steps_per_epoch * cfg.epochs, per_rank, n_max, n_total, load_seconds,
                images_loaded, skipped_info)
-    return run, sel, start_epoch
+    return run, so_far, start_epoch
 
 
 def _build_model(
@@ -439,7 +439,7 @@ def _build_model(
 
 def _restore_progress(
     cfg: TrainConfig, resume: str | None, state: dict[str, Any] | None, net: torch.nn.Module, d: Dist
-) -> tuple[torch.Generator, _Selection, int, str]:
+) -> tuple[torch.Generator, _SoFar, int, str]:
     """(batch generator, selection so far, first epoch, run folder): fresh, or where `state` stopped."""
     torch.manual_seed(cfg.seed + d.rank)  # dropout masks differ between ranks
     gen = torch.Generator().manual_seed(cfg.seed + d.rank)
@@ -447,7 +447,7 @@ def _restore_progress(
         run_dir = d.broadcast(_run_folder(cfg) if d.main else None)
         # The selected epoch's weights so far: the initial ones until an epoch is selected.
         best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-        return gen, _Selection([], 0, best_state), 0, run_dir
+        return gen, _SoFar([], 0, best_state), 0, run_dir
     assert resume is not None
     try:
         gen.set_state(state["rng"]["batches"][d.rank])
@@ -456,8 +456,8 @@ def _restore_progress(
         raise ModelError(f"{resume}: the checkpoint's 'rng' is not a generator state; start a new run") from None
     history = list(state.get("history", []))
     # A resumed run continues from the same selection.
-    sel = _Selection(history, int(state["best_epoch"]), state["best_model"], sum(r["seconds"] for r in history))
-    return gen, sel, int(state["epoch"]), resume
+    so_far = _SoFar(history, int(state["best_epoch"]), state["best_model"], sum(r["seconds"] for r in history))
+    return gen, so_far, int(state["epoch"]), resume
 
 
 def train_one_epoch(run: _Run, epoch: int) -> dict[str, Any]:
@@ -505,7 +505,7 @@ def train_one_epoch(run: _Run, epoch: int) -> dict[str, Any]:
     }
 
 
-def _validate_and_select(run: _Run, sel: _Selection, record: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
+def _validate_and_select(run: _Run, so_far: _SoFar, record: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
     """Validate the epoch, add it to the history and select it if it is the best so far.
 
     Returns (whether it was selected, its weights on the CPU).
@@ -513,19 +513,19 @@ def _validate_and_select(run: _Run, sel: _Selection, record: dict[str, Any]) -> 
     if run.x_val is not None:
         assert run.y_val is not None
         record["val_loss"], record["val_accuracy"], _ = evaluate(run.net, run.x_val, run.y_val, run.sigmoid, run.d)
-    sel.history.append(record)
-    sel.train_seconds += record["seconds"]
+    so_far.history.append(record)
+    so_far.train_seconds += record["seconds"]
     # best.pt: the highest validation accuracy, ties broken by the lower validation loss;
     # with --val-split 0, the last epoch. testing/ plays no part (it is not even on the device).
-    improved = _is_better(record, sel.history[sel.best_epoch - 1] if sel.best_epoch else None)
-    sel.best_epoch = record["epoch"] if improved else sel.best_epoch
+    improved = _is_better(record, so_far.history[so_far.best_epoch - 1] if so_far.best_epoch else None)
+    so_far.best_epoch = record["epoch"] if improved else so_far.best_epoch
     weights = {k: v.detach().cpu().clone() for k, v in run.net.state_dict().items()}
     if improved:
-        sel.best_state = weights
+        so_far.best_state = weights
     return improved, weights
 
 
-def _save_checkpoints(run: _Run, sel: _Selection, epoch: int, improved: bool, weights: dict[str, Any]) -> None:
+def _save_checkpoints(run: _Run, so_far: _SoFar, epoch: int, improved: bool, weights: dict[str, Any]) -> None:
     """checkpoint.pt every epoch, best.pt when the epoch was selected, and metrics.json so far (rank 0)."""
     d = run.d
     rng = {"batches": d.gather(run.gen.get_state()), "dropout": d.gather(torch.get_rng_state())}  # every rank
@@ -537,28 +537,28 @@ def _save_checkpoints(run: _Run, sel: _Selection, epoch: int, improved: bool, we
         "epoch": epoch + 1,
         "optimizer": run.opt.state_dict(),
         "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
-        "history": sel.history,
+        "history": so_far.history,
         "config": _plain_config(run.cfg),
         "rng": rng,
-        "best_epoch": sel.best_epoch,
+        "best_epoch": so_far.best_epoch,
         "world_size": d.world,
     }
     if improved:
         save_checkpoint(os.path.join(run.run_dir, BEST_NAME), ckpt)
     # checkpoint.pt also carries the selected weights, so --resume reports the same model.
-    save_checkpoint(os.path.join(run.run_dir, CHECKPOINT_NAME), {**ckpt, "best_model": sel.best_state})
+    save_checkpoint(os.path.join(run.run_dir, CHECKPOINT_NAME), {**ckpt, "best_model": so_far.best_state})
     write_json(os.path.join(run.run_dir, "metrics.json"),
-               {"config": ckpt["config"], "history": sel.history, **run.skipped_info})
+               {"config": ckpt["config"], "history": so_far.history, **run.skipped_info})
     mark_latest(run.run_dir)
 
 
-def _finish(run: _Run, sel: _Selection) -> TrainResult:
+def _finish(run: _Run, so_far: _SoFar) -> TrainResult:
     """Evaluate the selected weights (testing/ once), write plots and metrics.json, and report."""
     # Report on the selected epoch's weights (what best.pt holds and export reads); testing/ is
     # evaluated here, once.
     cfg, d = run.cfg, run.d
-    run.net.load_state_dict(sel.best_state)
-    selection = _selection(cfg, sel.history, sel.best_epoch, len(run.y_val) if run.y_val is not None else 0, d)
+    run.net.load_state_dict(so_far.best_state)
+    selection = _selection(cfg, so_far.history, so_far.best_epoch, len(run.y_val) if run.y_val is not None else 0, d)
     report, (test_loss, test_accuracy) = _final_evaluation(run.net, run.sigmoid, d, run.device, run.x_train,
                                                            run.y_train, run.x_val, run.y_val, run.test_split)
     n_test = int(d.all_sum(len(run.test_split.labels) if run.test_split is not None else 0)[0])
@@ -568,23 +568,23 @@ def _finish(run: _Run, sel: _Selection) -> TrainResult:
 
         scores = {name: out for name, (out, _) in report.items()}
         labels = {name: lab for name, (_, lab) in report.items()}
-        plots = write_plots(run.run_dir, sel.history, scores, labels, run.meta.classes, run.sigmoid,
-                            selected_epoch=sel.best_epoch)
+        plots = write_plots(run.run_dir, so_far.history, scores, labels, run.meta.classes, run.sigmoid,
+                            selected_epoch=so_far.best_epoch)
         write_json(
             os.path.join(run.run_dir, "metrics.json"),
-            {"config": _plain_config(cfg), "history": sel.history, "selection": selection,
-             "best_epoch": sel.best_epoch, "val_accuracy": selection["val_accuracy"], "test_accuracy": test_accuracy,
+            {"config": _plain_config(cfg), "history": so_far.history, "selection": selection,
+             "best_epoch": so_far.best_epoch, "val_accuracy": selection["val_accuracy"], "test_accuracy": test_accuracy,
              "test_loss": test_loss, "test_images": n_test, "world_size": d.world, **run.skipped_info},
         )
     d.barrier()  # rank 0's files exist before anyone returns
-    total_images = sum(r["images_per_second"] * r["seconds"] for r in sel.history)
+    total_images = sum(r["images_per_second"] * r["seconds"] for r in so_far.history)
     return TrainResult(
         run_dir=run.run_dir, checkpoint=os.path.join(run.run_dir, BEST_NAME), classes=list(run.meta.classes),
-        epochs=len(sel.history), device=str(run.device), train_seconds=sel.train_seconds,
-        train_images_per_second=total_images / sel.train_seconds if sel.train_seconds else 0.0,
-        test_accuracy=test_accuracy, best_epoch=sel.best_epoch, val_accuracy=selection["val_accuracy"],
+        epochs=len(so_far.history), device=str(run.device), train_seconds=so_far.train_seconds,
+        train_images_per_second=total_images / so_far.train_seconds if so_far.train_seconds else 0.0,
+        test_accuracy=test_accuracy, best_epoch=so_far.best_epoch, val_accuracy=selection["val_accuracy"],
         load_seconds=run.load_seconds, images_loaded=run.images_loaded, parameters=count_parameters(run.net),
-        plots=plots, history=sel.history, selection=selection, test_loss=test_loss, test_images=n_test,
+        plots=plots, history=so_far.history, selection=selection, test_loss=test_loss, test_images=n_test,
         world_size=d.world, rank=d.rank, **run.skipped_info,
     )
 
