@@ -259,7 +259,15 @@ def export(
         keep_paths=keep_paths,
         **kwargs,
     )
-    # The library has already logged the parity line and the "wrote" line; add only what it does not say.
+    _emit(result.to_dict(), as_json, _export_summary(result))
+
+
+def _export_summary(result: Any) -> str:
+    """What `cnnkit export` adds to the library's log: warnings and the int8 accuracy gate.
+
+    The library has already logged the parity line and the "wrote" line; repeating them here
+    printed each twice.
+    """
     p = result.parity
     lines = []
     if p is None:
@@ -276,7 +284,7 @@ def export(
             f"CPU provider ({a['threads']} thread, batch {a['batch_size']}): {a['int8_images_per_second']:,.0f} vs "
             f"{a['fp32_images_per_second']:,.0f} img/s ({a['speedup']:.2f}x)"
         )
-    _emit(result.to_dict(), as_json, "\n".join(lines))
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------
