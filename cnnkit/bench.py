@@ -39,7 +39,7 @@ from cnnkit.console import log, table
 from cnnkit.devices import DeviceSpec, parse_device
 from cnnkit.errors import DataError, DeviceError, ModelError
 from cnnkit.files import path_kind
-from cnnkit.images import Sample, sample_folder
+from cnnkit.images import load_images
 from cnnkit.meta import ModelMeta, predict
 from cnnkit.provenance import why_untrusted
 from cnnkit.runs import ARTIFACT_NAMES, BEST_NAME, REPORT_SUFFIX, latest_run
@@ -61,22 +61,6 @@ ARTIFACTS = (("eager", BEST_NAME, "torch"),
 CODE_BEARING = ("torchscript", "pt2")
 
 Runner = Callable[[np.ndarray], np.ndarray]
-
-
-# --------------------------------------------------------------------------------------------
-# Images with labels
-
-
-def load_images(root: str, meta: ModelMeta, limit: int | None = DEFAULT_LIMIT) -> Sample:
-    """Decode up to `limit` PNGs under `root` for `meta`'s model (`cnnkit.images.sample_folder`).
-
-    Files under `root/<class>/` are labeled with the class's index in `meta.classes`, as in
-    `cnnkit infer`. Undecodable files are skipped (and counted in the log line).
-    """
-    sample = sample_folder(root, meta.input_shape[1:], meta.classes, limit)
-    if sample.n_failed:
-        log(f"bench: {sample.n_failed} of {sample.n_files} PNGs under {root} could not be decoded; skipped")
-    return sample
 
 
 def top1(outputs: np.ndarray, labels: np.ndarray, output_kind: str) -> float:

@@ -259,19 +259,20 @@ def export(
         keep_paths=keep_paths,
         **kwargs,
     )
+    _emit(result.to_dict(), as_json, _export_summary(result))
+
+
+def _export_summary(result: Any) -> str:
+    """What `cnnkit export` adds to the library's log: warnings and the int8 accuracy gate.
+
+    The library has already logged the parity line and the "wrote" line; repeating them here
+    printed each twice.
+    """
     p = result.parity
-    what = {"int8": "fp32 graph parity", "fp16": "fp16 parity"}.get(result.precision, "parity")
     lines = []
-    if p is not None:
-        lines.append(
-            f"{what} on {p.n_images} images at batch sizes {', '.join(map(str, p.batch_sizes))}"
-            f"{' on the ' + p.provider.upper() + ' provider' if result.precision == 'fp16' else ''}: "
-            f"max abs diff {p.max_abs_diff:.2e}, "
-            f"mean {p.mean_abs_diff:.2e}, argmax agreement {p.argmax_agreement:.2%} -> passed"
-        )
-    else:
+    if p is None:
         lines.append("WARNING: " + "; ".join(result.notes))  # says "not verified here", never "passed"
-    if p is not None and not result.verified:
+    elif not result.verified:
         lines.append(f"WARNING: the {result.precision} file is not verified on its target device: its gate ran on "
                      f"{result.verified_on}; check it with `cnnkit bench --device cuda` on the GPU machine")
     if result.accuracy is not None:
@@ -283,9 +284,7 @@ def export(
             f"CPU provider ({a['threads']} thread, batch {a['batch_size']}): {a['int8_images_per_second']:,.0f} vs "
             f"{a['fp32_images_per_second']:,.0f} img/s ({a['speedup']:.2f}x)"
         )
-    lines.append(f"wrote {result.path} ({result.format} {result.precision}, exporter {result.exporter}); "
-                 f"report {result.report_path}")
-    _emit(result.to_dict(), as_json, "\n".join(lines))
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------

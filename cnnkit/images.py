@@ -38,8 +38,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cnnkit.console import log
 from cnnkit.errors import DataError
 from cnnkit.listing import class_of, list_pngs
+from cnnkit.meta import ModelMeta
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # 16.7M pixels (4096 x 4096): far above any input of a small CNN. The largest decoded buffer is then
@@ -464,3 +466,20 @@ def sample_folder(root: str, size: tuple[int, int], classes: Sequence[str], limi
         raise DataError(f"{root}: none of {len(files)} sampled PNGs could be decoded")
     labels = labels[:n]
     return Sample(root, out[:n], labels if bool((labels >= 0).all()) else None, n_files, failed, converted)
+
+
+LOAD_LIMIT = 10_000  # all of an MNIST-style test split
+
+
+def load_images(root: str, meta: ModelMeta, limit: int | None = LOAD_LIMIT) -> Sample:
+    """Decode up to `limit` PNGs under `root` for `meta`'s model (`sample_folder`).
+
+    Files under `root/<class>/` are labeled with the class's index in `meta.classes`, as in
+    `cnnkit infer`. Undecodable files are skipped (and counted in the log line).
+
+    Used by `cnnkit bench` and by the INT8 accuracy gate of `cnnkit export`.
+    """
+    sample = sample_folder(root, meta.input_shape[1:], meta.classes, limit)
+    if sample.n_failed:
+        log(f"bench: {sample.n_failed} of {sample.n_files} PNGs under {root} could not be decoded; skipped")
+    return sample

@@ -192,6 +192,24 @@ def test_bad_exporter_options_fail_before_loading(exporter: str, opset: int | No
         export("/nonexistent/best.pt", exporter=exporter, opset=opset)
 
 
+@pytest.mark.parametrize(("fmt", "extra"), [("onnx", ["--exporter", "torchscript"]), ("torchscript", [])])
+@pytest.mark.parametrize("as_json", [False, True])
+def test_cli_export_prints_parity_and_wrote_once(tmp_path, data_root: str, fmt: str, extra: list[str],
+                                                 as_json: bool) -> None:
+    from typer.testing import CliRunner
+
+    from cnnkit.cli import app
+
+    ckpt = make_checkpoint(str(tmp_path), "lecture", 2, data_root)
+    res = CliRunner().invoke(app, ["export", ckpt, "--format", fmt, *extra, *(["--json"] if as_json else [])])
+    assert res.exit_code == 0, res.output
+    lines = res.stderr.splitlines()
+    assert sum("parity passed" in line or "-> passed" in line for line in lines) == 1, res.stderr
+    assert sum("wrote " in line for line in lines) == 1, res.stderr
+    if as_json:
+        assert json.loads(res.stdout)["parity"]["passed"] is True
+
+
 # --------------------------------------------------------------------------------------------
 # TorchScript
 

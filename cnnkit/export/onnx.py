@@ -140,7 +140,6 @@ def export_onnx(
         ModelError: bad exporter/opset, or a graph that fails the checks (static batch axis, wrong
             opset, onnxruntime cannot load it).
     """
-    import onnx
     import torch
 
     from cnnkit.trainer.models import example_batch
@@ -151,34 +150,7 @@ def export_onnx(
     # Trace with a batch of 2: a batch of 1 lets exporters specialize the batch dimension to 1.
     example = example_batch(meta.input_shape)
     t0 = time.perf_counter()
-    with quiet():
-        if exporter == "dynamo":
-            program = torch.onnx.export(
-                model,
-                (example,),
-                None,
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                opset_version=opset,
-                dynamo=True,
-                dynamic_shapes=({0: torch.export.Dim(BATCH_DIM, min=1)},),
-                verbose=False,
-            )
-            proto = program.model_proto
-        else:
-            buf = io.BytesIO()
-            torch.onnx.export(
-                model,
-                (example,),
-                buf,
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                opset_version=opset,
-                dynamo=False,
-                dynamic_axes={INPUT_NAME: {0: BATCH_DIM}, OUTPUT_NAME: {0: BATCH_DIM}},
-                do_constant_folding=True,
-            )
-            proto = onnx.load_model_from_string(buf.getvalue())
+    proto = _trace(model, example, exporter, opset)
     seconds = time.perf_counter() - t0
 
     got = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
@@ -205,6 +177,40 @@ def export_onnx(
         "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": [BATCH_DIM, c, h, w]},
         "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": [BATCH_DIM, _out_width(meta)]},
     }
+
+
+def _trace(model: Any, example: Any, exporter: str, opset: int) -> Any:
+    """The ONNX graph (a ModelProto) of `model` traced on `example`, with a dynamic batch axis."""
+    import onnx
+    import torch
+
+    with quiet():
+        if exporter == "dynamo":
+            program = torch.onnx.export(
+                model,
+                (example,),
+                None,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                opset_version=opset,
+                dynamo=True,
+                dynamic_shapes=({0: torch.export.Dim(BATCH_DIM, min=1)},),
+                verbose=False,
+            )
+            return program.model_proto
+        buf = io.BytesIO()
+        torch.onnx.export(
+            model,
+            (example,),
+            buf,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            opset_version=opset,
+            dynamo=False,
+            dynamic_axes={INPUT_NAME: {0: BATCH_DIM}, OUTPUT_NAME: {0: BATCH_DIM}},
+            do_constant_folding=True,
+        )
+        return onnx.load_model_from_string(buf.getvalue())
 
 
 def _out_width(meta: ModelMeta) -> int:

@@ -139,15 +139,33 @@ def _run(runner: Runner, images: np.ndarray, batch_size: int, what: str) -> np.n
     return np.concatenate(outs)
 
 
+def _compare_at(
+    reference: Runner, candidate: Runner, images: np.ndarray, b: int, output_kind: str
+) -> tuple[dict[str, Any], float, int]:
+    """Both runners at batch size `b`: (this size's numbers, the sum of |diff|, how many values)."""
+    subset = images[:SINGLE_IMAGE_LIMIT] if b == 1 else images
+    ref = _run(reference, subset, b, "reference model")
+    cand = _run(candidate, subset, b, "exported model")
+    if cand.shape != ref.shape:
+        raise ParityError(f"parity: exported model outputs {cand.shape[1:]}, the model {ref.shape[1:]}")
+    diff = np.abs(cand.astype(np.float64) - ref.astype(np.float64))
+    # NaN anywhere must fail the gate, and nan <= tol is False: keep it as the max.
+    b_max = float(np.nan) if np.isnan(diff).any() else float(diff.max())
+    same = int((predict(ref, output_kind)[0] == predict(cand, output_kind)[0]).sum())
+    entry = {
+        "batch_size": b,
+        "n_images": len(subset),
+        "max_abs_diff": b_max,
+        "mean_abs_diff": float(diff.mean()),
+        "argmax_agreement": same / len(subset),
+        "mismatches": len(subset) - same,
+    }
+    return entry, float(diff.sum()), diff.size
+
+
 def run_parity(
-    reference: Runner,
-    candidate: Runner,
-    images: np.ndarray,
-    output_kind: str,
-    max_abs_tol: float,
-    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
-    min_agreement: float = 1.0,
-    provider: str = "cpu",
+    reference: Runner, candidate: Runner, images: np.ndarray, output_kind: str, max_abs_tol: float,
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES, min_agreement: float = 1.0, provider: str = "cpu",
 ) -> ParityReport:
     """Compare `candidate` against `reference` over `images` at several batch sizes.
 
@@ -175,30 +193,14 @@ def run_parity(
     per: list[dict[str, Any]] = []
     max_abs, abs_sum, n_values, agree, n_compared = 0.0, 0.0, 0, 0, 0
     for b in sizes:
-        subset = images[:SINGLE_IMAGE_LIMIT] if b == 1 else images
-        ref = _run(reference, subset, b, "reference model")
-        cand = _run(candidate, subset, b, "exported model")
-        if cand.shape != ref.shape:
-            raise ParityError(f"parity: exported model outputs {cand.shape[1:]}, the model {ref.shape[1:]}")
-        diff = np.abs(cand.astype(np.float64) - ref.astype(np.float64))
-        # NaN anywhere must fail the gate, and nan <= tol is False: keep it as the max.
-        b_max = float(np.nan) if np.isnan(diff).any() else float(diff.max())
-        same = int((predict(ref, output_kind)[0] == predict(cand, output_kind)[0]).sum())
-        per.append(
-            {
-                "batch_size": b,
-                "n_images": len(subset),
-                "max_abs_diff": b_max,
-                "mean_abs_diff": float(diff.mean()),
-                "argmax_agreement": same / len(subset),
-                "mismatches": len(subset) - same,
-            }
-        )
+        entry, b_sum, b_values = _compare_at(reference, candidate, images, b, output_kind)
+        per.append(entry)
+        b_max = entry["max_abs_diff"]
         max_abs = b_max if np.isnan(b_max) or np.isnan(max_abs) else max(max_abs, b_max)
-        abs_sum += float(diff.sum())
-        n_values += diff.size
-        agree += same
-        n_compared += len(subset)
+        abs_sum += b_sum
+        n_values += b_values
+        agree += entry["n_images"] - entry["mismatches"]
+        n_compared += entry["n_images"]
     agreement = agree / n_compared
     # 1.0 means every decision: compare counts, so that 99.99% can never round up to a pass.
     enough = agree == n_compared if min_agreement >= 1 else agreement >= min_agreement

@@ -140,30 +140,13 @@ class _Reader:
         return next(self.batches, None)
 
 
-def quantize_int8(
-    src: str, path: str, meta: ModelMeta, calibration: np.ndarray, calibration_data: str
-) -> dict[str, Any]:
-    """Quantize the fp32 cnnkit model `src` to a QDQ int8 file at `path` (written atomically).
-
-    Args:
-        src: the fp32 ONNX file (as written by `export_onnx`).
-        path: the file to write.
-        meta: the checkpoint's record (checked against the graph's input and output).
-        calibration: uint8 (N, 1, H, W) training images for the activation ranges.
-        calibration_data: the folder they came from (recorded).
-
-    Returns:
-        Plain info, also recorded as `extra["export"]["quantization"]` in the file's record.
-
-    Raises:
-        ModelError: the quantizer fails or writes a graph that breaks the cnnkit contract.
-    """
+def _run_quantizer(src: str, path: str, calibration: np.ndarray) -> tuple[Any, str | None]:
+    """onnxruntime's static QDQ quantizer on `src`, in a work folder beside `path`: (the int8 graph,
+    the scaled input tensor whose quantization was fixed to 1/255, or None)."""
     import onnx
-    import onnxruntime as ort
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=".cnnkit-int8-", dir=os.path.dirname(os.path.abspath(path))) as work:
         pre, out = os.path.join(work, "pre.onnx"), os.path.join(work, "int8.onnx")
         try:
@@ -191,6 +174,31 @@ def quantize_int8(
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ModelError(f"onnxruntime could not quantize the model: {first}") from None
         proto = onnx.load(out)
+    return proto, scaled
+
+
+def quantize_int8(
+    src: str, path: str, meta: ModelMeta, calibration: np.ndarray, calibration_data: str
+) -> dict[str, Any]:
+    """Quantize the fp32 cnnkit model `src` to a QDQ int8 file at `path` (written atomically).
+
+    Args:
+        src: the fp32 ONNX file (as written by `export_onnx`).
+        path: the file to write.
+        meta: the checkpoint's record (checked against the graph's input and output).
+        calibration: uint8 (N, 1, H, W) training images for the activation ranges.
+        calibration_data: the folder they came from (recorded).
+
+    Returns:
+        Plain info, also recorded as `extra["export"]["quantization"]` in the file's record.
+
+    Raises:
+        ModelError: the quantizer fails or writes a graph that breaks the cnnkit contract.
+    """
+    import onnxruntime as ort
+
+    t0 = time.perf_counter()
+    proto, scaled = _run_quantizer(src, path, calibration)
     _drop_unused_domains(proto)
     n_q = sum(node.op_type == "QuantizeLinear" for node in proto.graph.node)
     quantized = sorted({node.op_type for node in proto.graph.node if _consumes_dq(node, proto)})
@@ -262,14 +270,21 @@ def _outputs(session: Any, images: np.ndarray, batch_size: int) -> tuple[np.ndar
     return np.concatenate(outs).astype(np.float32), time.perf_counter() - t0
 
 
+def _fastest_seconds(sessions: dict[str, Any], images: np.ndarray, batch_size: int) -> dict[str, float]:
+    """Each session's fastest of SPEED_ROUNDS runs over `images`, in seconds.
+
+    The sessions alternate, so that on a shared machine a burst of load from elsewhere hits them
+    alike instead of one.
+    """
+    best = {name: float("inf") for name in sessions}
+    for _ in range(SPEED_ROUNDS):
+        for name, session in sessions.items():
+            best[name] = min(best[name], _outputs(session, images, batch_size)[1])
+    return best
+
+
 def accuracy_gate(
-    fp32: str,
-    int8: str,
-    images: np.ndarray,
-    labels: np.ndarray,
-    meta: ModelMeta,
-    max_drop: float,
-    data: str = "",
+    fp32: str, int8: str, images: np.ndarray, labels: np.ndarray, meta: ModelMeta, max_drop: float, data: str = "",
     batch_size: int = SPEED_BATCH,
 ) -> AccuracyGate:
     """Compare the int8 file with the fp32 one on labeled images (CPU provider).
@@ -291,13 +306,8 @@ def accuracy_gate(
     files = {"fp32": fp32, "int8": int8}
     sessions = {name: create_session(p, device="cpu", threads=SPEED_THREADS) for name, p in files.items()}
     outs = {name: _outputs(session, images, batch_size)[0] for name, session in sessions.items()}
-    # Alternate the two models and keep each one's fastest round: on a shared machine, a burst of
-    # load from elsewhere then hits both alike instead of one.
     timed = images[:SPEED_IMAGES]
-    best = {name: float("inf") for name in sessions}
-    for _ in range(SPEED_ROUNDS):
-        for name, session in sessions.items():
-            best[name] = min(best[name], _outputs(session, timed, batch_size)[1])
+    best = _fastest_seconds(sessions, timed, batch_size)
     pred = {name: predict(out, meta.output)[0] for name, out in outs.items()}
     acc = {name: float((p == labels).mean()) for name, p in pred.items()}
     diff = np.abs(outs["int8"].astype(np.float64) - outs["fp32"])

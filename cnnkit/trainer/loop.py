@@ -271,7 +271,80 @@ def train(cfg: TrainConfig, resume: str | None = None) -> TrainResult:
         teardown(d)
 
 
+@dataclass
+class _Run:
+    """What a run holds fixed from its first epoch to its last (built by `_set_up_run`)."""
+
+    cfg: TrainConfig  # resolved: every recipe value filled in
+    d: Dist
+    device: torch.device
+    run_dir: str
+    meta: ModelMeta
+    net: torch.nn.Module  # the bare model: its state_dict has no DDP `module.` prefixes
+    model: torch.nn.Module  # what the steps call: `net`, or DistributedDataParallel around it
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp: torch.dtype | None
+    gen: torch.Generator  # draws batches and augmentations; saved in every checkpoint
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor | None
+    y_val: torch.Tensor | None
+    test_split: LoadedSplit | None
+    steps_per_epoch: int
+    total_steps: int
+    per_rank: int
+    n_max: int
+    n_total: int
+    load_seconds: float
+    images_loaded: int
+    skipped_info: dict[str, Any]
+
+    @property
+    def sigmoid(self) -> bool:
+        return self.meta.output == OUTPUT_SIGMOID
+
+
+@dataclass
+class _SoFar:
+    """What one epoch hands the next: the history so far and the selected epoch's weights."""
+
+    history: list[dict[str, Any]]
+    best_epoch: int  # 0 before the first epoch
+    best_state: dict[str, torch.Tensor]
+    train_seconds: float = 0  # an int 0 until an epoch adds its seconds, as the sum of no epochs is
+
+
 def _train(cfg: TrainConfig, resume: str | None, d: Dist, device: torch.device) -> TrainResult:
+    cfg, state, recipe_epochs = _resolve_config(cfg, resume, d)
+    say = log if d.main else (lambda *_: None)
+    _check_run_folder(resume or cfg.out, cfg.runs_dir, say)
+    run, so_far, start_epoch = _set_up_run(cfg, resume, state, recipe_epochs, d, device)
+    say(
+        f"training {run.cfg.arch} ({count_parameters(run.net):,} parameters) on {run.n_total:,} images, "
+        f"{len(run.meta.classes)} classes, {run.cfg.epochs} epochs, batch {run.cfg.batch_size}"
+        f"{f' ({d.world} processes x {run.per_rank})' if d.active else ''}, device {device} -> {run.run_dir}"
+    )
+    epoch = start_epoch
+    run.model.train()
+    try:
+        for epoch in range(start_epoch, run.cfg.epochs):
+            record = train_one_epoch(run, epoch)
+            improved, weights = _validate_and_select(run, so_far, record)
+            _save_checkpoints(run, so_far, epoch, improved, weights)
+    except KeyboardInterrupt:
+        raise Interrupted(run.run_dir, epoch) from None
+    return _finish(run, so_far)
+
+
+def _resolve_config(
+    cfg: TrainConfig, resume: str | None, d: Dist
+) -> tuple[TrainConfig, dict[str, Any] | None, bool]:
+    """(the resolved config, the checkpoint to resume or None, whether the recipe picks the epochs).
+
+    A resumed run takes its config from the checkpoint; only `epochs`, `device` and `workers` come
+    from `cfg`.
+    """
     state = None
     if resume is not None:
         state = load_checkpoint(os.path.join(resume, CHECKPOINT_NAME))
@@ -287,8 +360,18 @@ def _train(cfg: TrainConfig, resume: str | None, d: Dist, device: torch.device) 
     assert cfg.epochs is not None and cfg.batch_size is not None and cfg.lr is not None
     if cfg.batch_size % d.world:
         raise DataError(f"--batch-size {cfg.batch_size} is the global batch: make it a multiple of {d.world} processes")
-    say = log if d.main else (lambda *_: None)
-    _check_run_folder(resume or cfg.out, cfg.runs_dir, say)
+    return cfg, state, recipe_epochs
+
+
+def _set_up_run(
+    cfg: TrainConfig, resume: str | None, state: dict[str, Any] | None, recipe_epochs: bool, d: Dist,
+    device: torch.device,
+) -> tuple[_Run, _SoFar, int]:
+    """Load the data, build (or restore) the model and optimizer: (the run, the selection so far, first epoch).
+
+    The order of the seeding calls is part of the result: a resumed run must draw what an
+    uninterrupted one would have drawn.
+    """
     t_load = time.perf_counter()
     train_split, val_split, test_split, data_info = _load_data(cfg, d)
     load_seconds = time.perf_counter() - t_load
@@ -296,39 +379,8 @@ def _train(cfg: TrainConfig, resume: str | None, d: Dist, device: torch.device) 
     skipped = data_info.pop("skipped")  # not part of the model's record: it describes this run's folders
     n_skipped = int(d.all_sum(len(skipped))[0])
     skipped_info = {"n_skipped": n_skipped, "skipped": skipped[:SKIPPED_KEPT], "ignored": data_info.pop("ignored")}
-    classes = train_split.classes
-    _, _, h, w = train_split.images.shape
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    if state is not None and (state["meta"]["classes"] != list(classes) or state["meta"]["arch"] != cfg.arch):
-        raise ModelError(f"{resume}: the data's classes or the arch no longer match the checkpoint")
-    net, opt, output = build_for_training(cfg, len(classes), h, w, device, state)
-    sigmoid = output == OUTPUT_SIGMOID
-    meta = ModelMeta(
-        arch=cfg.arch,
-        classes=classes,
-        input_shape=(1, h, w),
-        output=output,
-        versions={"cnnkit": __version__, "torch": str(torch.__version__)},
-        extra={"data": data_info},
-    )
-    lr, constant_lr = cfg.lr, RECIPES[cfg.arch].schedule == "constant"
-    history: list[dict[str, Any]] = []
-    start_epoch, best_epoch = 0, 0
-    torch.manual_seed(cfg.seed + d.rank)  # dropout masks differ between ranks
-    gen = torch.Generator().manual_seed(cfg.seed + d.rank)
-    if state is not None:
-        try:
-            gen.set_state(state["rng"]["batches"][d.rank])
-            torch.set_rng_state(state["rng"]["dropout"][d.rank])
-        except (TypeError, RuntimeError, IndexError):
-            raise ModelError(f"{resume}: the checkpoint's 'rng' is not a generator state; start a new run") from None
-        history = list(state.get("history", []))
-        start_epoch = int(state["epoch"])
-        best_epoch = int(state["best_epoch"])
-        run_dir = resume
-    else:
-        run_dir = d.broadcast(_run_folder(cfg) if d.main else None)
-
+    net, opt, meta = _build_model(cfg, resume, state, train_split, data_info, device)
+    gen, so_far, start_epoch, run_dir = _restore_progress(cfg, resume, state, net, d)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
     amp = amp_for(device)  # None on the CPU; bf16 on GPUs that have it natively, else fp16
@@ -340,151 +392,200 @@ def _train(cfg: TrainConfig, resume: str | None, d: Dist, device: torch.device) 
         from torch.nn.parallel import DistributedDataParallel
 
         model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    x_train = torch.from_numpy(train_split.images).to(device)
-    y_train = torch.from_numpy(train_split.labels).to(device)
-    x_val = torch.from_numpy(val_split.images).to(device) if val_split is not None else None
-    y_val = torch.from_numpy(val_split.labels).to(device) if val_split is not None else None
 
     # Every rank takes the same number of equal-sized steps: shards differ by at most one image,
     # and the smaller ones wrap around. One process: plain epochs with a partial last batch.
-    n_local = len(x_train)
-    n_max = d.all_max(n_local)
-    n_total = int(d.all_sum(n_local)[0])
+    n_max = d.all_max(len(train_split.labels))
+    n_total = int(d.all_sum(len(train_split.labels))[0])
     per_rank = cfg.batch_size // d.world
     steps_per_epoch = math.ceil(n_max / per_rank)
     if recipe_epochs:
         cfg = replace(cfg, epochs=RECIPES[cfg.arch].epochs_for(steps_per_epoch))
-    total_steps = steps_per_epoch * cfg.epochs
-    say(
-        f"training {cfg.arch} ({count_parameters(net):,} parameters) on {n_total:,} images, "
-        f"{len(classes)} classes, {cfg.epochs} epochs, batch {cfg.batch_size}"
-        f"{f' ({d.world} processes x {per_rank})' if d.active else ''}, device {device} -> {run_dir}"
-    )
-    train_seconds = sum(r["seconds"] for r in history)
-    # The selected epoch's weights so far; a resumed run continues from the same selection.
-    best_state = state["best_model"] if state is not None else {k: v.detach().cpu().clone()
-                                                                for k, v in net.state_dict().items()}
-    epoch = start_epoch
-    model.train()
-    try:
-        for epoch in range(start_epoch, cfg.epochs):
-            t0 = time.perf_counter()
-            perm = torch.randperm(n_local, generator=gen).to(device)
-            loss_sum = torch.zeros((), device=device)
-            correct = torch.zeros((), device=device, dtype=torch.long)
-            progress = Progress(n_total, f"epoch {epoch + 1}/{cfg.epochs}", unit="img", enabled=d.main)
-            with progress as bar:
-                for i in range(steps_per_epoch):
-                    lo, hi = i * per_rank, min((i + 1) * per_rank, n_max)
-                    idx = perm[torch.arange(lo, hi, device=device) % n_local] if d.active else perm[lo:hi]
-                    xb, yb = x_train[idx], y_train[idx]
-                    if cfg.augment != "none":
-                        xb = augment(xb, cfg.augment, gen)
-                    for group in opt.param_groups:
-                        group["lr"] = _lr_at(epoch * steps_per_epoch + i, total_steps, lr, constant_lr)
-                    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                        out = model(xb)
-                    loss = _loss(out, yb, sigmoid)
-                    opt.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    scaler.step(opt)
-                    scaler.update()
-                    loss_sum += loss.detach() * len(idx)
-                    correct += (_predict_labels(out.detach(), sigmoid) == yb).sum()
-                    if d.main and (i % 20 == 0 or i == steps_per_epoch - 1):  # .item() syncs a GPU
-                        seen = hi
-                        bar.update(seen * d.world - bar.n, loss=loss_sum.item() / seen, acc=correct.item() / seen)
-            seconds = time.perf_counter() - t0
-            seen_loss, seen_correct, seen = d.all_sum(loss_sum.item(), correct.item(), n_max if d.active else n_local)
-            record: dict[str, Any] = {
-                "epoch": epoch + 1,
-                "train_loss": seen_loss / seen,
-                "train_accuracy": seen_correct / seen,
-                "val_loss": None,
-                "val_accuracy": None,
-                "seconds": seconds,
-                "images_per_second": seen / seconds,
-                "lr": opt.param_groups[0]["lr"],
-            }
-            if x_val is not None:
-                record["val_loss"], record["val_accuracy"], _ = evaluate(net, x_val, y_val, sigmoid, d)
-            history.append(record)
-            train_seconds += seconds
-            # best.pt: the highest validation accuracy, ties broken by the lower validation loss;
-            # with --val-split 0, the last epoch. testing/ plays no part (it is not even on the device).
-            improved = _is_better(record, history[best_epoch - 1] if best_epoch else None)
-            best_epoch = epoch + 1 if improved else best_epoch
-            weights = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-            if improved:
-                best_state = weights
-            rng = {"batches": d.gather(gen.get_state()), "dropout": d.gather(torch.get_rng_state())}
-            if d.main:
-                ckpt = {
-                    "meta": meta.to_dict(),
-                    "model": weights,  # the bare module's: no DDP `module.` prefixes
-                    "epoch": epoch + 1,
-                    "optimizer": opt.state_dict(),
-                    "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                    "history": history,
-                    "config": _plain_config(cfg),
-                    "rng": rng,
-                    "best_epoch": best_epoch,
-                    "world_size": d.world,
-                }
-                if improved:
-                    save_checkpoint(os.path.join(run_dir, BEST_NAME), ckpt)
-                # checkpoint.pt also carries the selected weights, so --resume reports the same model.
-                save_checkpoint(os.path.join(run_dir, CHECKPOINT_NAME), {**ckpt, "best_model": best_state})
-                write_json(os.path.join(run_dir, "metrics.json"),
-                           {"config": ckpt["config"], "history": history, **skipped_info})
-                mark_latest(run_dir)
-    except KeyboardInterrupt:
-        raise Interrupted(run_dir, epoch) from None
 
+    def on_device(split: LoadedSplit | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if split is None:
+            return None, None
+        return torch.from_numpy(split.images).to(device), torch.from_numpy(split.labels).to(device)
+
+    (x_train, y_train), (x_val, y_val) = on_device(train_split), on_device(val_split)
+    assert x_train is not None and y_train is not None
+    run = _Run(cfg, d, device, run_dir, meta, net, model, opt, scaler, amp, gen, x_train, y_train, x_val, y_val,
+               test_split, steps_per_epoch, steps_per_epoch * cfg.epochs, per_rank, n_max, n_total, load_seconds,
+               images_loaded, skipped_info)
+    return run, so_far, start_epoch
+
+
+def _build_model(
+    cfg: TrainConfig, resume: str | None, state: dict[str, Any] | None, train_split: LoadedSplit,
+    data_info: dict[str, Any], device: torch.device,
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, ModelMeta]:
+    """(model, optimizer, the model's record), both restored from `state` when resuming."""
+    classes = train_split.classes
+    _, _, h, w = train_split.images.shape
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    if state is not None and (state["meta"]["classes"] != list(classes) or state["meta"]["arch"] != cfg.arch):
+        raise ModelError(f"{resume}: the data's classes or the arch no longer match the checkpoint")
+    net, opt, output = build_for_training(cfg, len(classes), h, w, device, state)
+    meta = ModelMeta(
+        arch=cfg.arch,
+        classes=classes,
+        input_shape=(1, h, w),
+        output=output,
+        versions={"cnnkit": __version__, "torch": str(torch.__version__)},
+        extra={"data": data_info},
+    )
+    return net, opt, meta
+
+
+def _restore_progress(
+    cfg: TrainConfig, resume: str | None, state: dict[str, Any] | None, net: torch.nn.Module, d: Dist
+) -> tuple[torch.Generator, _SoFar, int, str]:
+    """(batch generator, selection so far, first epoch, run folder): fresh, or where `state` stopped."""
+    torch.manual_seed(cfg.seed + d.rank)  # dropout masks differ between ranks
+    gen = torch.Generator().manual_seed(cfg.seed + d.rank)
+    if state is None:
+        run_dir = d.broadcast(_run_folder(cfg) if d.main else None)
+        # The selected epoch's weights so far: the initial ones until an epoch is selected.
+        best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+        return gen, _SoFar([], 0, best_state), 0, run_dir
+    assert resume is not None
+    try:
+        gen.set_state(state["rng"]["batches"][d.rank])
+        torch.set_rng_state(state["rng"]["dropout"][d.rank])
+    except (TypeError, RuntimeError, IndexError):
+        raise ModelError(f"{resume}: the checkpoint's 'rng' is not a generator state; start a new run") from None
+    history = list(state.get("history", []))
+    # A resumed run continues from the same selection.
+    so_far = _SoFar(history, int(state["best_epoch"]), state["best_model"], sum(r["seconds"] for r in history))
+    return gen, so_far, int(state["epoch"]), resume
+
+
+def train_one_epoch(run: _Run, epoch: int) -> dict[str, Any]:
+    """One pass over this rank's shard; the epoch's record (training numbers, no validation yet)."""
+    cfg, d, device = run.cfg, run.d, run.device
+    constant_lr = RECIPES[cfg.arch].schedule == "constant"
+    n_local = len(run.x_train)
+    t0 = time.perf_counter()
+    perm = torch.randperm(n_local, generator=run.gen).to(device)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    progress = Progress(run.n_total, f"epoch {epoch + 1}/{cfg.epochs}", unit="img", enabled=d.main)
+    with progress as bar:
+        for i in range(run.steps_per_epoch):
+            lo, hi = i * run.per_rank, min((i + 1) * run.per_rank, run.n_max)
+            idx = perm[torch.arange(lo, hi, device=device) % n_local] if d.active else perm[lo:hi]
+            xb, yb = run.x_train[idx], run.y_train[idx]
+            if cfg.augment != "none":
+                xb = augment(xb, cfg.augment, run.gen)
+            for group in run.opt.param_groups:
+                group["lr"] = _lr_at(epoch * run.steps_per_epoch + i, run.total_steps, cfg.lr, constant_lr)
+            with torch.autocast(device.type, dtype=run.amp, enabled=run.amp is not None):
+                out = run.model(xb)
+            loss = _loss(out, yb, run.sigmoid)
+            run.opt.zero_grad(set_to_none=True)
+            run.scaler.scale(loss).backward()
+            run.scaler.step(run.opt)
+            run.scaler.update()
+            loss_sum += loss.detach() * len(idx)
+            correct += (_predict_labels(out.detach(), run.sigmoid) == yb).sum()
+            if d.main and (i % 20 == 0 or i == run.steps_per_epoch - 1):  # .item() syncs a GPU
+                seen = hi
+                bar.update(seen * d.world - bar.n, loss=loss_sum.item() / seen, acc=correct.item() / seen)
+    seconds = time.perf_counter() - t0
+    seen_loss, seen_correct, seen = d.all_sum(loss_sum.item(), correct.item(), run.n_max if d.active else n_local)
+    return {
+        "epoch": epoch + 1,
+        "train_loss": seen_loss / seen,
+        "train_accuracy": seen_correct / seen,
+        "val_loss": None,
+        "val_accuracy": None,
+        "seconds": seconds,
+        "images_per_second": seen / seconds,
+        "lr": run.opt.param_groups[0]["lr"],
+    }
+
+
+def _validate_and_select(run: _Run, so_far: _SoFar, record: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
+    """Validate the epoch, add it to the history and select it if it is the best so far.
+
+    Returns (whether it was selected, its weights on the CPU).
+    """
+    if run.x_val is not None:
+        assert run.y_val is not None
+        record["val_loss"], record["val_accuracy"], _ = evaluate(run.net, run.x_val, run.y_val, run.sigmoid, run.d)
+    so_far.history.append(record)
+    so_far.train_seconds += record["seconds"]
+    # best.pt: the highest validation accuracy, ties broken by the lower validation loss;
+    # with --val-split 0, the last epoch. testing/ plays no part (it is not even on the device).
+    improved = _is_better(record, so_far.history[so_far.best_epoch - 1] if so_far.best_epoch else None)
+    so_far.best_epoch = record["epoch"] if improved else so_far.best_epoch
+    weights = {k: v.detach().cpu().clone() for k, v in run.net.state_dict().items()}
+    if improved:
+        so_far.best_state = weights
+    return improved, weights
+
+
+def _save_checkpoints(run: _Run, so_far: _SoFar, epoch: int, improved: bool, weights: dict[str, Any]) -> None:
+    """checkpoint.pt every epoch, best.pt when the epoch was selected, and metrics.json so far (rank 0)."""
+    d = run.d
+    rng = {"batches": d.gather(run.gen.get_state()), "dropout": d.gather(torch.get_rng_state())}  # every rank
+    if not d.main:
+        return
+    ckpt = {
+        "meta": run.meta.to_dict(),
+        "model": weights,  # the bare module's: no DDP `module.` prefixes
+        "epoch": epoch + 1,
+        "optimizer": run.opt.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
+        "history": so_far.history,
+        "config": _plain_config(run.cfg),
+        "rng": rng,
+        "best_epoch": so_far.best_epoch,
+        "world_size": d.world,
+    }
+    if improved:
+        save_checkpoint(os.path.join(run.run_dir, BEST_NAME), ckpt)
+    # checkpoint.pt also carries the selected weights, so --resume reports the same model.
+    save_checkpoint(os.path.join(run.run_dir, CHECKPOINT_NAME), {**ckpt, "best_model": so_far.best_state})
+    write_json(os.path.join(run.run_dir, "metrics.json"),
+               {"config": ckpt["config"], "history": so_far.history, **run.skipped_info})
+    mark_latest(run.run_dir)
+
+
+def _finish(run: _Run, so_far: _SoFar) -> TrainResult:
+    """Evaluate the selected weights (testing/ once), write plots and metrics.json, and report."""
     # Report on the selected epoch's weights (what best.pt holds and export reads); testing/ is
     # evaluated here, once.
-    net.load_state_dict(best_state)
-    selection = _selection(cfg, history, best_epoch, len(y_val) if y_val is not None else 0, d)
-    report, (test_loss, test_accuracy) = _final_evaluation(net, sigmoid, d, device, x_train, y_train, x_val, y_val,
-                                                           test_split)
-    n_test = int(d.all_sum(len(test_split.labels) if test_split is not None else 0)[0])
+    cfg, d = run.cfg, run.d
+    run.net.load_state_dict(so_far.best_state)
+    selection = _selection(cfg, so_far.history, so_far.best_epoch, len(run.y_val) if run.y_val is not None else 0, d)
+    report, (test_loss, test_accuracy) = _final_evaluation(run.net, run.sigmoid, d, run.device, run.x_train,
+                                                           run.y_train, run.x_val, run.y_val, run.test_split)
+    n_test = int(d.all_sum(len(run.test_split.labels) if run.test_split is not None else 0)[0])
     plots: list[str] = []
     if d.main:
         from cnnkit.trainer.plots import write_plots
 
         scores = {name: out for name, (out, _) in report.items()}
         labels = {name: lab for name, (_, lab) in report.items()}
-        plots = write_plots(run_dir, history, scores, labels, classes, sigmoid, selected_epoch=best_epoch)
+        plots = write_plots(run.run_dir, so_far.history, scores, labels, run.meta.classes, run.sigmoid,
+                            selected_epoch=so_far.best_epoch)
         write_json(
-            os.path.join(run_dir, "metrics.json"),
-            {"config": _plain_config(cfg), "history": history, "selection": selection, "best_epoch": best_epoch,
-             "val_accuracy": selection["val_accuracy"], "test_accuracy": test_accuracy, "test_loss": test_loss,
-             "test_images": n_test, "world_size": d.world, **skipped_info},
+            os.path.join(run.run_dir, "metrics.json"),
+            {"config": _plain_config(cfg), "history": so_far.history, "selection": selection,
+             "best_epoch": so_far.best_epoch, "val_accuracy": selection["val_accuracy"], "test_accuracy": test_accuracy,
+             "test_loss": test_loss, "test_images": n_test, "world_size": d.world, **run.skipped_info},
         )
     d.barrier()  # rank 0's files exist before anyone returns
-    total_images = sum(r["images_per_second"] * r["seconds"] for r in history)
+    total_images = sum(r["images_per_second"] * r["seconds"] for r in so_far.history)
     return TrainResult(
-        run_dir=run_dir,
-        checkpoint=os.path.join(run_dir, BEST_NAME),
-        classes=list(classes),
-        epochs=len(history),
-        device=str(device),
-        train_seconds=train_seconds,
-        train_images_per_second=total_images / train_seconds if train_seconds else 0.0,
-        test_accuracy=test_accuracy,
-        best_epoch=best_epoch,
-        val_accuracy=selection["val_accuracy"],
-        load_seconds=load_seconds,
-        images_loaded=images_loaded,
-        parameters=count_parameters(net),
-        plots=plots,
-        history=history,
-        selection=selection,
-        test_loss=test_loss,
-        test_images=n_test,
-        world_size=d.world,
-        rank=d.rank,
-        **skipped_info,
+        run_dir=run.run_dir, checkpoint=os.path.join(run.run_dir, BEST_NAME), classes=list(run.meta.classes),
+        epochs=len(so_far.history), device=str(run.device), train_seconds=so_far.train_seconds,
+        train_images_per_second=total_images / so_far.train_seconds if so_far.train_seconds else 0.0,
+        test_accuracy=test_accuracy, best_epoch=so_far.best_epoch, val_accuracy=selection["val_accuracy"],
+        load_seconds=run.load_seconds, images_loaded=run.images_loaded, parameters=count_parameters(run.net),
+        plots=plots, history=so_far.history, selection=selection, test_loss=test_loss, test_images=n_test,
+        world_size=d.world, rank=d.rank, **run.skipped_info,
     )
 
 

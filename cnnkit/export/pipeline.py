@@ -1,0 +1,563 @@
+"""The export pipeline behind `cnnkit.export.export`: check the options, load the checkpoint, write
+the artifact to a temporary file, gate that file, and only then put it and its report in place.
+
+The package docstring (`cnnkit.export`) describes the gates; the per-format writers are
+`cnnkit.export.onnx`, `.torchscript`, `.pt2` and `.quantize`, and the gate itself is `.parity`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from cnnkit.console import log
+from cnnkit.devices import DeviceSpec, parse_device
+from cnnkit.errors import CnnkitError, DataError, DeviceError, ModelError, ParityError
+from cnnkit.export.onnx import DEFAULT_EXPORTER, check_options
+from cnnkit.export.parity import TIERS, ParityReport, run_parity
+from cnnkit.export.quantize import DEFAULT_CALIBRATION_SIZE, DEFAULT_EVAL_LIMIT, DEFAULT_MAX_ACCURACY_DROP
+from cnnkit.files import atomic_path, check_not_an_input, check_writable, write_json
+from cnnkit.images import load_images, sample_folder
+from cnnkit.meta import ModelMeta
+from cnnkit.provenance import record
+from cnnkit.runs import ONNX_NAME, REPORT_SUFFIX, TORCHSCRIPT_NAME, latest_file
+
+FORMATS = ("onnx", "torchscript", "pt2")
+QUANTIZE = ("int8",)
+INT8_NAME = "model.int8.onnx"
+FP16_NAME = "model.fp16.onnx"
+PT2_NAME = "model.pt2"
+# Artifact kind -> default file name in the run folder (`cnnkit bench` looks for these).
+ARTIFACT_NAMES = {
+    "onnx": ONNX_NAME,
+    "onnx-int8": INT8_NAME,
+    "onnx-fp16": FP16_NAME,
+    "torchscript": TORCHSCRIPT_NAME,
+    "pt2": PT2_NAME,
+}
+NOT_VERIFIED = "not verified here: no CUDA provider"
+NOT_ON_TARGET = "not verified on its target device (CUDA)"
+
+
+@dataclass
+class ExportResult:
+    """What `export()` wrote.
+
+    Attributes:
+        format: `onnx`, `torchscript` or `pt2`.
+        path: the artifact.
+        exporter: `dynamo` / `torchscript` for ONNX, `torch.jit.trace`, `torch.export`.
+        parity: the gate's numbers. For INT8, the fp32 graph it was quantized from (the INT8 file is
+            gated by `accuracy`); for FP16, the fp16 file; None when FP16 parity could not run here.
+        report_path: the JSON report next to the artifact.
+        seconds: wall time of the whole export, parity included.
+        opset: the ONNX opset (None for TorchScript and pt2).
+        checkpoint: the checkpoint exported.
+        data: the folder the parity images came from.
+        info: the exporter's own details (sizes, shapes, export seconds; quantization details).
+        precision: `fp32`, `int8` or `fp16`.
+        verified: the gate ran on the device the file is for. False only for an FP16 file not run on
+            the CUDA provider (see `verified_on` and `notes`).
+        verified_on: where the gate ran: `cpu` (fp32 and INT8 files, which are for any provider), `cuda:N`,
+            or None for an FP16 file nothing here could run.
+        accuracy: INT8 only: the accuracy gate (`cnnkit.export.quantize.AccuracyGate.to_dict()`).
+        notes: remarks for the user (where a gate ran, what it could not check).
+    """
+
+    format: str
+    path: str
+    exporter: str
+    parity: ParityReport | None
+    report_path: str
+    seconds: float
+    opset: int | None
+    checkpoint: str = ""
+    data: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+    precision: str = "fp32"
+    verified: bool = True
+    verified_on: str | None = "cpu"
+    accuracy: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _gate_device(device: str, precision: str) -> DeviceSpec:
+    """Where the fp16 gate may run; a GPU asked for any other precision is an error (those gates run on
+    the CPU provider against the CPU reference)."""
+    spec = parse_device(device)
+    if spec.kind == "cuda" and precision != "fp16":
+        raise DeviceError(f"--device {spec}: only the --half gate runs on a GPU; {precision} files are gated on "
+                          "the CPU provider against the CPU reference (leave --device out)")
+    return spec
+
+
+def _precision(fmt: str, quantize: str | None, half: bool) -> str:
+    if fmt not in FORMATS:
+        raise ModelError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    if quantize is not None and quantize not in QUANTIZE:
+        raise ModelError(f"unknown quantization {quantize!r}; choose one of: {', '.join(QUANTIZE)}")
+    if (quantize or half) and fmt != "onnx":
+        raise ModelError("--quantize and --half apply to --format onnx only")
+    if quantize and half:
+        raise ModelError("choose one of --quantize int8 and --half")
+    return "int8" if quantize else "fp16" if half else "fp32"
+
+
+def export(
+    checkpoint: str | None = None, fmt: str = "onnx", out: str | None = None, data: str | None = None,
+    exporter: str = DEFAULT_EXPORTER, opset: int | None = None, max_abs_tol: float | None = None, n_images: int = 512,
+    *, quantize: str | None = None, half: bool = False, calibration: str | None = None,
+    calibration_size: int = DEFAULT_CALIBRATION_SIZE, max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP,
+    eval_limit: int = DEFAULT_EVAL_LIMIT, device: str = "auto", strict: bool = False, keep_paths: bool = False,
+) -> ExportResult:
+    """Export a checkpoint and gate the artifact against the eager model.
+
+    Args:
+        checkpoint: a cnnkit checkpoint (default `runs/latest/best.pt`).
+        fmt: `onnx`, `torchscript` or `pt2`.
+        out: the artifact's path, or a folder for it (default: `ARTIFACT_NAMES` beside the checkpoint).
+        data: a folder of PNGs for the parity check (default: the test folder, else the train folder, recorded
+            in the checkpoint); for INT8 also the accuracy gate's labeled images (class folders; default the test one).
+        exporter: ONNX only: `dynamo` (default) or `torchscript` (torch's legacy ONNX exporter).
+        opset: ONNX only: the opset (default `cnnkit.export.onnx.DEFAULT_OPSET`).
+        max_abs_tol: the largest |artifact - eager| output difference allowed (default: the precision
+            tier's, 1e-4 for fp32 and for the fp32 graph INT8 starts from, `TIERS["fp16"]` for FP16).
+        n_images: how many images (spread over the folder's sorted listing) to compare on.
+        quantize: `int8` for a statically quantized ONNX file (`model.int8.onnx`).
+        half: an FP16 ONNX file for the CUDA provider (`model.fp16.onnx`).
+        calibration: INT8: a folder of PNGs to calibrate on (default: the recorded training folder).
+        calibration_size: INT8: how many calibration images (spread over the folder).
+        max_accuracy_drop: INT8: top-1 accuracy points the INT8 file may lose against fp32.
+        eval_limit: INT8: at most this many testing images in the accuracy gate (spread).
+        device: FP16: where its gate runs: `auto` (CUDA when it works, else the CPU provider), `cuda`,
+            `cuda:N` (an error if it does not work), or `cpu`.
+        strict: FP16: refuse to write a file that was not verified on the CUDA provider.
+        keep_paths: record the training machine's full data paths in the artifact; by default it gets
+            only folder names (`shipped_meta`). The report beside it keeps full paths either way.
+
+    Returns:
+        The result; `result.to_dict()` is the JSON the CLI prints.
+
+    Raises:
+        ModelError: missing/foreign/truncated checkpoint, weights not matching the arch, bad options.
+        DataError: no usable parity, calibration or labeled testing images.
+        ParityError: the artifact does not answer like the eager model, INT8 loses more accuracy
+            than allowed, or (strict) FP16 was not verified on CUDA; nothing was written.
+        DeviceError: an unknown device, or FP16 with `device="cuda[:N]"` and no working CUDA provider.
+    """
+    t0 = time.perf_counter()
+    precision, spec, tol, opset = _check_options(fmt, quantize, half, device, exporter, opset, max_abs_tol, n_images,
+                                                 calibration_size, max_accuracy_drop, eval_limit)
+    checkpoint, model, meta = _load_checkpoint(checkpoint)
+    out = _resolve_out(out, checkpoint, fmt if precision == "fp32" else f"onnx-{precision}")
+    data_dir = _resolve_data(data, meta, checkpoint)
+    images = sample_images(data_dir, meta, n_images)
+    # INT8 inputs are read before any export work: a missing folder fails in a second, not a minute.
+    int8_inputs = _int8_inputs(data, calibration, calibration_size, eval_limit, meta, checkpoint) if quantize else None
+
+    from cnnkit.export.parity import torch_runner
+
+    shipped, ship = _shipping(meta, keep_paths)  # what the artifact may tell about this machine
+    job = _Job(checkpoint=checkpoint, fmt=fmt, precision=precision, model=model, meta=shipped,
+               reference=torch_runner(model), images=images, exporter=exporter, opset=opset, tol=tol, spec=spec,
+               strict=strict, int8_inputs=int8_inputs, max_accuracy_drop=max_accuracy_drop, ship=ship)
+    gated = _write_and_gate(job, out)
+    return _write_report(job, gated, out, data_dir, meta, t0)  # the report keeps full paths: it stays here
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One export, its options checked and its inputs loaded (what `_write_and_gate` needs)."""
+
+    checkpoint: str
+    fmt: str
+    precision: str
+    model: Any  # the eager model, float32 on the CPU
+    meta: ModelMeta  # the record the artifact carries (`shipped_meta`)
+    reference: Any  # the parity runner over `model`
+    images: np.ndarray  # the parity images
+    exporter: str
+    opset: int | None
+    tol: float
+    spec: DeviceSpec
+    strict: bool
+    int8_inputs: tuple[np.ndarray, str, np.ndarray, np.ndarray, str] | None
+    max_accuracy_drop: float
+    ship: Callable[[Any], Any]  # a path as the artifact records it (`shipped_path`)
+
+
+@dataclass
+class _Gated:
+    """What a passed gate hands to the report: the file's details and the gate's numbers."""
+
+    info: dict[str, Any]
+    report: ParityReport | None
+    exporter: str
+    accuracy: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+    verified_on: str | None = "cpu"
+
+
+def _check_options(
+    fmt: str, quantize: str | None, half: bool, device: str, exporter: str, opset: int | None,
+    max_abs_tol: float | None, n_images: int, calibration_size: int, max_accuracy_drop: float, eval_limit: int,
+) -> tuple[str, DeviceSpec, float, int | None]:
+    """Refuse bad options before the checkpoint is read: (precision, gate device, tolerance, opset)."""
+    precision = _precision(fmt, quantize, half)
+    spec = _gate_device(device, precision)
+    tier = TIERS["fp16" if precision == "fp16" else "fp32"]
+    tol = tier.max_abs if max_abs_tol is None else max_abs_tol
+    if fmt == "onnx":
+        opset = check_options(exporter, opset)
+    elif opset is not None:
+        log(f"export: --opset applies to ONNX only; ignored for {fmt}")
+    if n_images < 1:
+        raise CnnkitError(f"n_images must be at least 1, got {n_images}")
+    if not tol >= 0:  # also refuses NaN
+        raise CnnkitError(f"the parity tolerance must be a number >= 0, got {tol}")
+    if precision == "int8":
+        from cnnkit.export.quantize import check_options as check_int8
+
+        check_int8(calibration_size, max_accuracy_drop, eval_limit)
+    return precision, spec, tol, opset
+
+
+def _load_checkpoint(checkpoint: str | None) -> tuple[str, Any, ModelMeta]:
+    """(the checkpoint's path, its eager model, its record); `runs/latest/best.pt` by default."""
+    from cnnkit.trainer.checkpoint import BEST_NAME, model_from_checkpoint  # imports torch: not at module level
+
+    if checkpoint is None:
+        checkpoint = latest_file(BEST_NAME, hint="train a model first (`cnnkit train`) or pass --checkpoint PATH")
+    model, meta, _ = model_from_checkpoint(checkpoint)
+    c, h, w = meta.input_shape
+    log(f"export: {checkpoint}: arch {meta.arch}, {meta.num_classes} classes, input {c}x{h}x{w}, {meta.output} output")
+    return checkpoint, model, meta
+
+
+def _shipping(meta: ModelMeta, keep_paths: bool) -> tuple[ModelMeta, Callable[[Any], Any]]:
+    """(the record the artifact carries, how the artifact records a path): `shipped_meta`, `shipped_path`."""
+    recorded = meta.extra.get("data")
+    root = recorded.get("root") if isinstance(recorded, dict) else None
+    return shipped_meta(meta, keep_paths), functools.partial(shipped_path, root=root, keep=keep_paths)
+
+
+def _write_and_gate(job: _Job, out: str) -> _Gated:
+    """Write the artifact to a temporary file beside `out` and gate that file; only a file that
+    passes is renamed onto `out` (`atomic_path` removes the others)."""
+    try:
+        with atomic_path(out) as tmp:
+            return _export_fp32(job, tmp) if job.precision == "fp32" else _export_from_fp32_graph(job, tmp)
+    except PermissionError as e:  # an exporter's own write (atomic_path reports the rest)
+        raise ModelError(f"cannot write {out}: {e.strerror or e}; pass another --out") from None
+
+
+def _export_fp32(job: _Job, tmp: str) -> _Gated:
+    """An fp32 ONNX, TorchScript or pt2 file at `tmp`, gated against the eager model."""
+    info, candidate = _export_to(tmp, job.model, job.meta, job.fmt, job.exporter, job.opset)
+    used_exporter = info["exporter"]
+    how = f"{used_exporter}, opset {job.opset}" if job.fmt == "onnx" else used_exporter
+    log(f"export: {job.fmt} via {how} in {info['seconds']:.2f} s")
+    report = run_parity(job.reference, candidate, job.images, job.meta.output, job.tol)
+    log(f"export: {report.summary()}")
+    if not report.passed:  # atomic_path removes the temporary file
+        raise ParityError(f"{job.fmt} export of {job.checkpoint} ({how}): {report.summary()}; nothing was written")
+    return _Gated(info, report, used_exporter)
+
+
+def _export_from_fp32_graph(job: _Job, tmp: str) -> _Gated:
+    """An INT8 or FP16 ONNX file at `tmp`, made from a gated fp32 graph in a work folder beside it."""
+    with tempfile.TemporaryDirectory(prefix=".cnnkit-export-", dir=os.path.dirname(tmp)) as work:
+        fp32 = os.path.join(work, "model.fp32.onnx")
+        base_tol = job.tol if job.precision == "int8" else TIERS["fp32"].max_abs
+        base_info, base = _fp32_base(fp32, job.model, job.meta, job.exporter, job.opset, job.images, base_tol,
+                                     job.checkpoint)
+        used_exporter = base_info["exporter"]
+        if job.precision == "int8":
+            assert job.int8_inputs is not None
+            info, accuracy = _int8(fp32, tmp, job.meta, job.checkpoint, *job.int8_inputs, job.max_accuracy_drop,
+                                   ship=job.ship)
+            gated = _Gated(info, base, used_exporter, accuracy=accuracy)
+        else:
+            info, report, notes, verified_on = _fp16(fp32, tmp, job.meta, job.checkpoint, job.reference, job.images,
+                                                     job.tol, job.spec)
+            if job.strict and not (verified_on or "").startswith("cuda"):
+                raise ParityError(f"fp16 export of {job.checkpoint}: {NOT_ON_TARGET} and --strict is set; "
+                                  f"nothing was written ({'; '.join(notes)})")
+            gated = _Gated(info, report, used_exporter, notes=notes, verified_on=verified_on)
+        gated.info = {**gated.info, "exporter": used_exporter, "fp32": base_info}
+    return gated
+
+
+def _write_report(
+    job: _Job, gated: _Gated, out: str, data_dir: str, local_meta: ModelMeta, t0: float
+) -> ExportResult:
+    """Record the artifact in the manifest and write its report beside it (full paths: it stays here)."""
+    report, precision, verified_on = gated.report, job.precision, gated.verified_on
+    result = ExportResult(
+        format=job.fmt,
+        path=out,
+        exporter=gated.exporter,
+        parity=report,
+        report_path=out + REPORT_SUFFIX,
+        seconds=0.0,
+        opset=gated.info.get("opset", job.opset) if job.fmt == "onnx" else None,
+        checkpoint=job.checkpoint,
+        data=data_dir,
+        info=gated.info,
+        precision=precision,
+        verified=report is not None and (precision != "fp16" or (verified_on or "").startswith("cuda")),
+        verified_on=verified_on if report is not None else None,
+        accuracy=gated.accuracy,
+        notes=gated.notes,
+    )
+    record(out)  # lets `cnnkit bench` load a .ts / .pt2 it can prove cnnkit wrote (cnnkit.provenance)
+    result.seconds = round(time.perf_counter() - t0, 3)
+    write_json(result.report_path, {**result.to_dict(), "meta": local_meta.to_dict()})  # stays on this machine
+    log(f"export: wrote {out} ({gated.info['bytes']:,} bytes) and {result.report_path}")
+    return result
+
+
+DATA_PATH_KEYS = ("root", "train", "test")  # the folders `extra["data"]` records (cnnkit.trainer.loop)
+
+
+def shipped_path(path: Any, root: str | None, keep: bool = False) -> Any:
+    """`path` as an artifact records it: relative to the data root's parent (`fashion/training`), or
+    its last folder name when outside the root, so a shipped model does not reveal a user's home
+    folders; `path` itself with `keep`."""
+    if keep or not isinstance(path, str) or not path:
+        return path
+    path = os.path.normpath(path)
+    if isinstance(root, str) and root:
+        root = os.path.normpath(root)
+        if path == root or path.startswith(root.rstrip(os.sep) + os.sep):
+            return os.path.join(os.path.basename(root), os.path.relpath(path, root)).rstrip(os.sep + ".")
+    return os.path.basename(path)
+
+
+def shipped_meta(meta: ModelMeta, keep_paths: bool = False) -> ModelMeta:
+    """The record as an exported artifact carries it: `extra["data"]` folders by name (`shipped_path`),
+    unless `keep_paths`. The checkpoint and the run's own files keep full paths."""
+    data = meta.extra.get("data")
+    if keep_paths or not isinstance(data, dict):
+        return meta
+    root = data.get("root")
+    names = {k: shipped_path(v, root) if k in DATA_PATH_KEYS else v for k, v in data.items()}
+    return meta.replace(extra={**meta.extra, "data": names})
+
+
+def _fp32_base(
+    path: str, model: Any, meta: ModelMeta, exporter: str, opset: int | None, images: np.ndarray, tol: float,
+    checkpoint: str,
+) -> tuple[dict[str, Any], ParityReport]:
+    """Export the fp32 ONNX graph that INT8/FP16 start from, and gate it like a plain ONNX export."""
+    from cnnkit.export import onnx as onnx_export
+    from cnnkit.export import parity
+
+    info = onnx_export.export_onnx(model, meta, path, exporter, opset)
+    _check_record(_onnx_record(path), meta, path)
+    report = run_parity(parity.torch_runner(model), parity.onnx_runner(path), images, meta.output, tol)
+    log(f"export: fp32 graph ({info['exporter']}, opset {info['opset']}): {report.summary()}")
+    if not report.passed:
+        raise ParityError(f"onnx export of {checkpoint}: the fp32 graph fails parity: {report.summary()}; "
+                          "nothing was written")
+    return info, report
+
+
+def _int8_inputs(
+    data: str | None, calibration: str | None, calibration_size: int, eval_limit: int, meta: ModelMeta,
+    checkpoint: str,
+) -> tuple[np.ndarray, str, np.ndarray, np.ndarray, str]:
+    """(calibration images, their folder, labeled test images, labels, their folder)."""
+    recorded = meta.extra.get("data") if isinstance(meta.extra.get("data"), dict) else {}
+    calib_dir = calibration or recorded.get("train")
+    if not calib_dir or not os.path.isdir(calib_dir):
+        what = f"the training folder recorded in {checkpoint} ({calib_dir}) is gone" if calib_dir else (
+            f"{checkpoint} records no training folder")
+        if calibration:
+            what = f"{calibration}: no such folder"
+        raise DataError(f"int8 calibration: {what}; pass --calibration DIR (PNGs like the training data)")
+    eval_dir = data or recorded.get("test")
+    if not eval_dir or not os.path.isdir(eval_dir):
+        raise DataError(
+            f"the int8 accuracy gate needs the labeled testing split, and {checkpoint} records "
+            f"{'none' if not eval_dir else 'a folder that is gone: ' + eval_dir}; pass --data DIR (DIR/<class>/*.png)"
+        )
+    calib = sample_images(calib_dir, meta, calibration_size)
+    loaded = load_images(eval_dir, meta, eval_limit)
+    if loaded.labels is None:
+        raise DataError(
+            f"{eval_dir}: the int8 accuracy gate needs labeled images, DIR/<class>/*.png with the model's classes "
+            f"({', '.join(meta.classes[:5])}{', ...' if meta.num_classes > 5 else ''}); pass --data DIR"
+        )
+    log(f"export: int8: calibrating on {len(calib)} images from {calib_dir}; accuracy gate on "
+        f"{len(loaded.images)} labeled images from {eval_dir}")
+    return calib, str(calib_dir), loaded.images, loaded.labels, str(eval_dir)
+
+
+def _int8(
+    fp32: str, tmp: str, meta: ModelMeta, checkpoint: str, calib: np.ndarray, calib_dir: str,
+    eval_images: np.ndarray, labels: np.ndarray, eval_dir: str, max_drop: float, ship: Any = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Quantize and gate; the file records its folders as `ship` gives them (`shipped_path`), the
+    returned gate numbers keep the full paths."""
+    from cnnkit.export import quantize as q
+
+    ship = ship or (lambda p: p)
+    info = q.quantize_int8(fp32, tmp, meta, calib, ship(calib_dir))
+    log(f"export: int8 (QDQ, per-channel, {len(calib)} calibration images) in {info['seconds']:.2f} s")
+    gate = q.accuracy_gate(fp32, tmp, eval_images, labels, meta, max_drop, data=eval_dir)
+    if not gate.passed:  # atomic_path removes the temporary file
+        raise ParityError(f"int8 export of {checkpoint}: {gate.summary()}; nothing was written "
+                          "(calibrate on more images with --calibration-size, or allow more with --max-accuracy-drop)")
+    q.record_gate(tmp, meta, replace(gate, data=ship(gate.data)))
+    info["bytes"] = os.path.getsize(tmp)
+    return info, gate.to_dict()
+
+
+def _fp16(
+    fp32: str, tmp: str, meta: ModelMeta, checkpoint: str, reference: Any, images: np.ndarray, tol: float,
+    spec: DeviceSpec,
+) -> tuple[dict[str, Any], ParityReport | None, list[str], str | None]:
+    """Convert, then gate where the file can run: (info, report or None, notes, where the gate ran)."""
+    from cnnkit.export import onnx as onnx_export
+    from cnnkit.export import parity
+
+    info = onnx_export.convert_fp16(fp32, tmp, meta)
+    log(f"export: fp16 conversion in {info['seconds']:.2f} s")
+    tier = TIERS["fp16"]
+    notes: list[str] = []
+    gpu = f"cuda:{spec.cuda_index}"
+    cuda_why = "--device cpu"
+    candidate = None
+    if spec.kind != "cpu":
+        try:
+            candidate, provider = parity.onnx_runner(tmp, gpu), gpu
+        except DeviceError as e:
+            if spec.kind == "cuda":
+                raise DeviceError(f"--device {spec}: cannot run the fp16 gate there: {e}") from None
+            cuda_why = str(e)
+    if candidate is None:
+        try:
+            candidate, provider = parity.onnx_runner(tmp, "cpu"), "cpu"
+            candidate(images[:1])
+        except Exception:  # the CPU provider cannot run this fp16 graph
+            note = f"fp16 parity {NOT_VERIFIED} ({cuda_why}) and the CPU provider cannot run the file"
+            log(f"export: WARNING: {note}; check it on the GPU machine: `cnnkit bench --device cuda`")
+            return info, None, [note], None
+        notes.append(
+            f"fp16 parity checked on the CPU provider only ({cuda_why}): it runs the fp16 graph by casting "
+            "to float32 internally, so this checks the fp16 weights' rounding, not the CUDA provider's float16 "
+            f"arithmetic; the file is {NOT_ON_TARGET}: check it on the GPU machine with `cnnkit bench --device cuda`"
+        )
+        log(f"export: WARNING: {notes[-1]}")
+    report = run_parity(reference, candidate, images, meta.output, tol, min_agreement=tier.min_agreement,
+                        provider=provider)
+    log(f"export: fp16 {report.summary()}")
+    if not report.passed:
+        raise ParityError(f"fp16 export of {checkpoint}: {report.summary()}; nothing was written")
+    return info, report, notes, provider
+
+
+def _export_to(
+    path: str, model: Any, meta: ModelMeta, fmt: str, exporter: str, opset: int | None
+) -> tuple[dict[str, Any], Any]:
+    """Write the artifact to `path`; return (info, a parity runner over the file as written)."""
+    from cnnkit.export import onnx as onnx_export
+    from cnnkit.export import parity, pt2, torchscript
+
+    if fmt == "onnx":
+        info = onnx_export.export_onnx(model, meta, path, exporter, opset)
+        _check_record(_onnx_record(path), meta, path)
+        return info, parity.onnx_runner(path)
+    if fmt == "pt2":
+        info = pt2.export_pt2(model, meta, path)
+        module, record = pt2.load_pt2(path)
+        _check_record(record, meta, path)
+        return info, parity.pt2_runner(module)
+    info = torchscript.export_torchscript(model, meta, path)
+    module, record = torchscript.load_torchscript(path)
+    _check_record(record, meta, path)
+    return info, parity.torchscript_runner(module)
+
+
+def _onnx_record(path: str) -> ModelMeta:
+    import onnxruntime as ort
+
+    from cnnkit.meta import METADATA_KEY
+
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    text = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+    if text is None:
+        raise ModelError(f"exported ONNX file carries no {METADATA_KEY!r} metadata")
+    return ModelMeta.from_json(text)
+
+
+def _check_record(record: ModelMeta, meta: ModelMeta, path: str) -> None:
+    same = (record.arch, record.classes, record.input_shape, record.output)
+    if same != (meta.arch, meta.classes, meta.input_shape, meta.output):
+        raise ModelError(f"{path}: the metadata written into the artifact does not match the checkpoint's")
+
+
+def _resolve_out(out: str | None, checkpoint: str, kind: str) -> str:
+    name = ARTIFACT_NAMES[kind]
+    if out is None:
+        out = os.path.join(os.path.dirname(checkpoint), name)
+    elif out.endswith(("/", os.sep)) or os.path.isdir(out):
+        out = os.path.join(out, name)
+    _check_out(out, checkpoint)
+    return out
+
+
+def _check_out(out: str, checkpoint: str) -> None:
+    """Refuse, before any work, an artifact path that is a checkpoint (the source, its run's other
+    one, any cnnkit checkpoint) or that cannot be written; likewise its report."""
+    from cnnkit.trainer.checkpoint import BEST_NAME, CHECKPOINT_NAME, is_checkpoint
+
+    run = os.path.dirname(checkpoint)
+    outputs = [out, out + REPORT_SUFFIX]
+    check_not_an_input(outputs, [checkpoint, os.path.join(run, BEST_NAME), os.path.join(run, CHECKPOINT_NAME)])
+    for path in outputs:
+        if is_checkpoint(path):
+            raise ModelError(f"{path}: is a cnnkit checkpoint; exporting there would destroy it (pass another --out)")
+        check_writable(path)
+
+
+def _resolve_data(data: str | None, meta: ModelMeta, checkpoint: str) -> str:
+    if data is not None:
+        if not os.path.isdir(data):
+            raise DataError(f"{data}: no such folder (--data takes a folder of PNGs for the parity check)")
+        return data
+    recorded = meta.extra.get("data")
+    folder = (recorded.get("test") or recorded.get("train")) if isinstance(recorded, dict) else None
+    if not folder:
+        raise DataError(f"{checkpoint} records no data folder; pass --data DIR (a folder of PNGs) for the parity check")
+    if not os.path.isdir(folder):
+        raise DataError(
+            f"the data folder recorded in {checkpoint} ({folder}) is gone; "
+            "pass --data DIR (a folder of PNGs like the training data) for the parity check"
+        )
+    return str(folder)
+
+
+def sample_images(root: str, meta: ModelMeta, n_images: int) -> np.ndarray:
+    """Up to `n_images` real images from `root` for the model (`cnnkit.images.sample_folder`).
+
+    Returns:
+        uint8 (n, C, H, W).
+    """
+    _, h, w = meta.input_shape
+    sample = sample_folder(root, (h, w), meta.classes, n_images)
+    if sample.n_failed or sample.n_converted:
+        log(f"export: parity images: {sample.n_failed} unreadable skipped, "
+            f"{sample.n_converted} converted to {h}x{w} grayscale")
+    return sample.images
