@@ -39,12 +39,11 @@ from cnnkit.console import log, table
 from cnnkit.devices import DeviceSpec, parse_device
 from cnnkit.errors import DataError, DeviceError, ModelError
 from cnnkit.files import path_kind
-from cnnkit.images import load_images
+from cnnkit.images import LOAD_LIMIT, load_images
 from cnnkit.meta import ModelMeta, predict
 from cnnkit.provenance import why_untrusted
 from cnnkit.runs import ARTIFACT_NAMES, BEST_NAME, REPORT_SUFFIX, latest_run
 
-DEFAULT_LIMIT = 10_000  # images of DATA used (spread over the folder): all of an MNIST-style test split
 DEFAULT_BATCH = 256  # `cnnkit infer`'s default
 DEFAULT_THREADS = 1
 MAX_REPORT_BYTES = 16 << 20  # an export report holds one model record (at most 4 MiB, `cnnkit.meta`)
@@ -215,7 +214,7 @@ def _load(artifact: str, path: str, device: str, threads: int | None = DEFAULT_T
 
     dev = torch.device(device)
     if artifact == "eager":
-        from cnnkit.trainer.checkpoint import model_from_checkpoint
+        from cnnkit.checkpoint import model_from_checkpoint
 
         module = model_from_checkpoint(path)[0].to(dev).eval()
     elif artifact == "torchscript":
@@ -286,7 +285,7 @@ def _meta_of(run_dir: str, found: dict[str, str]) -> ModelMeta:
         if kind in found:
             return read_meta(found[kind])
     if "eager" in found and _have_torch():
-        from cnnkit.trainer.checkpoint import load_checkpoint
+        from cnnkit.checkpoint import load_checkpoint
 
         return ModelMeta.from_dict(load_checkpoint(found["eager"])["meta"])
     raise ModelError(f"{run_dir}: no ONNX model (and no usable checkpoint) to benchmark; run `cnnkit export` first")
@@ -327,7 +326,7 @@ def bench(
     run: str | None = None,
     device: str = "auto",
     batch_size: int = DEFAULT_BATCH,
-    limit: int | None = DEFAULT_LIMIT,
+    limit: int | None = LOAD_LIMIT,
     threads: int = DEFAULT_THREADS,
     trust_model: bool = False,
 ) -> BenchResult:

@@ -471,15 +471,16 @@ def sample_folder(root: str, size: tuple[int, int], classes: Sequence[str], limi
 LOAD_LIMIT = 10_000  # all of an MNIST-style test split
 
 
-def load_images(root: str, meta: ModelMeta, limit: int | None = LOAD_LIMIT) -> Sample:
+def load_images(root: str, meta: ModelMeta, limit: int | None = LOAD_LIMIT, command: str = "bench") -> Sample:
     """Decode up to `limit` PNGs under `root` for `meta`'s model (`sample_folder`).
 
     Files under `root/<class>/` are labeled with the class's index in `meta.classes`, as in
     `cnnkit infer`. Undecodable files are skipped (and counted in the log line).
 
-    Used by `cnnkit bench` and by the INT8 accuracy gate of `cnnkit export`.
+    Used by `cnnkit bench` and by the INT8 accuracy gate of `cnnkit export` (`command` names which,
+    in the log line).
     """
     sample = sample_folder(root, meta.input_shape[1:], meta.classes, limit)
     if sample.n_failed:
-        log(f"bench: {sample.n_failed} of {sample.n_files} PNGs under {root} could not be decoded; skipped")
+        log(f"{command}: {sample.n_failed} of {sample.n_files} PNGs under {root} could not be decoded; skipped")
     return sample

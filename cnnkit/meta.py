@@ -44,7 +44,7 @@ class ModelMeta:
     """What a model expects and what its output means.
 
     Attributes:
-        arch: architecture name (`cnnkit.trainer.models.ARCHS`).
+        arch: architecture name (`cnnkit.models.ARCHS`).
         classes: class names, in output order.
         input_shape: (C, H, W) of one image.
         output: `logits` or `sigmoid`.

@@ -86,7 +86,7 @@ def export_onnx(
     torch = pytest.importorskip("torch")
     onnx = pytest.importorskip("onnx")
     from cnnkit.meta import METADATA_KEY, ModelMeta
-    from cnnkit.trainer.models import build_model
+    from cnnkit.models import build_model
 
     torch.manual_seed(seed)
     model, _ = build_model("lecture", len(classes), size, size)

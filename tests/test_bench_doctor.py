@@ -18,12 +18,12 @@ from typer.testing import CliRunner  # noqa: E402
 
 import cnnkit.doctor as doctor_mod  # noqa: E402
 from cnnkit.bench import ARTIFACTS, TABLE_HEADERS, bench, format_table  # noqa: E402
+from cnnkit.checkpoint import save_checkpoint  # noqa: E402
 from cnnkit.cli import app  # noqa: E402
 from cnnkit.errors import DeviceError  # noqa: E402
 from cnnkit.export import ARTIFACT_NAMES, export  # noqa: E402
 from cnnkit.meta import ModelMeta  # noqa: E402
-from cnnkit.trainer.checkpoint import save_checkpoint  # noqa: E402
-from cnnkit.trainer.models import build_model  # noqa: E402
+from cnnkit.models import build_model  # noqa: E402
 
 runner = CliRunner()
 KINDS = ["eager", "onnx", "onnx-int8", "torchscript", "pt2"]

@@ -87,7 +87,8 @@ def test_a_resumed_optimizer_lives_with_its_parameters(tmp_path, tiny_tree):
     then load the optimizer's state. Every moment tensor must end up on its parameter's device and
     dtype (with the model moved after the optimizer, they would stay on the CPU)."""
     torch = pytest.importorskip("torch")
-    from cnnkit.trainer.checkpoint import CHECKPOINT_NAME, load_checkpoint
+    from cnnkit.checkpoint import load_checkpoint
+    from cnnkit.runs import CHECKPOINT_NAME
     from cnnkit.trainer.loop import TrainConfig, build_for_training, train
 
     run = train(TrainConfig(data=tiny_tree, epochs=1, batch_size=64, workers=0, runs_dir=os.fspath(tmp_path)))

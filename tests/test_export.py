@@ -22,14 +22,14 @@ from PIL import Image  # noqa: E402
 
 import cnnkit.export.onnx as onnx_export  # noqa: E402
 import cnnkit.export.parity as parity_mod  # noqa: E402
+from cnnkit.checkpoint import save_checkpoint  # noqa: E402
 from cnnkit.errors import DataError, ModelError, ParityError  # noqa: E402
 from cnnkit.export import ExportResult, export, sample_images  # noqa: E402
 from cnnkit.export.parity import run_parity  # noqa: E402
 from cnnkit.export.torchscript import load_torchscript  # noqa: E402
 from cnnkit.meta import METADATA_KEY, ModelMeta  # noqa: E402
+from cnnkit.models import build_model  # noqa: E402
 from cnnkit.provenance import MANIFEST_NAME  # noqa: E402
-from cnnkit.trainer.checkpoint import save_checkpoint  # noqa: E402
-from cnnkit.trainer.models import build_model  # noqa: E402
 
 CLASSES3 = ("ant", "bee", "cat")
 CONTRACT_KEYS = {"format", "path", "exporter", "parity", "report_path", "seconds", "opset"}
@@ -101,7 +101,7 @@ def onnx_exports(tmp_path_factory: pytest.TempPathFactory, data_root: str) -> di
 
 
 def eager(ckpt: str):
-    from cnnkit.trainer.checkpoint import model_from_checkpoint
+    from cnnkit.checkpoint import model_from_checkpoint
 
     return model_from_checkpoint(ckpt)[0]
 

@@ -375,8 +375,8 @@ class Evil:
 
 
 def _checkpoint(folder, case: str) -> str:
-    from cnnkit.trainer.checkpoint import FORMAT, save_checkpoint
-    from cnnkit.trainer.models import build_model
+    from cnnkit.checkpoint import FORMAT, save_checkpoint
+    from cnnkit.models import build_model
 
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "best.pt")
@@ -543,7 +543,7 @@ def test_interrupted_training_leaves_the_last_checkpoint_loadable(tiny_tree, tmp
     assert "Traceback" not in err
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert state["format"] == "cnnkit.checkpoint/1" and state["epoch"] >= 1
-    from cnnkit.trainer.checkpoint import model_from_checkpoint
+    from cnnkit.checkpoint import model_from_checkpoint
 
     model_from_checkpoint(str(ckpt))  # the weights load into the model
     assert no_temp_files(str(run))

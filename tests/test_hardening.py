@@ -30,7 +30,7 @@ def one_epoch_run(tmp_path_factory, tiny_tree) -> str:
 
 
 def _damaged_run(run: str, dest: str, damage) -> str:
-    from cnnkit.trainer.checkpoint import CHECKPOINT_NAME
+    from cnnkit.runs import CHECKPOINT_NAME
 
     shutil.copytree(run, dest)
     path = os.path.join(dest, CHECKPOINT_NAME)
@@ -131,10 +131,10 @@ def odd_paths(tmp_path) -> dict[str, str]:
 
 @pytest.mark.parametrize("kind", ["a folder", "a FIFO"])
 def test_model_paths_say_what_is_there_without_opening_it(odd_paths, kind):
+    from cnnkit.checkpoint import load_checkpoint
     from cnnkit.export.pt2 import load_pt2
     from cnnkit.export.torchscript import load_torchscript
     from cnnkit.runtime.session import read_meta
-    from cnnkit.trainer.checkpoint import load_checkpoint
 
     path = odd_paths[kind]
     for load, what in ((read_meta, "model file"), (load_checkpoint, "checkpoint"),
@@ -338,10 +338,11 @@ def test_infer_with_a_100k_class_record_exits_2(tmp_path):
 
 
 def test_exports_record_data_folder_names_not_full_paths(one_epoch_run, tiny_tree, tmp_path):
+    from cnnkit.checkpoint import load_checkpoint
     from cnnkit.export import export
     from cnnkit.export.torchscript import load_torchscript
+    from cnnkit.runs import BEST_NAME
     from cnnkit.runtime.session import read_meta
-    from cnnkit.trainer.checkpoint import BEST_NAME, load_checkpoint
 
     ckpt = os.path.join(one_epoch_run, BEST_NAME)
     full = load_checkpoint(ckpt)["meta"]["extra"]["data"]
@@ -364,7 +365,7 @@ def test_exports_record_data_folder_names_not_full_paths(one_epoch_run, tiny_tre
 def test_bench_finds_the_testing_folder_through_the_export_report(one_epoch_run, tmp_path):
     from cnnkit.bench import bench
     from cnnkit.export import export
-    from cnnkit.trainer.checkpoint import BEST_NAME
+    from cnnkit.runs import BEST_NAME
 
     run = os.fspath(tmp_path / "run")
     shutil.copytree(one_epoch_run, run)

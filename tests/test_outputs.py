@@ -199,7 +199,7 @@ def test_full_disk_is_one_line_and_leaves_nothing(work, monkeypatch):
 
 def test_full_disk_while_saving_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
     pytest.importorskip("torch")
-    import cnnkit.trainer.checkpoint as ckpt_mod
+    import cnnkit.checkpoint as ckpt_mod
 
     path = tmp_path / "checkpoint.pt"
     ckpt_mod.save_checkpoint(str(path), {"epoch": 1})

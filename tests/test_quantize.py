@@ -292,7 +292,7 @@ def test_pt2_export_passes_and_round_trips(pt2_result, trained) -> None:
     assert sorted(os.listdir(os.path.dirname(result.path))) == [MANIFEST_NAME, "model.pt2", "model.pt2.parity.json"]
     module, meta = load_pt2(result.path)
     assert meta.extra["export"]["format"] == "pt2" and meta.extra["export"]["torch"] == torch.__version__
-    from cnnkit.trainer.checkpoint import model_from_checkpoint
+    from cnnkit.checkpoint import model_from_checkpoint
 
     model = model_from_checkpoint(trained)[0]
     for n in (1, 5, 64):  # the batch dimension is symbolic

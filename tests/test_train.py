@@ -7,11 +7,12 @@ import pytest
 import torch
 from torch import nn
 
+from cnnkit.checkpoint import load_checkpoint, model_from_checkpoint
 from cnnkit.errors import DataError, DeviceError, ModelError
+from cnnkit.models import build_model, count_parameters
+from cnnkit.runs import BEST_NAME, CHECKPOINT_NAME
 from cnnkit.trainer import loop
-from cnnkit.trainer.checkpoint import BEST_NAME, CHECKPOINT_NAME, load_checkpoint, model_from_checkpoint
 from cnnkit.trainer.loop import Interrupted, TrainConfig, train
-from cnnkit.trainer.models import build_model, count_parameters
 
 
 def _lecture_reference(num_outputs: int) -> nn.Sequential:
@@ -172,7 +173,7 @@ def test_val_split_zero_keeps_the_last_epoch_and_says_so(tmp_path, tiny_tree):
 
 
 def test_recipe_gives_small_datasets_enough_steps():
-    from cnnkit.trainer.models import Recipe
+    from cnnkit.models import Recipe
 
     r = Recipe(epochs=12, batch_size=256, lr=5e-3, schedule="cosine", min_steps=450)
     assert r.epochs_for(211) == 12  # Fashion-MNIST's 54,000 training images: the recipe's epochs

@@ -127,7 +127,7 @@ def export_onnx(
     """Export `model` to a self-contained ONNX file at `path` (written atomically).
 
     Args:
-        model: a `cnnkit.trainer.models.Classifier` (moved to the CPU, set to eval mode).
+        model: a `cnnkit.models.Classifier` (moved to the CPU, set to eval mode).
         meta: its record; written to `metadata_props[METADATA_KEY]` with `extra["export"]` added.
         path: the file to write.
         exporter: `dynamo` or `torchscript` (torch's legacy ONNX exporter, `dynamo=False`).
@@ -142,7 +142,7 @@ def export_onnx(
     """
     import torch
 
-    from cnnkit.trainer.models import example_batch
+    from cnnkit.models import example_batch
 
     opset = check_options(exporter, opset)
     model = model.to("cpu").eval()

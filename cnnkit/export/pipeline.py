@@ -27,21 +27,11 @@ from cnnkit.files import atomic_path, check_not_an_input, check_writable, write_
 from cnnkit.images import load_images, sample_folder
 from cnnkit.meta import ModelMeta
 from cnnkit.provenance import record
-from cnnkit.runs import ONNX_NAME, REPORT_SUFFIX, TORCHSCRIPT_NAME, latest_file
+from cnnkit.runs import ARTIFACT_NAMES, BEST_NAME, CHECKPOINT_NAME, REPORT_SUFFIX, latest_file
 
 FORMATS = ("onnx", "torchscript", "pt2")
 QUANTIZE = ("int8",)
-INT8_NAME = "model.int8.onnx"
-FP16_NAME = "model.fp16.onnx"
-PT2_NAME = "model.pt2"
 # Artifact kind -> default file name in the run folder (`cnnkit bench` looks for these).
-ARTIFACT_NAMES = {
-    "onnx": ONNX_NAME,
-    "onnx-int8": INT8_NAME,
-    "onnx-fp16": FP16_NAME,
-    "torchscript": TORCHSCRIPT_NAME,
-    "pt2": PT2_NAME,
-}
 NOT_VERIFIED = "not verified here: no CUDA provider"
 NOT_ON_TARGET = "not verified on its target device (CUDA)"
 
@@ -234,7 +224,7 @@ def _check_options(
 
 def _load_checkpoint(checkpoint: str | None) -> tuple[str, Any, ModelMeta]:
     """(the checkpoint's path, its eager model, its record); `runs/latest/best.pt` by default."""
-    from cnnkit.trainer.checkpoint import BEST_NAME, model_from_checkpoint  # imports torch: not at module level
+    from cnnkit.checkpoint import model_from_checkpoint  # imports torch: not at module level
 
     if checkpoint is None:
         checkpoint = latest_file(BEST_NAME, hint="train a model first (`cnnkit train`) or pass --checkpoint PATH")
@@ -393,7 +383,7 @@ def _int8_inputs(
             f"{'none' if not eval_dir else 'a folder that is gone: ' + eval_dir}; pass --data DIR (DIR/<class>/*.png)"
         )
     calib = sample_images(calib_dir, meta, calibration_size)
-    loaded = load_images(eval_dir, meta, eval_limit)
+    loaded = load_images(eval_dir, meta, eval_limit, command="export")
     if loaded.labels is None:
         raise DataError(
             f"{eval_dir}: the int8 accuracy gate needs labeled images, DIR/<class>/*.png with the model's classes "
@@ -521,7 +511,7 @@ def _resolve_out(out: str | None, checkpoint: str, kind: str) -> str:
 def _check_out(out: str, checkpoint: str) -> None:
     """Refuse, before any work, an artifact path that is a checkpoint (the source, its run's other
     one, any cnnkit checkpoint) or that cannot be written; likewise its report."""
-    from cnnkit.trainer.checkpoint import BEST_NAME, CHECKPOINT_NAME, is_checkpoint
+    from cnnkit.checkpoint import is_checkpoint
 
     run = os.path.dirname(checkpoint)
     outputs = [out, out + REPORT_SUFFIX]

@@ -28,7 +28,7 @@ def export_pt2(model: Any, meta: ModelMeta, path: str) -> dict[str, Any]:
     """Export `model` with a dynamic batch axis and save it to `path` (atomically) with `meta` inside.
 
     Args:
-        model: a `cnnkit.trainer.models.Classifier` (moved to the CPU, set to eval mode).
+        model: a `cnnkit.models.Classifier` (moved to the CPU, set to eval mode).
         meta: its record; saved with `extra["export"]` added.
         path: the file to write.
 
@@ -40,7 +40,7 @@ def export_pt2(model: Any, meta: ModelMeta, path: str) -> dict[str, Any]:
     """
     import torch
 
-    from cnnkit.trainer.models import example_batch
+    from cnnkit.models import example_batch
 
     model = model.to("cpu").eval()
     example = example_batch(meta.input_shape)

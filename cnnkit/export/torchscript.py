@@ -34,7 +34,7 @@ def export_torchscript(model: Any, meta: ModelMeta, path: str) -> dict[str, Any]
     """Trace `model` and save it to `path` (atomically) with `meta` as the extra file `EXTRA_FILE`.
 
     Args:
-        model: a `cnnkit.trainer.models.Classifier` (moved to the CPU, set to eval mode).
+        model: a `cnnkit.models.Classifier` (moved to the CPU, set to eval mode).
         meta: its record; saved with `extra["export"]` added.
         path: the file to write.
 
@@ -46,7 +46,7 @@ def export_torchscript(model: Any, meta: ModelMeta, path: str) -> dict[str, Any]
     """
     import torch
 
-    from cnnkit.trainer.models import example_batch
+    from cnnkit.models import example_batch
 
     model = model.to("cpu").eval()
     example = example_batch(meta.input_shape)  # then prove batch sizes 1 and 7 work too

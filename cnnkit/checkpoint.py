@@ -25,8 +25,7 @@ import torch
 from cnnkit.errors import ModelError
 from cnnkit.files import atomic_path, check_model_file
 from cnnkit.meta import ModelMeta
-from cnnkit.runs import BEST_NAME, CHECKPOINT_NAME  # noqa: F401 (the run folder's names live in runs)
-from cnnkit.trainer.models import Classifier, build_model
+from cnnkit.models import Classifier, build_model
 
 FORMAT = "cnnkit.checkpoint/1"
 
