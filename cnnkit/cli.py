@@ -259,32 +259,7 @@ def export(
         keep_paths=keep_paths,
         **kwargs,
     )
-    _emit(result.to_dict(), as_json, _export_summary(result))
-
-
-def _export_summary(result: Any) -> str:
-    """What `cnnkit export` adds to the library's log: warnings and the int8 accuracy gate.
-
-    The library has already logged the parity line and the "wrote" line; repeating them here
-    printed each twice.
-    """
-    p = result.parity
-    lines = []
-    if p is None:
-        lines.append("WARNING: " + "; ".join(result.notes))  # says "not verified here", never "passed"
-    elif not result.verified:
-        lines.append(f"WARNING: the {result.precision} file is not verified on its target device: its gate ran on "
-                     f"{result.verified_on}; check it with `cnnkit bench --device cuda` on the GPU machine")
-    if result.accuracy is not None:
-        a = result.accuracy
-        lines.append(
-            f"int8 accuracy on {a['n_images']} test images: {a['int8_accuracy']:.2%} vs fp32 {a['fp32_accuracy']:.2%} "
-            f"(drop {a['drop_points']:+.2f} points, limit {a['max_drop_points']:g}) -> passed; argmax agreement "
-            f"{a['argmax_agreement']:.2%}; {a['int8_bytes']:,} vs {a['fp32_bytes']:,} bytes ({a['size_ratio']:.0%}); "
-            f"CPU provider ({a['threads']} thread, batch {a['batch_size']}): {a['int8_images_per_second']:,.0f} vs "
-            f"{a['fp32_images_per_second']:,.0f} img/s ({a['speedup']:.2f}x)"
-        )
-    return "\n".join(lines)
+    _emit(result.to_dict(), as_json)  # the library has logged each step, its warnings and gates, once
 
 
 # --------------------------------------------------------------------------------------------

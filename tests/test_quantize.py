@@ -176,7 +176,7 @@ def test_int8_through_the_cli(trained, tmp_path, monkeypatch) -> None:
     d = json.loads(res.stdout.strip())
     assert d["precision"] == "int8" and d["path"] == out and d["accuracy"]["passed"] is True
     assert d["info"]["calibration"]["n_images"] == 64
-    assert "int8 accuracy on 60 test images" in res.stderr
+    assert res.stderr.count("int8 accuracy gate passed") == 1 and "on 60 images" in res.stderr  # said once
 
     monkeypatch.setattr(quantize_mod, "quantize_int8", _broken_quantizer(quantize_mod.quantize_int8))
     res = runner.invoke(app, ["export", trained, "--quantize", "int8", "--exporter", LEGACY,
@@ -250,7 +250,7 @@ def test_fp16_without_any_usable_provider_is_written_but_not_verified(trained, t
 
     res = CliRunner().invoke(app, ["export", trained, "--half", "--exporter", LEGACY, "--out", out, "--json"])
     assert res.exit_code == 0, res.output
-    assert "WARNING: fp16 parity not verified here: no CUDA provider" in res.stderr
+    assert res.stderr.count("fp16 parity not verified here: no CUDA provider") == 1, res.stderr  # said once
     assert "fp16 parity passed" not in res.stderr and "-> passed" not in res.stderr
     assert json.loads(res.stdout)["verified"] is False
 
