@@ -112,8 +112,26 @@ def _reports_errors(fn: F) -> F:
         except KeyboardInterrupt:
             log("interrupted")
             raise typer.Exit(EXIT_INTERRUPTED) from None
+        except Exception as e:
+            if not _interrupted(e):
+                raise
+            log("interrupted")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _interrupted(e: BaseException) -> bool:
+    """Whether a stop (Ctrl-C, SIGTERM) caused `e`: a library that catches the KeyboardInterrupt raises
+    its own error from it (an extension module interrupted while it loads becomes an ImportError)."""
+    seen = set()
+    cause: BaseException | None = e
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _emit(obj: dict[str, Any], as_json: bool, human: str | None = None) -> None:

@@ -29,12 +29,14 @@ allocated: decompression bombs). Bytes after the IEND chunk are ignored, as ever
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import sys
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -314,6 +316,38 @@ def _decode_chunk(root: str, files: Sequence[str], start: int, size: tuple[int, 
     return DecodedBatch(start, out, ok, failures, converted)
 
 
+_STOP_SIGNALS = {2, 15}  # SIGINT, SIGTERM (their numbers on every POSIX system)
+
+
+@contextlib.contextmanager
+def _forking_quietly() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back while decoder processes are forked.
+
+    A child forked with the CLI's SIGTERM handler could raise KeyboardInterrupt before
+    `_init_worker` ignores the signal, possibly while holding its result queue's lock, which then
+    deadlocks the pool's shutdown. Blocked here, a signal reaches the child only after it ignores
+    it, and reaches this process (as usual) when the block is lifted.
+    """
+    import signal
+
+    if not hasattr(signal, "pthread_sigmask"):  # pragma: no cover - Windows
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _stop_workers(pool: Any) -> None:
+    """On an interrupt: cancel what is queued and end the decoder processes now, so that leaving the
+    pool's `with` cannot wait on a worker forever."""
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        proc.terminate()
+
+
 def _init_worker(parent: int) -> None:
     """Decoder processes leave Ctrl-C and SIGTERM to the main process and die with it.
 
@@ -328,6 +362,8 @@ def _init_worker(parent: int) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # blocked by `_forking_quietly` until the lines above ran
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     if sys.platform.startswith("linux"):
         try:
             import ctypes
@@ -391,7 +427,11 @@ def decode_batches(
         it = iter(chunks)
         try:
             for s, chunk in it:
-                pending.append(pool.submit(_decode_chunk, root, chunk, s, size))
+                if pending:
+                    pending.append(pool.submit(_decode_chunk, root, chunk, s, size))
+                else:
+                    with _forking_quietly():  # the first submit forks every worker
+                        pending.append(pool.submit(_decode_chunk, root, chunk, s, size))
                 if len(pending) >= 2 * workers:
                     break
             while pending:
@@ -400,6 +440,9 @@ def decode_batches(
                 if nxt is not None:
                     pending.append(pool.submit(_decode_chunk, root, nxt[1], nxt[0], size))
                 yield batch
+        except BaseException:  # KeyboardInterrupt (SIGINT, SIGTERM), GeneratorExit, an error
+            _stop_workers(pool)
+            raise
         finally:
             for f in pending:
                 f.cancel()
