@@ -69,11 +69,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _eager_model(onnx_path: str, checkpoint: str | None):
+    from cnnkit.models import build_model
     from cnnkit.runtime.session import read_meta
-    from cnnkit.trainer.models import build_model
 
     if checkpoint and os.path.isfile(checkpoint):
-        from cnnkit.trainer.checkpoint import model_from_checkpoint
+        from cnnkit.checkpoint import model_from_checkpoint
 
         model, _, _ = model_from_checkpoint(checkpoint)
         return model, "checkpoint"
@@ -383,7 +383,7 @@ def describe_model(onnx_path: str, checkpoint: str | None) -> dict:
     info = {"onnx": os.path.abspath(onnx_path), "arch": meta.arch, "classes": meta.num_classes,
             "input_shape": list(meta.input_shape), "trained": False}
     if checkpoint and os.path.isfile(checkpoint):
-        from cnnkit.trainer.models import count_parameters
+        from cnnkit.models import count_parameters
 
         model, _ = _eager_model(onnx_path, checkpoint)
         info["parameters"] = count_parameters(model)
