@@ -41,7 +41,7 @@ from cnnkit.errors import DataError, DeviceError, ModelError
 from cnnkit.files import path_kind
 from cnnkit.images import LOAD_LIMIT, load_images
 from cnnkit.meta import ModelMeta, predict
-from cnnkit.provenance import why_untrusted
+from cnnkit.provenance import read_proven
 from cnnkit.runs import ARTIFACT_NAMES, BEST_NAME, REPORT_SUFFIX, latest_run
 
 DEFAULT_BATCH = 256  # `cnnkit infer`'s default
@@ -203,8 +203,10 @@ def _onnx_cuda_works(path: str, device: str = "cuda") -> tuple[bool, str]:
     return True, ""
 
 
-def _load(artifact: str, path: str, device: str, threads: int | None = DEFAULT_THREADS) -> tuple[Runner, str]:
-    """(runner: uint8 batch -> float32 outputs, runtime description); torch's threads are set by `bench`."""
+def _load(artifact: str, path: str, device: str, threads: int | None = DEFAULT_THREADS,
+          data: bytes | None = None) -> tuple[Runner, str]:
+    """(runner: uint8 batch -> float32 outputs, runtime description); torch's threads are set by `bench`.
+    `data`: a TorchScript or pt2 file's checked bytes, loaded instead of `path`."""
     if artifact.startswith("onnx"):
         from cnnkit.runtime.session import create_session
 
@@ -220,11 +222,11 @@ def _load(artifact: str, path: str, device: str, threads: int | None = DEFAULT_T
     elif artifact == "torchscript":
         from cnnkit.export.torchscript import load_torchscript
 
-        module = load_torchscript(path)[0].to(dev)
+        module = load_torchscript(path, data=data)[0].to(dev)
     else:
         from cnnkit.export.pt2 import load_pt2
 
-        module = load_pt2(path, device=device)[0]
+        module = load_pt2(path, device=device, data=data)[0]
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -266,12 +268,17 @@ def _measure(run: Runner, images: np.ndarray, batch_size: int) -> tuple[np.ndarr
 # The benchmark
 
 
-def _drop_unproven(found: dict[str, str]) -> list[str]:
-    """Remove from `found` the code-bearing files cnnkit cannot prove it wrote; a note for each."""
+def _drop_unproven(found: dict[str, str], proven: dict[str, bytes]) -> list[str]:
+    """Remove from `found` the code-bearing files cnnkit cannot prove it wrote (a note for each); put
+    the bytes of those it can in `proven`: they are loaded from there, never read from disk again."""
     notes = []
     for kind in CODE_BEARING:
-        why = why_untrusted(found[kind]) if kind in found else None
-        if why:
+        if kind not in found:
+            continue
+        data, why = read_proven(found[kind])
+        if data is not None:
+            proven[kind] = data
+        else:
             notes.append(f"{found.pop(kind)}: skipped, not loaded: it can run code and is {why}; "
                          "pass --trust-model if you trust it")
     return notes
@@ -359,11 +366,12 @@ def bench(
     meta = _meta_of(run_dir, found)
     folder, images, labels = _images(data, meta, run_dir, found, limit)
     torch_ok = _have_torch()
-    found, notes = _loadable(found, trust_model, torch_ok)
+    proven: dict[str, bytes] = {}  # code-bearing artifacts' checked bytes, by kind
+    found, notes = _loadable(found, trust_model, torch_ok, proven)
     torch_devices, ort_devices = _devices(found, spec, gpu, torch_ok, notes)
     plan = _plan(found, torch_devices, ort_devices, gpu, notes)
     with _torch_threads(threads) if torch_ok else contextlib.nullcontext():
-        rows, reference = _run_plan(plan, found, images, labels, meta, batch_size, threads)
+        rows, reference = _run_plan(plan, found, images, labels, meta, batch_size, threads, proven)
     if reference is None and rows:
         notes.append("no eager reference (torch missing or no best.pt in the run): diff columns empty")
     if not rows:
@@ -404,11 +412,12 @@ def _artifacts(run: str | None) -> tuple[str, dict[str, str]]:
                      if os.path.isfile(os.path.join(run_dir, name))}
 
 
-def _loadable(found: dict[str, str], trust_model: bool, torch_ok: bool) -> tuple[dict[str, str], list[str]]:
+def _loadable(found: dict[str, str], trust_model: bool, torch_ok: bool,
+              proven: dict[str, bytes]) -> tuple[dict[str, str], list[str]]:
     """The artifacts this process may and can load, and a note for each left out."""
     notes: list[str] = []
     if not trust_model:
-        notes += _drop_unproven(found)
+        notes += _drop_unproven(found, proven)
     if not torch_ok:
         skipped = [k for k in ("eager", "torchscript", "pt2") if k in found]
         if skipped:
@@ -471,7 +480,7 @@ def _torch_threads(threads: int) -> Iterator[None]:
 
 def _run_plan(
     plan: list[tuple[str, str, str]], found: dict[str, str], images: np.ndarray, labels: np.ndarray | None,
-    meta: ModelMeta, batch_size: int, threads: int,
+    meta: ModelMeta, batch_size: int, threads: int, proven: dict[str, bytes],
 ) -> tuple[list[BenchRow], np.ndarray | None]:
     """Measure each (artifact, path, device) of the plan; the eager CPU run is the reference."""
     reference: np.ndarray | None = None
@@ -486,7 +495,7 @@ def _run_plan(
         row = BenchRow(artifact=kind, path=path, device=dev, runtime="", bytes=os.path.getsize(path))
         try:
             t = time.perf_counter()
-            runner, row.runtime = _load(kind, path, dev, threads)
+            runner, row.runtime = _load(kind, path, dev, threads, data=proven.get(kind))
             row.load_ms = round((time.perf_counter() - t) * 1e3, 2)
             outputs, cold, p50, ips = _measure(runner, images, batch_size)
         except Exception as e:  # a row that fails is reported, the others still run

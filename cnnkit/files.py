@@ -56,6 +56,21 @@ def check_writable(path: str | os.PathLike[str]) -> None:
                         "on a read-only file system; choose another output path)")
 
 
+def check_outside(outputs: Iterable[str | os.PathLike[str]], folder: str | os.PathLike[str], role: str) -> None:
+    """Refuse an output inside `folder`, a folder the command reads (`role` says how, in the message):
+    it could replace one of its files, and the next run would read it as data.
+
+    Raises:
+        DataError: an output is `folder` or lies under it (symlinks resolved), in one line.
+    """
+    root = os.path.realpath(folder)
+    for out in outputs:
+        where = os.path.realpath(out)
+        if os.path.commonpath([root, where]) == root:
+            raise DataError(f"{os.fspath(out)}: is inside {os.fspath(folder)}, {role}; writing there could destroy "
+                            "a file of it and would add one to it (choose another output path)")
+
+
 def check_not_an_input(outputs: Iterable[str | os.PathLike[str]], inputs: Iterable[str | os.PathLike[str]]) -> None:
     """Refuse to write an output over one of the command's own inputs (a model, a checkpoint, an image, a
     shard CSV): the same file however it is named (relative, through a symlink, a hard link).

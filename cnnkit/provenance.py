@@ -22,6 +22,7 @@ import json
 import os
 import secrets
 
+from cnnkit.errors import DataError
 from cnnkit.files import default_cache_dir, write_json
 
 MANIFEST_NAME = "cnnkit-manifest.json"
@@ -38,24 +39,57 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
+def _key_path() -> str:
+    return os.path.join(default_cache_dir(), KEY_NAME)
+
+
 def _key(create: bool) -> bytes | None:
-    path = os.path.join(default_cache_dir(), KEY_NAME)
+    """This user's signing key; None when there is none and `create` is False.
+
+    Raises:
+        DataError: the key file is damaged (under 32 bytes), readable or writable by others, or
+            cannot be made (its folder is a file, no permission).
+    """
+    path = _key_path()
     try:
-        with open(path, "rb") as f:
-            key = f.read()
-        return key if len(key) >= 32 else None
-    except OSError:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
         if not create:
             return None
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        return _new_key(path)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read cnnkit's signing key ({e.strerror or e}); set CNNKIT_CACHE to a "
+                        "folder of your own") from None
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(f.fileno()).st_mode
+        key = f.read(4096)
+    if mode & 0o077:  # a key others can read lets them sign files; one they can write lets them replace it
+        raise DataError(f"{path}: cnnkit's signing key is open to other users (mode {mode & 0o777:o}); "
+                        f"`chmod 600 {path}`, or remove it to make a new one")
+    if len(key) < 32:
+        raise DataError(f"{path}: cnnkit's signing key is damaged ({len(key)} bytes); remove it to make a new "
+                        "one (files exported before are then no longer proven here)")
+    return key
+
+
+def _new_key(path: str) -> bytes:
     key = secrets.token_bytes(32)
     try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:  # another process made it first: use theirs
-        return _key(create=False)
+        return _key(create=False) or key
+    except OSError as e:
+        raise DataError(f"{path}: cannot make cnnkit's signing key ({e.strerror or e}); set CNNKIT_CACHE to a "
+                        "folder of your own") from None
     with os.fdopen(fd, "wb") as f:
         f.write(key)
     return key
+
+
+def check_key() -> None:
+    """Make sure a signing key can be read or made, before an export does any work (DataError if not)."""
+    _key(create=True)
 
 
 def _tag(key: bytes, name: str, digest: str) -> str:
@@ -73,26 +107,39 @@ def _read_manifest(folder: str) -> dict:
     return {"format": MANIFEST_FORMAT, "files": {}}
 
 
-def record(path: str) -> None:
-    """Record `path` (a file cnnkit just wrote) in its folder's manifest, keyed with this user's secret."""
+def record(path: str, digest: str | None = None) -> None:
+    """Record `path` (a file cnnkit just wrote) in its folder's manifest, keyed with this user's secret.
+
+    `digest`: the SHA-256 of the bytes cnnkit checked before renaming them onto `path`; when given, the
+    entry vouches for those bytes only, so a file swapped in after the check is not proven.
+    """
     key = _key(create=True)
-    assert key is not None
+    assert key is not None  # _key(create=True) returns a key or raises
     folder, name = os.path.split(os.path.abspath(path))
-    digest = sha256_file(path)
+    digest = digest or sha256_file(path)
     doc = _read_manifest(folder)
     doc["files"][name] = {"sha256": digest, "bytes": os.path.getsize(path), "hmac": _tag(key, name, digest)}
     write_json(os.path.join(folder, MANIFEST_NAME), doc)
 
 
-def why_untrusted(path: str) -> str | None:
-    """None when cnnkit can prove it wrote `path` (see the module docstring); else the reason, in words."""
+def read_proven(path: str) -> tuple[bytes | None, str | None]:
+    """(the file's bytes, None) when cnnkit can prove it wrote `path`, else (None, the reason in words).
+
+    The bytes are read once and checked: load from them, never from `path` again, or a file swapped in
+    after the check would be loaded instead.
+    """
     folder, name = os.path.split(os.path.abspath(path))
     entry = _read_manifest(folder)["files"].get(name)
     if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
-        return f"not written by `cnnkit export` here (no entry in {MANIFEST_NAME})"
+        return None, f"not written by `cnnkit export` here (no entry in {MANIFEST_NAME})"
     key = _key(create=False)
     if key is None or not hmac.compare_digest(str(entry.get("hmac", "")), _tag(key, name, entry["sha256"])):
-        return f"its {MANIFEST_NAME} entry was not made with this user's cnnkit key (another machine, or forged)"
-    if sha256_file(path) != entry["sha256"]:
-        return "changed since `cnnkit export` wrote it (SHA-256 differs from the manifest)"
-    return None
+        return None, f"its {MANIFEST_NAME} entry was not made with this user's cnnkit key (another machine, or forged)"
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        return None, f"unreadable ({e.strerror or e})"
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        return None, "changed since `cnnkit export` wrote it (SHA-256 differs from the manifest)"
+    return data, None

@@ -8,6 +8,7 @@ The package docstring (`cnnkit.export`) describes the gates; the per-format writ
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import tempfile
 import time
@@ -23,10 +24,10 @@ from cnnkit.errors import CnnkitError, DataError, DeviceError, ModelError, Parit
 from cnnkit.export.onnx import DEFAULT_EXPORTER, check_options
 from cnnkit.export.parity import TIERS, ParityReport, run_parity
 from cnnkit.export.quantize import DEFAULT_CALIBRATION_SIZE, DEFAULT_EVAL_LIMIT, DEFAULT_MAX_ACCURACY_DROP
-from cnnkit.files import atomic_path, check_not_an_input, check_writable, write_json
+from cnnkit.files import atomic_path, check_not_an_input, check_outside, check_writable, write_json
 from cnnkit.images import load_images, sample_folder
 from cnnkit.meta import ModelMeta
-from cnnkit.provenance import record
+from cnnkit.provenance import check_key, record
 from cnnkit.runs import ARTIFACT_NAMES, BEST_NAME, CHECKPOINT_NAME, REPORT_SUFFIX, latest_file
 
 FORMATS = ("onnx", "torchscript", "pt2")
@@ -151,6 +152,8 @@ def export(
     checkpoint, model, meta = _load_checkpoint(checkpoint)
     out = _resolve_out(out, checkpoint, fmt if precision == "fp32" else f"onnx-{precision}")
     data_dir = _resolve_data(data, meta, checkpoint)
+    check_outside([out, out + REPORT_SUFFIX], data_dir, "the folder of images the gate reads")
+    check_key()  # a damaged or unusable signing key fails now, not after the export
     images = sample_images(data_dir, meta, n_images)
     # INT8 inputs are read before any export work: a missing folder fails in a second, not a minute.
     int8_inputs = _int8_inputs(data, calibration, calibration_size, eval_limit, meta, checkpoint) if quantize else None
@@ -310,7 +313,9 @@ def _write_report(
         accuracy=gated.accuracy,
         notes=gated.notes,
     )
-    record(out)  # lets `cnnkit bench` load a .ts / .pt2 it can prove cnnkit wrote (cnnkit.provenance)
+    # Lets `cnnkit bench` load a .ts / .pt2 it can prove cnnkit wrote (cnnkit.provenance): the hash of
+    # the bytes the gate loaded, not of whatever is at `out` by now.
+    record(out, digest=gated.info.get("sha256"))
     result.seconds = round(time.perf_counter() - t0, 3)
     write_json(result.report_path, {**result.to_dict(), "meta": local_meta.to_dict()})  # stays on this machine
     log(f"export: wrote {out} ({gated.info['bytes']:,} bytes) and {result.report_path}")
@@ -469,15 +474,27 @@ def _export_to(
         info = onnx_export.export_onnx(model, meta, path, exporter, opset)
         _check_record(_onnx_record(path), meta, path)
         return info, parity.onnx_runner(path)
+    # These formats run code when loaded: the gate loads the bytes it hashes, and the manifest vouches
+    # for that hash only, so a file swapped in beside them is neither loaded here nor proven later.
     if fmt == "pt2":
         info = pt2.export_pt2(model, meta, path)
-        module, record = pt2.load_pt2(path)
+        data = _read_once(path, info)
+        module, record = pt2.load_pt2(path, data=data)
         _check_record(record, meta, path)
         return info, parity.pt2_runner(module)
     info = torchscript.export_torchscript(model, meta, path)
-    module, record = torchscript.load_torchscript(path)
+    data = _read_once(path, info)
+    module, record = torchscript.load_torchscript(path, data=data)
     _check_record(record, meta, path)
     return info, parity.torchscript_runner(module)
+
+
+def _read_once(path: str, info: dict[str, Any]) -> bytes:
+    """The bytes at `path`, with their SHA-256 kept in `info` for the manifest (`provenance.record`)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    info["sha256"] = hashlib.sha256(data).hexdigest()
+    return data
 
 
 def _onnx_record(path: str) -> ModelMeta:

@@ -12,6 +12,7 @@ it, the graph was captured in eval mode (BatchNorm with running statistics, Drop
 
 from __future__ import annotations
 
+import io
 import os
 import time
 from typing import Any
@@ -72,12 +73,14 @@ def export_pt2(model: Any, meta: ModelMeta, path: str) -> dict[str, Any]:
     }
 
 
-def load_pt2(path: str, device: str = "cpu") -> tuple[Any, ModelMeta]:
+def load_pt2(path: str, device: str = "cpu", data: bytes | None = None) -> tuple[Any, ModelMeta]:
     """Load a cnnkit `.pt2` file.
 
     Args:
         path: the file.
         device: `cpu` or `cuda` (the program is moved with `torch.export.passes.move_to_device_pass`).
+        data: its bytes, already read and checked (`provenance.read_proven`): loaded instead of
+            opening `path` again, which could have been swapped since the check.
 
     Returns:
         (the program's callable module, its metadata record).
@@ -87,11 +90,12 @@ def load_pt2(path: str, device: str = "cpu") -> tuple[Any, ModelMeta]:
     """
     import torch
 
-    check_model_file(path, "pt2 file", "make one with `cnnkit export --format pt2`")
+    if data is None:
+        check_model_file(path, "pt2 file", "make one with `cnnkit export --format pt2`")
     extra = {EXTRA_FILE: ""}
     try:
         with quiet():
-            program = torch.export.load(path, extra_files=extra)
+            program = torch.export.load(path if data is None else io.BytesIO(data), extra_files=extra)
     except Exception as e:  # zipfile / RuntimeError / KeyError / ValueError, depending on the damage
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ModelError(f"{path}: not a readable torch.export (.pt2) file ({first})") from None

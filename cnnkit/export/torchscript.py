@@ -8,6 +8,7 @@ this torch version (the parity gate checks the saved file, not the in-memory mod
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import time
 import warnings
@@ -80,8 +81,14 @@ def export_torchscript(model: Any, meta: ModelMeta, path: str) -> dict[str, Any]
     }
 
 
-def load_torchscript(path: str) -> tuple[Any, ModelMeta]:
-    """Load a cnnkit TorchScript file on the CPU.
+def load_torchscript(path: str, data: bytes | None = None) -> tuple[Any, ModelMeta]:
+    """Load a cnnkit TorchScript file on the CPU. Loading runs code from the file: only for files
+    cnnkit wrote (`cnnkit.provenance`) or the user trusts.
+
+    Args:
+        path: the file (named in messages).
+        data: its bytes, already read and checked (`provenance.read_proven`): loaded instead of
+            opening `path` again, which could have been swapped since the check.
 
     Returns:
         (the module in eval mode, its metadata record).
@@ -91,11 +98,12 @@ def load_torchscript(path: str) -> tuple[Any, ModelMeta]:
     """
     import torch
 
-    check_model_file(path, "TorchScript file", "make one with `cnnkit export --format torchscript`")
+    if data is None:
+        check_model_file(path, "TorchScript file", "make one with `cnnkit export --format torchscript`")
     extra = {EXTRA_FILE: ""}
     try:
         with _no_deprecation_warnings():
-            module = torch.jit.load(path, map_location="cpu", _extra_files=extra)
+            module = torch.jit.load(path if data is None else io.BytesIO(data), map_location="cpu", _extra_files=extra)
     except (RuntimeError, ValueError, OSError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ModelError(f"{path}: not a readable TorchScript file ({first})") from None

@@ -34,7 +34,7 @@ from cnnkit.confusion import Confusion, summary_lines, top_pairs
 from cnnkit.console import printable, table
 from cnnkit.csvcells import escape, unescape
 from cnnkit.errors import DataError
-from cnnkit.files import atomic_path, check_not_an_input, check_writable, write_json
+from cnnkit.files import atomic_path, check_not_an_input, check_outside, check_writable, write_json
 from cnnkit.listing import Listing, iter_pngs
 from cnnkit.runtime.outputs import (
     CSV_COLUMNS,
@@ -495,6 +495,8 @@ def merge(csvs: list[str], output: str, *, check_folder: bool = False) -> MergeR
         check_writable(out)
     summaries = _load_shards(csvs)
     res = _new_result(summaries, output, check_folder)
+    if check_folder:
+        check_outside(outputs, res.folder, "the folder --check-folder walks")
     failed, truncated = _failed_files(summaries)
     check = _FolderCheck(res, {path for path, _ in failed}) if check_folder else None
     _write_merged(res, summaries, check)
