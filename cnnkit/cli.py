@@ -73,6 +73,11 @@ class Split(str, Enum):
     testing = "testing"
 
 
+# Bounds on sizes and counts, so that a mistyped number is a usage error rather than an overflow deep
+# inside a library: a batch of 65,536 28x28 images is 51 MB; 1,024 processes or threads is past any machine.
+MAX_BATCH = 1 << 16
+MAX_PROCESSES = 1024
+
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (human output on stderr).")]
 
 
@@ -163,7 +168,8 @@ def train(
     out: Annotated[Path | None, typer.Option(help="Run folder. Default: runs/train-<time>.")] = None,
     epochs: Annotated[int | None, typer.Option(min=1, help=(
         "Default: the arch's (small 14, or more on small data to reach 900 steps; lecture 5)."))] = None,
-    batch_size: Annotated[int | None, typer.Option(min=1, help="Global batch. Default: small 256, lecture 128.")]
+    batch_size: Annotated[int | None, typer.Option(min=1, max=MAX_BATCH, help="Global batch. Default: small 256, "
+                                                                              "lecture 128.")]
     = None,
     arch: Annotated[str, typer.Option(help="small (default), wide (small with more channels) or lecture (the "
                                            "lecture's exact network).")] = "small",
@@ -180,7 +186,8 @@ def train(
     = 0.1,
     device: Annotated[str, _device_option("Mixed precision on CUDA: bf16 where native, else fp16.")] = "auto",
     seed: int = 0,
-    workers: Annotated[int | None, typer.Option(help="PNG decoder processes. Default: one per core.")] = None,
+    workers: Annotated[int | None, typer.Option(min=0, max=MAX_PROCESSES, help="PNG decoder processes. Default: "
+                                                                               "one per core.")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -290,10 +297,11 @@ def infer(
     folder: Annotated[Path, typer.Argument(help="Folder of PNGs (searched recursively).")],
     model: Annotated[Path | None, typer.Option(help="ONNX model. Default: runs/latest/model.onnx.")] = None,
     device: Annotated[str, _device_option("cuda[:N] fails if its provider does not load.")] = "auto",
-    batch_size: Annotated[int, typer.Option(min=1)] = 256,
+    batch_size: Annotated[int, typer.Option(min=1, max=MAX_BATCH)] = 256,
     output: Annotated[Path | None, typer.Option(help="CSV of predictions. Default: predictions.csv next to "
                                                      "the model.")] = None,
-    workers: Annotated[int | None, typer.Option(help="Decoder processes. Default: one per core.")] = None,
+    workers: Annotated[int | None, typer.Option(min=0, max=MAX_PROCESSES, help="Decoder processes. Default: one "
+                                                                               "per core.")] = None,
     shard: Annotated[str | None, typer.Option(help="K/N: only shard K (0..N-1) of N, by a hash of each file's "
                                                    "path; output predictions.shard-K-of-N.csv + .json, "
                                                    "combined by `cnnkit merge`.")] = None,
@@ -364,9 +372,10 @@ def bench(
                                                      "Default: the run's testing split.")] = None,
     run: Annotated[Path | None, typer.Option(help="Run folder. Default: runs/latest.")] = None,
     device: Annotated[str, _device_option("auto: every device that works here.")] = "auto",
-    batch_size: Annotated[int, typer.Option(min=1, help="Batch size of the throughput column.")] = 256,
+    batch_size: Annotated[int, typer.Option(min=1, max=MAX_BATCH, help="Batch size of the throughput column.")] = 256,
     limit: Annotated[int, typer.Option(min=1, help="At most this many images (spread over the folder).")] = 10_000,
-    threads: Annotated[int, typer.Option(min=1, help="Intra-op threads for every runtime (CPU).")] = 1,
+    threads: Annotated[int, typer.Option(min=1, max=MAX_PROCESSES, help="Intra-op threads for every runtime "
+                                                                        "(CPU).")] = 1,
     trust_model: Annotated[bool, typer.Option("--trust-model", help=(
         "Also load .ts / .pt2 files that cnnkit cannot prove it wrote (loading them can run code).")) ] = False,
     as_json: JsonOpt = False,

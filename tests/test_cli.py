@@ -91,3 +91,15 @@ def test_user_errors_are_one_line_without_traceback(tmp_path, monkeypatch):
         assert result.exit_code == 2, (args, result.output)
         assert "Traceback" not in result.output and result.stderr.startswith("error: "), result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ["infer", ".", "--batch-size", "99999999999999999999"],
+    ["infer", ".", "--workers", "-1"],
+    ["bench", "--threads", "99999999999999999999"],
+    ["train", ".", "--batch-size", "99999999999999999999"],
+])
+def test_numbers_past_any_machine_are_usage_errors(args):
+    """A mistyped huge number overflowed inside islice / torch (a traceback, exit 1): exit 2, one message."""
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2 and isinstance(res.exception, SystemExit), res.output
