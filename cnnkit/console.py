@@ -8,7 +8,10 @@ from collections.abc import Sequence
 
 
 def log(msg: str = "") -> None:
-    print(msg, file=sys.stderr, flush=True)
+    """A human line (or lines) on stderr, every line through `printable`: paths and class names are
+    anyone's choice, and one holding an escape sequence or a carriage return must not reach the
+    terminal raw, whichever message quotes it."""
+    print("\n".join(map(printable, msg.split("\n"))), file=sys.stderr, flush=True)
 
 
 class Progress:

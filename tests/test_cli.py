@@ -103,3 +103,17 @@ def test_numbers_past_any_machine_are_usage_errors(args):
     """A mistyped huge number overflowed inside islice / torch (a traceback, exit 1): exit 2, one message."""
     res = runner.invoke(app, args)
     assert res.exit_code == 2 and isinstance(res.exception, SystemExit), res.output
+
+
+def test_paths_with_control_characters_are_printed_escaped_on_success(run_in, tiny_tree, tmp_path):
+    """Error lines escaped control characters, but a successful run printed its paths raw."""
+    import shutil
+
+    cwd, trained = run_in
+    folder = tmp_path / "e\x1b[31mvil\rdir"
+    shutil.copytree(os.path.join(tiny_tree, "testing"), folder)
+    model = _json(runner.invoke(app, ["export", os.path.join(cwd, trained["checkpoint"]), "--json"]))["path"]
+    res = runner.invoke(app, ["infer", os.fspath(folder), "--model", model, "--output",
+                              os.fspath(folder / "p\x1b.csv")])
+    assert res.exit_code == 0, res.output
+    assert "\x1b" not in res.stderr and "\r" not in res.stderr and "\\x1b" in res.stderr
