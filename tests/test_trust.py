@@ -121,3 +121,11 @@ def test_merge_check_folder_refuses_an_output_inside_the_folder(exported, tmp_pa
     res = runner.invoke(app, ["merge", *shards, "--check-folder", "--output", os.fspath(image)])
     assert res.exit_code == 2 and "is inside" in res.stderr, res.output
     assert image.read_bytes() == before
+
+
+def test_train_refuses_a_run_folder_inside_its_data(tiny_tree, tmp_path):
+    """`train DATA --out DATA/run` wrote plots into the data and a `latest` link beside the run."""
+    data = shutil.copytree(tiny_tree, tmp_path / "data")
+    res = runner.invoke(app, ["train", os.fspath(data), "--out", os.fspath(data / "run"), "--epochs", "1"])
+    assert res.exit_code == 2 and "is inside" in res.stderr, res.output
+    assert not (data / "run").exists() and not (data / "latest").exists()

@@ -27,7 +27,7 @@ from cnnkit import meta as meta_mod
 from cnnkit.checkpoint import check_resumable, load_checkpoint, save_checkpoint
 from cnnkit.console import Progress, log, table
 from cnnkit.errors import DataError, ModelError
-from cnnkit.files import check_writable, write_json
+from cnnkit.files import check_outside, check_writable, write_json
 from cnnkit.meta import OUTPUT_SIGMOID, ModelMeta
 from cnnkit.models import DEFAULT_ARCH, RECIPES, build_model, count_parameters
 from cnnkit.runs import BEST_NAME, CHECKPOINT_NAME, RUNS_DIR, latest_note, mark_latest, new_run_dir
@@ -318,7 +318,7 @@ class _SoFar:
 def _train(cfg: TrainConfig, resume: str | None, d: Dist, device: torch.device) -> TrainResult:
     cfg, state, recipe_epochs = _resolve_config(cfg, resume, d)
     say = log if d.main else (lambda *_: None)
-    _check_run_folder(resume or cfg.out, cfg.runs_dir, say)
+    _check_run_folder(resume or cfg.out, cfg.runs_dir, say, cfg.data)
     run, so_far, start_epoch = _set_up_run(cfg, resume, state, recipe_epochs, d, device)
     say(
         f"training {run.cfg.arch} ({count_parameters(run.net):,} parameters) on {run.n_total:,} images, "
@@ -650,11 +650,14 @@ def build_for_training(
     return net, opt, output
 
 
-def _check_run_folder(out: str | None, runs_dir: str, say: Any) -> None:
-    """Before any work: the run folder can hold its files, and whether `latest` beside it is cnnkit's."""
+def _check_run_folder(out: str | None, runs_dir: str, say: Any, data: str | None) -> None:
+    """Before any work: the run folder can hold its files, lies outside the data, and whether `latest`
+    beside it is cnnkit's."""
     run = out or os.path.join(runs_dir, "new")  # a new run goes under runs_dir
     if out and os.path.lexists(out) and not os.path.isdir(out):
         raise DataError(f"{out}: is a file, not a folder; --out takes a run folder (choose another path)")
+    if data and os.path.isdir(data):
+        check_outside([run], data, "the data this run trains on")
     check_writable(os.path.join(run, CHECKPOINT_NAME))
     note = latest_note(run)
     if note:
