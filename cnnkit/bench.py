@@ -366,8 +366,7 @@ def bench(
     meta = _meta_of(run_dir, found)
     folder, images, labels = _images(data, meta, run_dir, found, limit)
     torch_ok = _have_torch()
-    proven: dict[str, bytes] = {}  # code-bearing artifacts' checked bytes, by kind
-    found, notes = _loadable(found, trust_model, torch_ok, proven)
+    found, notes, proven = _loadable(found, trust_model, torch_ok)  # proven: checked bytes of .ts / .pt2
     torch_devices, ort_devices = _devices(found, spec, gpu, torch_ok, notes)
     plan = _plan(found, torch_devices, ort_devices, gpu, notes)
     with _torch_threads(threads) if torch_ok else contextlib.nullcontext():
@@ -412,10 +411,12 @@ def _artifacts(run: str | None) -> tuple[str, dict[str, str]]:
                      if os.path.isfile(os.path.join(run_dir, name))}
 
 
-def _loadable(found: dict[str, str], trust_model: bool, torch_ok: bool,
-              proven: dict[str, bytes]) -> tuple[dict[str, str], list[str]]:
-    """The artifacts this process may and can load, and a note for each left out."""
+def _loadable(found: dict[str, str], trust_model: bool,
+              torch_ok: bool) -> tuple[dict[str, str], list[str], dict[str, bytes]]:
+    """The artifacts this process may and can load, a note for each left out, and the checked bytes
+    of the code-bearing ones (`_drop_unproven`)."""
     notes: list[str] = []
+    proven: dict[str, bytes] = {}
     if not trust_model:
         notes += _drop_unproven(found, proven)
     if not torch_ok:
@@ -423,7 +424,7 @@ def _loadable(found: dict[str, str], trust_model: bool, torch_ok: bool,
         if skipped:
             notes.append(f"torch is not installed: skipped {', '.join(skipped)}")
         found = {k: v for k, v in found.items() if k not in skipped}
-    return found, notes
+    return found, notes, proven
 
 
 def _devices(found: dict[str, str], spec: DeviceSpec, gpu: str, torch_ok: bool,

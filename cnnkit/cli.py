@@ -117,6 +117,8 @@ def _reports_errors(fn: F) -> F:
         except KeyboardInterrupt:
             log("interrupted")
             raise typer.Exit(EXIT_INTERRUPTED) from None
+        except typer.Exit:  # a command's own exit (it has said why)
+            raise
         except Exception as e:
             if not _interrupted(e):
                 raise
@@ -135,7 +137,7 @@ def _interrupted(e: BaseException) -> bool:
         if isinstance(cause, KeyboardInterrupt):
             return True
         seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
+        cause = cause.__cause__ or (None if cause.__suppress_context__ else cause.__context__)
     return False
 
 

@@ -34,7 +34,7 @@ import os
 import struct
 import sys
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -207,7 +207,7 @@ def _decode_pillow(data: bytes, gray: bool) -> np.ndarray:  # pragma: no cover -
 def _resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
     from PIL import Image
 
-    return np.asarray(Image.fromarray(img, mode="L").resize((width, height), Image.BILINEAR))
+    return np.asarray(Image.fromarray(img, mode="L").resize((width, height), Image.Resampling.BILINEAR))
 
 
 def decode_image(data: bytes, size: tuple[int, int]) -> tuple[np.ndarray, bool]:
@@ -391,7 +391,7 @@ def decode_batches(
     min_files_for_workers: int = 2048,
     *,
     chunks: Iterable[tuple[int, Sequence[str]]] | None = None,
-) -> Iterator[DecodedBatch]:
+) -> Generator[DecodedBatch, None, None]:
     """Decode `files` (relative to `root`) in batches, in order, in worker processes.
 
     At most `2 * workers` batches are in flight, so memory stays bounded whatever the number of
@@ -417,13 +417,19 @@ def decode_batches(
             yield _decode_chunk(root, chunk, s, size)
         return
 
+    yield from _decode_in_pool(root, chunks, size, workers)
+
+
+def _decode_in_pool(root: str, chunks: Iterable[tuple[int, Sequence[str]]], size: tuple[int, int],
+                    workers: int) -> Iterator[DecodedBatch]:
+    """`decode_batches` in `workers` processes, at most `2 * workers` batches in flight, in order."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    pool_kw = {"initializer": _init_worker, "initargs": (os.getpid(),)}
+    pool_kw: dict[str, Any] = {"initializer": _init_worker, "initargs": (os.getpid(),)}
     with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method), **pool_kw) as pool:
-        pending = []
+        pending: list[Any] = []  # futures of DecodedBatch, in file order
         it = iter(chunks)
         try:
             for s, chunk in it:

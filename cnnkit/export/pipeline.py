@@ -151,9 +151,7 @@ def export(
                                                  calibration_size, max_accuracy_drop, eval_limit)
     checkpoint, model, meta = _load_checkpoint(checkpoint)
     out = _resolve_out(out, checkpoint, fmt if precision == "fp32" else f"onnx-{precision}")
-    data_dir = _resolve_data(data, meta, checkpoint)
-    check_outside([out, out + REPORT_SUFFIX], data_dir, "the folder of images the gate reads")
-    check_key()  # a damaged or unusable signing key fails now, not after the export
+    data_dir = _data_for(data, meta, checkpoint, out)
     images = sample_images(data_dir, meta, n_images)
     # INT8 inputs are read before any export work: a missing folder fails in a second, not a minute.
     int8_inputs = _int8_inputs(data, calibration, calibration_size, eval_limit, meta, checkpoint) if quantize else None
@@ -537,6 +535,15 @@ def _check_out(out: str, checkpoint: str) -> None:
         if is_checkpoint(path):
             raise ModelError(f"{path}: is a cnnkit checkpoint; exporting there would destroy it (pass another --out)")
         check_writable(path)
+
+
+def _data_for(data: str | None, meta: ModelMeta, checkpoint: str, out: str) -> str:
+    """The folder of images the gate reads (`_resolve_data`), once the outputs are known to lie outside
+    it and the signing key to work: both fail now, not after the export."""
+    data_dir = _resolve_data(data, meta, checkpoint)
+    check_outside([out, out + REPORT_SUFFIX], data_dir, "the folder of images the gate reads")
+    check_key()
+    return data_dir
 
 
 def _resolve_data(data: str | None, meta: ModelMeta, checkpoint: str) -> str:

@@ -62,7 +62,7 @@ def _fields(buf: Any, pos: int, end: int) -> Any:
             n, pos = _varint(buf, pos)
             if pos + n > end:
                 raise ValueError("truncated field")
-            value, pos = (pos, pos + n), pos + n
+            value, pos = (pos, pos + n), pos + n  # type: ignore[assignment]  # a span, for wire type 2
         else:
             raise ValueError(f"unexpected wire type {wire}")
         yield fnum, wire, value
@@ -85,7 +85,8 @@ def _graph_inputs(buf: Any, graph: tuple[int, int]) -> list[tuple[str, int | Non
     def text(span: tuple[int, int]) -> str:
         return bytes(buf[span[0] : span[1]]).decode("utf-8")
 
-    inputs, weights = [], set()
+    inputs: list[tuple[str, Any, list[Any]]] = []
+    weights: set[str] = set()
     for fnum, wire, value in _fields(buf, *graph):
         if wire != 2:
             continue
@@ -93,7 +94,8 @@ def _graph_inputs(buf: Any, graph: tuple[int, int]) -> list[tuple[str, int | Non
             weights.update(text(v) for v in _sub(buf, value, 8))
         elif fnum == 11:
             name = "".join(text(v) for v in _sub(buf, value, 1))
-            elem, dims = None, []
+            elem = None
+            dims: list[Any] = []
             for tensor in (t for typ in _sub(buf, value, 2) for t in _sub(buf, typ, 1)):
                 elem = next(iter(_sub(buf, tensor, 1)), None)
                 for shape in _sub(buf, tensor, 2):

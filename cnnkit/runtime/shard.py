@@ -451,7 +451,7 @@ def _merge_confusion(res: MergeResult, summaries: list[dict[str, Any]]) -> None:
     confusions = [s.get("confusion") for s in summaries]
     k = len(res.classes)
     if all(c is not None for c in confusions):
-        total = [[sum(c[i][j] for c in confusions) for j in range(k)] for i in range(k)]
+        total = [[sum(c[i][j] for c in confusions if c is not None) for j in range(k)] for i in range(k)]
         seen = sum(map(sum, total))
         res.confusion = total
         res.accuracy = sum(total[i][i] for i in range(k)) / seen if seen else None
