@@ -30,6 +30,7 @@ from cnnkit.provenance import MANIFEST_NAME
 torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 
+pytestmark = pytest.mark.slow  # many examples, each a command: in the full run (CI), not the quick loop
 runner = CliRunner()
 DOCUMENTED_EXITS = {0, 1, 2, 3, 4}  # docs/cli.md; 130 (interrupted) cannot happen here
 MARKER = os.path.join(tempfile.gettempdir(), f"cnnkit-fuzz-executed-{os.getpid()}")
