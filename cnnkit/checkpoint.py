@@ -1,5 +1,8 @@
 """Checkpoints: tensors and plain data only, so `torch.load(weights_only=True)` reads them.
 
+A run writes two (names in `cnnkit.runs`): `checkpoint.pt` after every epoch, and `best.pt` whenever
+validation selects the epoch (`cnnkit export` reads `best.pt`).
+
 Layout (a dict):
     format:     "cnnkit.checkpoint/1"
     meta:       the model record (`cnnkit.meta.ModelMeta.to_dict()`)

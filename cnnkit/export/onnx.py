@@ -258,12 +258,11 @@ def _check_session(data: bytes, meta: ModelMeta) -> None:
         raise ModelError(f"onnxruntime sees input shape {shape}, expected [{BATCH_DIM}, *{list(meta.input_shape)}]")
 
 
-def read_record(proto: Any) -> ModelMeta:
-    """The cnnkit record in an ONNX ModelProto's `metadata_props`."""
-    text = next((p.value for p in proto.metadata_props if p.key == METADATA_KEY), None)
-    if text is None:
-        raise ModelError(f"ONNX model without a {METADATA_KEY!r} metadata record")
-    return ModelMeta.from_json(text)
+def read_record(proto: Any, where: str = "ONNX model") -> ModelMeta:
+    """The cnnkit record in an ONNX ModelProto's `metadata_props` (read as files are: `record_from_props`)."""
+    from cnnkit.runtime.session import record_from_props
+
+    return record_from_props(where, {p.key: p.value for p in proto.metadata_props})
 
 
 def write_record(proto: Any, record: ModelMeta) -> None:

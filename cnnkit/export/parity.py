@@ -39,7 +39,7 @@ import numpy as np
 from cnnkit.devices import parse_device
 from cnnkit.errors import DeviceError, ParityError
 from cnnkit.meta import predict
-from cnnkit.runtime.session import load_cuda_libraries, quiet_session
+from cnnkit.runtime.session import load_cuda_libraries, quiet_session, runs_on_cuda
 
 Runner = Callable[[np.ndarray], np.ndarray]
 
@@ -280,7 +280,7 @@ def onnx_runner(path: str, device: str = "cpu") -> Runner:
     else:
         providers = ["CPUExecutionProvider"]
     session, said = quiet_session(ort, path, sess_options=opts, providers=providers)
-    if spec.kind == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
+    if spec.kind == "cuda" and not runs_on_cuda(session):
         raise DeviceError("the CUDA provider did not load (no GPU, or its CUDA / cuDNN libraries are missing)"
                           + (f": {said}" if said else ""))
     name = session.get_inputs()[0].name

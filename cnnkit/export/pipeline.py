@@ -29,6 +29,7 @@ from cnnkit.images import load_images, sample_folder
 from cnnkit.meta import ModelMeta
 from cnnkit.provenance import check_key, record
 from cnnkit.runs import ARTIFACT_NAMES, BEST_NAME, CHECKPOINT_NAME, REPORT_SUFFIX, latest_file
+from cnnkit.runtime.session import read_meta
 
 FORMATS = ("onnx", "torchscript", "pt2")
 QUANTIZE = ("int8",)
@@ -357,7 +358,7 @@ def _fp32_base(
     from cnnkit.export import parity
 
     info = onnx_export.export_onnx(model, meta, path, exporter, opset)
-    _check_record(_onnx_record(path), meta, path)
+    _check_record(read_meta(path), meta, path)
     report = run_parity(parity.torch_runner(model), parity.onnx_runner(path), images, meta.output, tol)
     log(f"export: fp32 graph ({info['exporter']}, opset {info['opset']}): {report.summary()}")
     if not report.passed:
@@ -470,7 +471,7 @@ def _export_to(
 
     if fmt == "onnx":
         info = onnx_export.export_onnx(model, meta, path, exporter, opset)
-        _check_record(_onnx_record(path), meta, path)
+        _check_record(read_meta(path), meta, path)
         return info, parity.onnx_runner(path)
     # These formats run code when loaded: the gate loads the bytes it hashes, and the manifest vouches
     # for that hash only, so a file swapped in beside them is neither loaded here nor proven later.
@@ -493,18 +494,6 @@ def _read_once(path: str, info: dict[str, Any]) -> bytes:
         data = f.read()
     info["sha256"] = hashlib.sha256(data).hexdigest()
     return data
-
-
-def _onnx_record(path: str) -> ModelMeta:
-    import onnxruntime as ort
-
-    from cnnkit.meta import METADATA_KEY
-
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    text = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
-    if text is None:
-        raise ModelError(f"exported ONNX file carries no {METADATA_KEY!r} metadata")
-    return ModelMeta.from_json(text)
 
 
 def _check_record(record: ModelMeta, meta: ModelMeta, path: str) -> None:

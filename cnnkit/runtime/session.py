@@ -165,7 +165,7 @@ def read_meta(path: str) -> ModelMeta:
             inputs = _graph_inputs(buf, graphs[0]) if graphs else []
     except (ValueError, IndexError, UnicodeDecodeError, OSError) as e:
         raise ModelError(f"{path}: not a readable ONNX model ({e})") from None
-    meta = _meta_from_props(path, props)
+    meta = record_from_props(path, props)
     if len(inputs) == 1:  # anything else is left to onnxruntime's own check in `create_session`
         name, elem, dims = inputs[0]
         problem = _input_problem(path, meta, name, "tensor(uint8)" if elem == 2 else f"element type {elem}", dims)
@@ -174,7 +174,13 @@ def read_meta(path: str) -> ModelMeta:
     return meta
 
 
-def _meta_from_props(path: str, props: dict[str, str]) -> ModelMeta:
+def record_from_props(path: str, props: dict[str, str]) -> ModelMeta:
+    """The cnnkit record among an ONNX model's `metadata_props` (as a dict): the one place that turns
+    them into a `ModelMeta`, for files (`read_meta`) and for models in memory (`cnnkit.export.onnx`).
+
+    Raises:
+        ModelError: no record, or one that is not valid (`ModelMeta.from_json`), naming `path`.
+    """
     text = props.get(METADATA_KEY)
     if text is None:
         raise ModelError(
@@ -312,6 +318,12 @@ def quiet_session(ort: Any, model: Any, **kwargs: Any) -> tuple[Any, str]:
     return sess, " ".join(said.split())[:500]
 
 
+def runs_on_cuda(sess: Any) -> bool:
+    """Whether the CUDA provider really runs `sess`: onnxruntime-gpu lists it, then falls back to the
+    CPU without an error when its libraries do not load, so only the session can tell."""
+    return CUDA in sess.get_providers()
+
+
 def _loader_said() -> str:
     said = _PRELOAD[0] if _PRELOAD else ""
     return f" (loading the CUDA libraries said: {said})" if said else ""
@@ -402,18 +414,14 @@ def create_session(path: str, device: str = "auto", threads: int | None = None) 
     except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ModelError(f"{path}: onnxruntime cannot load it: {first}") from None
-    text = sess.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
-    if text is None:  # read_meta found it, so this would be a bug in one of the two readers
-        raise ModelError(f"{path}: onnxruntime sees no {METADATA_KEY!r} metadata record")
-    meta = _meta_from_props(path, {METADATA_KEY: text})
-    used = sess.get_providers()
+    on_cuda = runs_on_cuda(sess)
     notes: list[str] = []
-    if providers[0] != CPU and CUDA not in used:  # onnxruntime-gpu's silent fallback to the CPU
+    if providers[0] != CPU and not on_cuda:
         if spec.kind == "cuda":
             raise DeviceError(f"device {spec}: the CUDA provider did not load: {_cuda_fix()}{_loader_said()}"
                               + (f" (onnxruntime said: {said})" if said else ""))
         notes.append(f"device auto: the CUDA provider did not load, running on the CPU: {_cuda_fix()}")
     input_name, output_name = _check_io(path, meta, sess)
-    provider = CUDA if CUDA in used else CPU
+    provider = CUDA if on_cuda else CPU
     return Session(path, meta, provider, input_name, output_name, threads, sess, notes,
                    device_id=spec.cuda_index if provider == CUDA else 0)
