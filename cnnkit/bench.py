@@ -35,11 +35,11 @@ from typing import Any
 
 import numpy as np
 
+from cnnkit.batches import LOAD_LIMIT, load_images
 from cnnkit.console import log, table
 from cnnkit.devices import DeviceSpec, parse_device
 from cnnkit.errors import DataError, DeviceError, ModelError
 from cnnkit.files import path_kind
-from cnnkit.images import LOAD_LIMIT, load_images
 from cnnkit.meta import ModelMeta, predict
 from cnnkit.provenance import read_proven
 from cnnkit.runs import ARTIFACT_NAMES, BEST_NAME, REPORT_SUFFIX, latest_run

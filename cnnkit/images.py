@@ -1,6 +1,6 @@
-"""Decoding and batching PNG images. Torch-free: shared by training and inference.
+"""Decoding one PNG image. Torch-free: shared by training and inference.
 
-(Finding the files is `cnnkit.listing`'s job.)
+(Finding the files is `cnnkit.listing`'s job; decoding many in worker processes, `cnnkit.batches`.)
 
 One function, `decode_image`, turns PNG bytes into the model's input (uint8, H x W grayscale);
 training and `cnnkit infer` both go through it, so what the model saw in training is what it sees
@@ -29,21 +29,14 @@ allocated: decompression bombs). Bytes after the IEND chunk are ignored, as ever
 
 from __future__ import annotations
 
-import contextlib
 import os
 import struct
-import sys
 import zlib
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 
-from cnnkit.console import log
 from cnnkit.errors import DataError
-from cnnkit.listing import class_of, list_pngs
-from cnnkit.meta import ModelMeta
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # 16.7M pixels (4096 x 4096): far above any input of a small CNN. The largest decoded buffer is then
@@ -241,7 +234,7 @@ _READ_CHUNK = 1 << 16  # below malloc's mmap threshold: a small image costs one 
 _O_RDONLY = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
 
 
-def _read_bytes(path: str) -> bytes:
+def read_bytes(path: str) -> bytes:
     """The file's bytes, refusing files over MAX_FILE_BYTES; OS errors become ImageError.
 
     Plain `os.read` with a small first request: `open(path, "rb").read(MAX_FILE_BYTES + 1)` allocates
@@ -269,267 +262,4 @@ def _read_bytes(path: str) -> bytes:
 
 def read_image(path: str, size: tuple[int, int]) -> tuple[np.ndarray, bool]:
     """Read and decode one file (see `decode_image`); OS errors become ImageError."""
-    return decode_image(_read_bytes(path), size)
-
-
-# --------------------------------------------------------------------------------------------
-# Batched decoding in worker processes
-
-
-@dataclass
-class DecodedBatch:
-    """One batch of decoded images.
-
-    Attributes:
-        start: position (in the list given to `decode_batches`) of the batch's first file.
-        images: uint8 (n, H, W), the files that decoded, in order.
-        positions: int64 (n,), each image's position in the list.
-        failures: (position, reason) for files that did not decode.
-        converted: how many images were converted by the policy above.
-    """
-
-    start: int
-    images: np.ndarray
-    positions: np.ndarray
-    failures: list[tuple[int, str]]
-    converted: int
-
-
-def _decode_chunk(root: str, files: Sequence[str], start: int, size: tuple[int, int]) -> DecodedBatch:
-    # The hot loop of `cnnkit infer` (~25 us per 28 x 28 image: ~12 us of it is libspng + zlib).
-    out = np.empty((len(files), *size), dtype=np.uint8)
-    ok = np.empty(len(files), dtype=np.int64)
-    failures: list[tuple[int, str]] = []
-    n = converted = 0
-    prefix = os.path.join(root, "")
-    for i, rel in enumerate(files):
-        try:
-            out[n], conv = decode_image(_read_bytes(prefix + rel), size)
-        except ImageError as e:
-            failures.append((start + i, str(e)))
-            continue
-        ok[n] = start + i
-        converted += conv
-        n += 1
-    if n < len(files):  # copy, so that pickling the batch does not drag the unused rows along
-        return DecodedBatch(start, out[:n].copy(), ok[:n].copy(), failures, converted)
-    return DecodedBatch(start, out, ok, failures, converted)
-
-
-_STOP_SIGNALS = {2, 15}  # SIGINT, SIGTERM (their numbers on every POSIX system)
-
-
-@contextlib.contextmanager
-def _forking_quietly() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM back while decoder processes are forked.
-
-    A child forked with the CLI's SIGTERM handler could raise KeyboardInterrupt before
-    `_init_worker` ignores the signal, possibly while holding its result queue's lock, which then
-    deadlocks the pool's shutdown. Blocked here, a signal reaches the child only after it ignores
-    it, and reaches this process (as usual) when the block is lifted.
-    """
-    import signal
-
-    if not hasattr(signal, "pthread_sigmask"):  # pragma: no cover - Windows
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-def _stop_workers(pool: Any) -> None:
-    """On an interrupt: cancel what is queued and end the decoder processes now, so that leaving the
-    pool's `with` cannot wait on a worker forever."""
-    pool.shutdown(wait=False, cancel_futures=True)
-    for proc in list((getattr(pool, "_processes", None) or {}).values()):
-        proc.terminate()
-
-
-def _init_worker(parent: int) -> None:
-    """Decoder processes leave Ctrl-C and SIGTERM to the main process and die with it.
-
-    A terminal's Ctrl-C, and a SIGTERM sent to the process group (`kill -- -PGID`, a batch scheduler),
-    reach every process of the group: the main process turns either into a clean stop that shuts the
-    pool down, so the workers ignore both (instead of each printing a traceback: a forked worker
-    inherits the CLI's SIGTERM handler, which raises KeyboardInterrupt).
-    When the main process is killed outright (SIGKILL, the OOM killer), nothing tells pool workers
-    to exit and they would wait on their queue forever: on Linux the kernel kills them instead.
-    """
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if hasattr(signal, "pthread_sigmask"):  # blocked by `_forking_quietly` until the lines above ran
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):  # pragma: no cover - no usable libc
-            pass
-    if os.getppid() != parent:  # the main process died before prctl took effect
-        os._exit(1)
-
-
-def default_workers() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - macOS / Windows
-        return max(1, os.cpu_count() or 1)
-
-
-def decode_batches(
-    root: str,
-    files: Sequence[str],
-    size: tuple[int, int],
-    batch_size: int,
-    workers: int | None = None,
-    min_files_for_workers: int = 2048,
-    *,
-    chunks: Iterable[tuple[int, Sequence[str]]] | None = None,
-) -> Generator[DecodedBatch, None, None]:
-    """Decode `files` (relative to `root`) in batches, in order, in worker processes.
-
-    At most `2 * workers` batches are in flight, so memory stays bounded whatever the number of
-    files. With `workers=0`, or when there are fewer than `min_files_for_workers` files (too few to
-    pay for starting processes), the batches are decoded in this process. The answer never depends
-    on `workers` or `batch_size`.
-
-    Call this *before* creating an onnxruntime session: worker processes are forked on the first
-    `next()`, and forking a process whose thread pools are running is unsafe.
-
-    `chunks`: (position of the first file, files) pairs to decode instead of `files` cut into
-    batches; pulled lazily (e.g. from `iter_pngs`), so the caller picks `workers` (0: this process).
-    """
-    if batch_size < 1:
-        raise DataError("batch size must be at least 1")
-    workers = default_workers() if workers is None else workers
-    if chunks is None:
-        chunks = cut = [(s, files[s : s + batch_size]) for s in range(0, len(files), batch_size)]
-        if len(files) < min_files_for_workers or len(cut) < 2:
-            workers = 0
-    if workers <= 0:
-        for s, chunk in chunks:
-            yield _decode_chunk(root, chunk, s, size)
-        return
-
-    yield from _decode_in_pool(root, chunks, size, workers)
-
-
-def _decode_in_pool(root: str, chunks: Iterable[tuple[int, Sequence[str]]], size: tuple[int, int],
-                    workers: int) -> Iterator[DecodedBatch]:
-    """`decode_batches` in `workers` processes, at most `2 * workers` batches in flight, in order."""
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    pool_kw: dict[str, Any] = {"initializer": _init_worker, "initargs": (os.getpid(),)}
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method), **pool_kw) as pool:
-        pending: list[Any] = []  # futures of DecodedBatch, in file order
-        it = iter(chunks)
-        try:
-            for s, chunk in it:
-                if pending:
-                    pending.append(pool.submit(_decode_chunk, root, chunk, s, size))
-                else:
-                    with _forking_quietly():  # the first submit forks every worker
-                        pending.append(pool.submit(_decode_chunk, root, chunk, s, size))
-                if len(pending) >= 2 * workers:
-                    break
-            while pending:
-                batch = pending.pop(0).result()
-                nxt = next(it, None)
-                if nxt is not None:
-                    pending.append(pool.submit(_decode_chunk, root, nxt[1], nxt[0], size))
-                yield batch
-        except BaseException:  # KeyboardInterrupt (SIGINT, SIGTERM), GeneratorExit, an error
-            _stop_workers(pool)
-            raise
-        finally:
-            for f in pending:
-                f.cancel()
-
-
-# --------------------------------------------------------------------------------------------
-# A fixed sample of a folder (parity checks, calibration, accuracy gates, bench)
-
-
-@dataclass
-class Sample:
-    """Decoded images sampled from a folder.
-
-    Attributes:
-        root: the folder.
-        images: uint8 (N, 1, H, W).
-        labels: int64 (N,) indices into the classes, or None unless every sampled file sits under a
-            folder named like one of them.
-        n_files: PNG files the sample was drawn from.
-        n_failed: sampled files that could not be decoded (skipped).
-        n_converted: sampled images converted to 8-bit grayscale of the size.
-    """
-
-    root: str
-    images: np.ndarray
-    labels: np.ndarray | None
-    n_files: int
-    n_failed: int
-    n_converted: int
-
-
-def sample_folder(root: str, size: tuple[int, int], classes: Sequence[str], limit: int | None = None) -> Sample:
-    """Up to `limit` images spread evenly over the sorted listing of `root`, the same on every run.
-
-    The listing is sorted by class folder, so its first N files would all be one class; an even
-    spread covers them all. When some files sit in folders named like `classes`, only those are
-    used (a 0-vs-1 model is checked on 0s and 1s, not on 7s).
-
-    Raises:
-        DataError: no folder, no PNGs, or none decodable.
-    """
-    files = list_pngs(root).files
-    index = {c: i for i, c in enumerate(classes)}
-    files = [f for f in files if class_of(f) in index] or files
-    if not files:
-        raise DataError(f"{root}: no PNG files found (searched recursively for *.png)")
-    n_files = len(files)
-    if limit is not None and n_files > limit:
-        picks = np.unique(np.linspace(0, n_files - 1, num=limit).round().astype(np.int64))
-        files = [files[i] for i in picks.tolist()]
-    out = np.empty((len(files), 1, *size), dtype=np.uint8)
-    labels = np.empty(len(files), dtype=np.int64)
-    n = failed = converted = 0
-    for rel in files:
-        try:
-            out[n, 0], conv = read_image(os.path.join(root, rel), size)
-        except ImageError:
-            failed += 1
-            continue
-        labels[n] = index.get(class_of(rel) or "", -1)
-        converted += conv
-        n += 1
-    if n == 0:
-        raise DataError(f"{root}: none of {len(files)} sampled PNGs could be decoded")
-    labels = labels[:n]
-    return Sample(root, out[:n], labels if bool((labels >= 0).all()) else None, n_files, failed, converted)
-
-
-LOAD_LIMIT = 10_000  # all of an MNIST-style test split
-
-
-def load_images(root: str, meta: ModelMeta, limit: int | None = LOAD_LIMIT, command: str = "bench") -> Sample:
-    """Decode up to `limit` PNGs under `root` for `meta`'s model (`sample_folder`).
-
-    Files under `root/<class>/` are labeled with the class's index in `meta.classes`, as in
-    `cnnkit infer`. Undecodable files are skipped (and counted in the log line).
-
-    Used by `cnnkit bench` and by the INT8 accuracy gate of `cnnkit export` (`command` names which,
-    in the log line).
-    """
-    sample = sample_folder(root, meta.input_shape[1:], meta.classes, limit)
-    if sample.n_failed:
-        log(f"{command}: {sample.n_failed} of {sample.n_files} PNGs under {root} could not be decoded; skipped")
-    return sample
+    return decode_image(read_bytes(path), size)

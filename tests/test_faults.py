@@ -631,8 +631,8 @@ def test_decoders_leave_sigint_and_sigterm_to_the_main_process():
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
+    from cnnkit.batches import _init_worker
     from cnnkit.cli import _stops_cleanly_on_sigterm
-    from cnnkit.images import _init_worker
 
     with _stops_cleanly_on_sigterm(), ProcessPoolExecutor(
         1, mp_context=mp.get_context("fork"), initializer=_init_worker, initargs=(os.getpid(),)

@@ -14,8 +14,8 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 # Lowest first. A module not listed here fails the test: each new module takes a place on purpose.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("cnnkit", "cnnkit.errors", "cnnkit.files", "cnnkit.meta", "cnnkit.listing", "cnnkit.images",
-              "cnnkit.csvcells", "cnnkit.confusion", "cnnkit.console", "cnnkit.devices", "cnnkit.provenance",
-              "cnnkit.runs")),
+              "cnnkit.batches", "cnnkit.csvcells", "cnnkit.confusion", "cnnkit.console", "cnnkit.devices",
+              "cnnkit.provenance", "cnnkit.runs")),
     ("datasets", ("cnnkit.datasets", "cnnkit.datasets.idx", "cnnkit.datasets.layout", "cnnkit.datasets.mnist",
                   "cnnkit.datasets.sample")),
     ("runtime", ("cnnkit.runtime", "cnnkit.runtime.session", "cnnkit.runtime.outputs", "cnnkit.runtime.shard",

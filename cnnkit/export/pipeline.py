@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from cnnkit.batches import load_images, sample_folder
 from cnnkit.console import log
 from cnnkit.devices import DeviceSpec, parse_device
 from cnnkit.errors import CnnkitError, DataError, DeviceError, ModelError, ParityError
@@ -25,7 +26,6 @@ from cnnkit.export.onnx import DEFAULT_EXPORTER, check_options
 from cnnkit.export.parity import TIERS, ParityReport, run_parity
 from cnnkit.export.quantize import DEFAULT_CALIBRATION_SIZE, DEFAULT_EVAL_LIMIT, DEFAULT_MAX_ACCURACY_DROP
 from cnnkit.files import atomic_path, check_not_an_input, check_outside, check_writable, write_json
-from cnnkit.images import load_images, sample_folder
 from cnnkit.meta import ModelMeta
 from cnnkit.provenance import check_key, record
 from cnnkit.runs import ARTIFACT_NAMES, BEST_NAME, CHECKPOINT_NAME, REPORT_SUFFIX, latest_file
@@ -553,7 +553,7 @@ def _resolve_data(data: str | None, meta: ModelMeta, checkpoint: str) -> str:
 
 
 def sample_images(root: str, meta: ModelMeta, n_images: int) -> np.ndarray:
-    """Up to `n_images` real images from `root` for the model (`cnnkit.images.sample_folder`).
+    """Up to `n_images` real images from `root` for the model (`cnnkit.batches.sample_folder`).
 
     Returns:
         uint8 (n, C, H, W).

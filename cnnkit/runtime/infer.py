@@ -1,7 +1,7 @@
 """`cnnkit infer`: classify a folder of PNGs with an ONNX model, streaming predictions to a CSV.
 
 The pipeline, tuned on a 2-core machine (the tuning notes are in `scripts/bench_infer.py`):
-  - one worker process per core reads + decodes PNGs (`cnnkit.images.decode_batches`) in tasks of
+  - one worker process per core reads + decodes PNGs (`cnnkit.batches.decode_batches`) in tasks of
     up to 2048 files, 2 tasks per worker in flight, and sends back uint8 batches;
   - this process runs the model (onnxruntime, one thread) and writes the CSV.
 The decoder is started (and its first batch received) before the onnxruntime session exists, so
@@ -31,12 +31,12 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from cnnkit.batches import DecodedBatch, decode_batches, default_workers
 from cnnkit.confusion import Confusion, summary_lines, top_pairs
 from cnnkit.console import Progress, log, printable, table
 from cnnkit.csvcells import RISKY_START, escape
 from cnnkit.errors import DataError, FileFailedError
 from cnnkit.files import atomic_path, check_not_an_input, check_writable, remove_stale_temps
-from cnnkit.images import DecodedBatch, decode_batches, default_workers
 from cnnkit.listing import Listing, describe_ignored, is_listed, iter_pngs
 from cnnkit.meta import ModelMeta, predict
 from cnnkit.runs import ONNX_NAME, PREDICTIONS_NAME, latest_file

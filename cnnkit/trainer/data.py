@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cnnkit.batches import decode_batches
 from cnnkit.console import Progress, log, printable
 from cnnkit.errors import DataError
-from cnnkit.images import ImageError, decode_batches, png_size
+from cnnkit.images import ImageError, png_size
 from cnnkit.listing import class_of, describe_ignored, list_pngs
 
 SKIPPED_PRINTED = 5  # files named in the warning; all are counted
