@@ -18,12 +18,14 @@ def is_png_name(name: str) -> bool:
     return name[-4:].lower() == ".png"
 
 
-def is_listed(root: str, path: str) -> bool:
-    """Whether `path` is an existing file the walk of `root` yields: a PNG-named file under it, in no
-    hidden folder (symlinks resolved, so it may answer yes for a file the walk reaches no other way:
-    callers use it to refuse writing there)."""
+def is_listed(root: str, path: str, existing: bool = True) -> bool:
+    """Whether `path` is an existing file the walk of `root` yields (or, with `existing=False`, would
+    be one if it were written): a PNG-named file under it, in no hidden folder (symlinks resolved, so
+    it may answer yes for a file the walk reaches no other way: callers use it to refuse writing there)."""
     real_root, real = os.path.realpath(root), os.path.realpath(path)
-    if real == real_root or os.path.commonpath([real_root, real]) != real_root or not os.path.isfile(real):
+    if real == real_root or os.path.commonpath([real_root, real]) != real_root:
+        return False
+    if existing and not os.path.isfile(real):
         return False
     parts = os.path.relpath(real, real_root).split(os.sep)
     return is_png_name(parts[-1]) and not any(p.startswith(".") for p in parts)

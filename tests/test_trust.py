@@ -129,3 +129,16 @@ def test_train_refuses_a_run_folder_inside_its_data(tiny_tree, tmp_path):
     res = runner.invoke(app, ["train", os.fspath(data), "--out", os.fspath(data / "run"), "--epochs", "1"])
     assert res.exit_code == 2 and "is inside" in res.stderr, res.output
     assert not (data / "run").exists() and not (data / "latest").exists()
+
+
+def test_infer_refuses_a_png_named_output_inside_its_folder(exported, tmp_path, tiny_tree):
+    """`infer DATA --output DATA/out.png` succeeded, and the next run of DATA failed on out.png."""
+    from cnnkit.export import export
+
+    folder = shutil.copytree(os.path.join(tiny_tree, "testing"), tmp_path / "testing")
+    model = export(os.path.join(exported, "best.pt"), fmt="onnx", out=os.fspath(tmp_path / "m.onnx")).path
+    res = runner.invoke(app, ["infer", os.fspath(folder), "--model", model, "--output", os.fspath(folder / "out.png")])
+    assert res.exit_code == 2 and "next run" in res.stderr, res.output
+    assert not (folder / "out.png").exists()
+    ok = runner.invoke(app, ["infer", os.fspath(folder), "--model", model, "--output", os.fspath(folder / "p.csv")])
+    assert ok.exit_code == 0, ok.output  # a CSV beside the images is not read as one

@@ -457,6 +457,9 @@ def _check_outputs(folder: str, model: str, outputs: list[str]) -> None:
         if is_listed(folder, out):
             raise DataError(f"{out}: is one of the images under {folder}; writing there would destroy it "
                             "(choose another output path)")
+        if is_listed(folder, out, existing=False):
+            raise DataError(f"{out}: a PNG name under {folder}; the next run of the folder would read it as an "
+                            "image (choose another output path)")
         check_writable(out)
 
 
