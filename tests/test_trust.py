@@ -142,3 +142,21 @@ def test_infer_refuses_a_png_named_output_inside_its_folder(exported, tmp_path, 
     assert not (folder / "out.png").exists()
     ok = runner.invoke(app, ["infer", os.fspath(folder), "--model", model, "--output", os.fspath(folder / "p.csv")])
     assert ok.exit_code == 0, ok.output  # a CSV beside the images is not read as one
+
+
+def test_infer_never_writes_over_a_models_external_weights(exported, tmp_path, tiny_tree):
+    """An ONNX model with its weights in a file beside it: `--output` onto that file destroyed them."""
+    import onnx
+
+    from cnnkit.export import export
+
+    src = export(os.path.join(exported, "best.pt"), fmt="onnx", out=os.fspath(tmp_path / "m.onnx")).path
+    folder = tmp_path / "ext"
+    folder.mkdir()
+    onnx.save_model(onnx.load(src), os.fspath(folder / "model.onnx"), save_as_external_data=True,
+                    location="weights.bin", size_threshold=0)
+    before = (folder / "weights.bin").read_bytes()
+    res = runner.invoke(app, ["infer", os.path.join(tiny_tree, "testing"), "--model", os.fspath(folder / "model.onnx"),
+                              "--output", os.fspath(folder / "weights.bin")])
+    assert res.exit_code == 2 and "is an input" in res.stderr, res.output
+    assert (folder / "weights.bin").read_bytes() == before

@@ -41,7 +41,7 @@ from cnnkit.listing import Listing, describe_ignored, is_listed, iter_pngs
 from cnnkit.meta import ModelMeta, predict
 from cnnkit.runs import ONNX_NAME, PREDICTIONS_NAME, latest_file
 from cnnkit.runtime.outputs import CSV_COLUMNS, FAILURE_COLUMNS, FAILURES_KEPT, failures_path, summary_path
-from cnnkit.runtime.session import Session, create_session, read_meta
+from cnnkit.runtime.session import Session, create_session, external_data_files, read_meta
 from cnnkit.runtime.shard import Shard, ShardFilter, parse_shard, write_shard_summary
 
 # Paths and class names that the csv module must quote, or that `escape` must prefix (at a cell's start:
@@ -452,7 +452,7 @@ def _result(job: _Job, plan: _Plan, session: Session, counts: _Counts, failure_l
 def _check_outputs(folder: str, model: str, outputs: list[str]) -> None:
     """Refuse, before any work, outputs that would destroy an input (the model, an image of the folder)
     or that cannot be written: a failure at the end would leave some outputs written and not others."""
-    check_not_an_input(outputs, [model])
+    check_not_an_input(outputs, [model, *external_data_files(model)])
     for out in outputs:
         if is_listed(folder, out):
             raise DataError(f"{out}: is one of the images under {folder}; writing there would destroy it "

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import io
 import mmap
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +74,28 @@ def _fields(buf: Any, pos: int, end: int) -> Any:
 def _sub(buf: Any, span: tuple[int, int], fnum: int) -> list[Any]:
     """The values of field `fnum` in the message at `span`."""
     return [v for f, _, v in _fields(buf, *span) if f == fnum]
+
+
+def external_data_files(path: str) -> list[str]:
+    """The files an ONNX model keeps weights in beside it (TensorProto.external_data "location"): inputs
+    of a command as much as the model file itself, so never an output.
+
+    GraphProto: initializer = 5; TensorProto: external_data = 13 (StringStringEntryProto: key = 1,
+    value = 2). A file this cannot parse gives [] (`read_meta` reports it).
+    """
+    found: set[str] = set()
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            for graph in (v for fnum, wire, v in _fields(buf, 0, len(buf)) if fnum == 7 and wire == 2):
+                for tensor in _sub(buf, graph, 5):
+                    for entry in _sub(buf, tensor, 13):
+                        kv = {k: bytes(buf[v[0] : v[1]]).decode("utf-8", "replace")
+                              for k, wire, v in _fields(buf, *entry) if wire == 2}
+                        if kv.get(1) == "location" and 2 in kv:
+                            found.add(os.path.join(os.path.dirname(os.path.abspath(path)), kv[2]))
+    except (ValueError, IndexError, TypeError, OSError):
+        return []
+    return sorted(found)
 
 
 def _graph_inputs(buf: Any, graph: tuple[int, int]) -> list[tuple[str, int | None, list[int | str | None]]]:
