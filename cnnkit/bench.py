@@ -14,8 +14,8 @@ device it can run on here (onnxruntime's CPU / CUDA providers through `cnnkit.ru
 
 Every runtime gets the same number of intra-op threads (`threads`, default 1: how `cnnkit infer` runs
 the model beside its decoder processes). One thread also keeps the table honest on a shared machine:
-with 2 threads on a busy 2-core box, torch's OpenMP pool measured 48 ms per batch-1 call against
-1.2 ms with one thread, which would compare the machine's load rather than the artifacts. Rows run
+with more threads than idle cores, torch's OpenMP pool waits on the machine's load (docs/benchmarks.md),
+and the table would compare that load rather than the artifacts. Rows run
 one after another in this process, so compare rows of one table, not numbers across tables.
 
 Torch rows need torch; without it the ONNX rows still run (the reference columns are then empty),

@@ -43,7 +43,7 @@ class FlattenLinear(nn.Linear):
     A channels_last input (what training uses) is read in its memory order, (H, W, C), against a
     permuted copy of the weight: permuting 2304 x K weights is cheaper than copying the activations,
     and the gradient then flows back channels_last, so the pooling before it keeps its fast kernel
-    (with `nn.Flatten` its backward converts layouts and takes 3x as long). Any other input is
+    (with `nn.Flatten` its backward converts layouts, several times slower: docs/benchmarks.md). Any other input is
     flattened as `nn.Flatten` does. Both give the same numbers (tests/test_train.py).
     """
 
@@ -83,7 +83,7 @@ def lecture(num_classes: int, height: int, width: int) -> tuple[nn.Sequential, s
 
 def _block(cin: int, cout: int, pool: bool = True) -> list[nn.Module]:
     # Pool right after the convolution: BatchNorm and ReLU then run on a quarter of the values
-    # (1.5x faster training steps on the CPU here than conv -> BN -> ReLU -> pool).
+    # (faster training steps than conv -> BN -> ReLU -> pool; docs/benchmarks.md).
     conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
     return [conv, *([nn.MaxPool2d(2)] if pool else []), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 

@@ -55,9 +55,8 @@ MIN_TASK_FILES = 256
 MAX_TASK_FILES = 2048
 MAX_TASK_BYTES = 8 << 20  # decoded pixels per task: 2 * workers tasks in flight stay ~100 MB at most
 TASKS_PER_WORKER = 8
-# Below this, one process decoding and predicting in turn is as fast as starting workers: measured
-# break-even near 4,000 28 x 28 images on 2 cores (about 0.3 s of work; forking and the first task's
-# latency cost ~50 ms).
+# Below this, one process decoding and predicting in turn is as fast as starting workers (forking and
+# the first task's latency cost more than the work they would share; docs/benchmarks.md).
 MIN_FILES_FOR_WORKERS = 4096
 # Paths read ahead of decoding (~90 bytes each): a folder with fewer files is counted before the run
 # starts (exact task sizes and a progress bar with a total); a larger one streams, its bar counting up.
