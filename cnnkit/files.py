@@ -30,7 +30,7 @@ def check_output_target(path: str | os.PathLike[str]) -> None:
     except OSError as e:
         raise DataError(f"{os.fspath(path)}: cannot write there ({e.strerror or e})") from None
     if not stat.S_ISREG(mode):
-        kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+        kind = _mode_kind(mode)
         raise DataError(f"{os.fspath(path)}: is {kind}; cnnkit writes only a new file or over a regular file "
                         "(choose another output path)")
 
@@ -112,6 +112,10 @@ def path_kind(path: str | os.PathLike[str]) -> str:
         return "a broken symbolic link" if os.path.islink(path) else "nothing"
     except OSError as e:
         return f"unreadable ({e.strerror or e})"
+    return _mode_kind(mode)
+
+
+def _mode_kind(mode: int) -> str:
     if stat.S_ISREG(mode):
         return "a file"
     return next((name for test, name in _KINDS if test(mode)), "not a regular file")

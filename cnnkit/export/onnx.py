@@ -184,32 +184,16 @@ def _trace(model: Any, example: Any, exporter: str, opset: int) -> Any:
     import onnx
     import torch
 
+    names = {"input_names": [INPUT_NAME], "output_names": [OUTPUT_NAME], "opset_version": opset}
     with quiet():
         if exporter == "dynamo":
-            program = torch.onnx.export(
-                model,
-                (example,),
-                None,
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                opset_version=opset,
-                dynamo=True,
-                dynamic_shapes=({0: torch.export.Dim(BATCH_DIM, min=1)},),
-                verbose=False,
-            )
+            dynamic = ({0: torch.export.Dim(BATCH_DIM, min=1)},)
+            program = torch.onnx.export(model, (example,), None, dynamo=True, dynamic_shapes=dynamic, verbose=False,
+                                        **names)
             return program.model_proto
         buf = io.BytesIO()
-        torch.onnx.export(
-            model,
-            (example,),
-            buf,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            opset_version=opset,
-            dynamo=False,
-            dynamic_axes={INPUT_NAME: {0: BATCH_DIM}, OUTPUT_NAME: {0: BATCH_DIM}},
-            do_constant_folding=True,
-        )
+        torch.onnx.export(model, (example,), buf, dynamo=False, do_constant_folding=True,
+                          dynamic_axes={INPUT_NAME: {0: BATCH_DIM}, OUTPUT_NAME: {0: BATCH_DIM}}, **names)
         return onnx.load_model_from_string(buf.getvalue())
 
 
