@@ -169,8 +169,9 @@ def decode_batches(
     yield from _decode_in_pool(root, chunks, size, workers)
 
 
-def _decode_in_pool(root: str, chunks: Iterable[tuple[int, Sequence[str]]], size: tuple[int, int],
-                    workers: int) -> Iterator[DecodedBatch]:
+def _decode_in_pool(
+    root: str, chunks: Iterable[tuple[int, Sequence[str]]], size: tuple[int, int], workers: int
+) -> Iterator[DecodedBatch]:
     """`decode_batches` in `workers` processes, at most `2 * workers` batches in flight, in order."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor

@@ -52,9 +52,13 @@ P50_SECONDS = 2.0
 THROUGHPUT_PASSES = 3
 THROUGHPUT_SECONDS = 3.0  # stop adding passes after this long
 # Artifact kind -> (file name, runtime): the checkpoint run eagerly, then what `cnnkit export` writes.
-ARTIFACTS = (("eager", BEST_NAME, "torch"),
-             *((kind, name, "torch" if kind in ("torchscript", "pt2") else "onnxruntime")
-               for kind, name in ARTIFACT_NAMES.items()))
+ARTIFACTS = (
+    ("eager", BEST_NAME, "torch"),
+    *(
+        (kind, name, "torch" if kind in ("torchscript", "pt2") else "onnxruntime")
+        for kind, name in ARTIFACT_NAMES.items()
+    ),
+)
 
 # Loading these runs code from the file: only ones cnnkit can prove it wrote, or with trust_model.
 CODE_BEARING = ("torchscript", "pt2")
@@ -140,8 +144,19 @@ class BenchResult:
         return asdict(self)
 
 
-TABLE_HEADERS = ("artifact", "device", "KB", "acc %", "Δacc pts", "max|diff|", "agree %", "load ms", "cold ms",
-                 "p50 ms b1", "img/s")
+TABLE_HEADERS = (
+    "artifact",
+    "device",
+    "KB",
+    "acc %",
+    "Δacc pts",
+    "max|diff|",
+    "agree %",
+    "load ms",
+    "cold ms",
+    "p50 ms b1",
+    "img/s",
+)
 
 
 def format_table(result: BenchResult) -> str:
@@ -155,21 +170,25 @@ def format_table(result: BenchResult) -> str:
         if r.error:
             rows.append([r.artifact, r.device, round(r.bytes / 1024), f"error: {r.error}", *[""] * 7])
             continue
-        rows.append([
-            r.artifact,
-            r.device,
-            round(r.bytes / 1024),
-            num(None if r.accuracy is None else r.accuracy * 100, ".2f"),
-            num(r.accuracy_change, "+.2f"),
-            num(r.max_abs_diff, ".1e"),
-            num(None if r.argmax_agreement is None else r.argmax_agreement * 100, ".2f"),
-            num(r.load_ms, ".1f"),
-            num(r.cold_ms, ".2f"),
-            num(r.p50_ms, ".3f"),
-            num(r.images_per_second, ",.0f"),
-        ])
-    head = (f"bench: {result.run_dir} on {result.n_images:,} images from {result.data}; "
-            f"{result.threads} thread(s); throughput at batch {result.batch_size}; diffs against {result.reference}")
+        rows.append(
+            [
+                r.artifact,
+                r.device,
+                round(r.bytes / 1024),
+                num(None if r.accuracy is None else r.accuracy * 100, ".2f"),
+                num(r.accuracy_change, "+.2f"),
+                num(r.max_abs_diff, ".1e"),
+                num(None if r.argmax_agreement is None else r.argmax_agreement * 100, ".2f"),
+                num(r.load_ms, ".1f"),
+                num(r.cold_ms, ".2f"),
+                num(r.p50_ms, ".3f"),
+                num(r.images_per_second, ",.0f"),
+            ]
+        )
+    head = (
+        f"bench: {result.run_dir} on {result.n_images:,} images from {result.data}; "
+        f"{result.threads} thread(s); throughput at batch {result.batch_size}; diffs against {result.reference}"
+    )
     lines = [head, table(TABLE_HEADERS, rows)]
     lines += [f"note: {n}" for n in result.notes]
     return "\n".join(lines)
@@ -203,8 +222,9 @@ def _onnx_cuda_works(path: str, device: str = "cuda") -> tuple[bool, str]:
     return True, ""
 
 
-def _load(artifact: str, path: str, device: str, threads: int | None = DEFAULT_THREADS,
-          data: bytes | None = None) -> tuple[Runner, str]:
+def _load(
+    artifact: str, path: str, device: str, threads: int | None = DEFAULT_THREADS, data: bytes | None = None
+) -> tuple[Runner, str]:
     """(runner: uint8 batch -> float32 outputs, runtime description); torch's threads are set by `bench`.
     `data`: a TorchScript or pt2 file's checked bytes, loaded instead of `path`."""
     if artifact.startswith("onnx"):
@@ -279,8 +299,10 @@ def _drop_unproven(found: dict[str, str], proven: dict[str, bytes]) -> list[str]
         if data is not None:
             proven[kind] = data
         else:
-            notes.append(f"{found.pop(kind)}: skipped, not loaded: it can run code and is {why}; "
-                         "pass --trust-model if you trust it")
+            notes.append(
+                f"{found.pop(kind)}: skipped, not loaded: it can run code and is {why}; "
+                "pass --trust-model if you trust it"
+            )
     return notes
 
 
@@ -390,13 +412,16 @@ def bench(
     )
 
 
-def _images(data: str | None, meta: ModelMeta, run_dir: str, found: dict[str, str],
-            limit: int | None) -> tuple[str, np.ndarray, np.ndarray | None]:
+def _images(
+    data: str | None, meta: ModelMeta, run_dir: str, found: dict[str, str], limit: int | None
+) -> tuple[str, np.ndarray, np.ndarray | None]:
     """The folder benchmarked on (DATA, or the run's testing split), its images and their labels."""
     folder = _resolve_data(data, meta, run_dir, found)
     loaded = load_images(folder, meta, limit)
-    log(f"bench: {len(loaded.images):,} images from {folder}"
-        + ("" if loaded.labels is not None else " (unlabeled: no accuracy)"))
+    log(
+        f"bench: {len(loaded.images):,} images from {folder}"
+        + ("" if loaded.labels is not None else " (unlabeled: no accuracy)")
+    )
     return folder, loaded.images, loaded.labels
 
 
@@ -407,12 +432,14 @@ def _artifacts(run: str | None) -> tuple[str, dict[str, str]]:
         there = path_kind(run_dir)
         said = "no such run folder" if there == "nothing" else f"is {there}, not a run folder"
         raise ModelError(f"{run_dir}: {said}")
-    return run_dir, {kind: os.path.join(run_dir, name) for kind, name, _ in ARTIFACTS
-                     if os.path.isfile(os.path.join(run_dir, name))}
+    return run_dir, {
+        kind: os.path.join(run_dir, name) for kind, name, _ in ARTIFACTS if os.path.isfile(os.path.join(run_dir, name))
+    }
 
 
-def _loadable(found: dict[str, str], trust_model: bool,
-              torch_ok: bool) -> tuple[dict[str, str], list[str], dict[str, bytes]]:
+def _loadable(
+    found: dict[str, str], trust_model: bool, torch_ok: bool
+) -> tuple[dict[str, str], list[str], dict[str, bytes]]:
     """The artifacts this process may and can load, a note for each left out, and the checked bytes
     of the code-bearing ones (`_drop_unproven`)."""
     notes: list[str] = []
@@ -427,8 +454,9 @@ def _loadable(found: dict[str, str], trust_model: bool,
     return found, notes, proven
 
 
-def _devices(found: dict[str, str], spec: DeviceSpec, gpu: str, torch_ok: bool,
-             notes: list[str]) -> tuple[list[str], list[str]]:
+def _devices(
+    found: dict[str, str], spec: DeviceSpec, gpu: str, torch_ok: bool, notes: list[str]
+) -> tuple[list[str], list[str]]:
     """The devices torch and onnxruntime each run on here, for `--device` `spec`; notes say why not the GPU."""
     torch_devices = ["cpu"] + ([gpu] if torch_ok and _torch_cuda(spec.cuda_index) else [])
     onnx_probe = next((found[k] for k in ("onnx", "onnx-int8", "onnx-fp16") if k in found), None)
@@ -449,8 +477,9 @@ def _devices(found: dict[str, str], spec: DeviceSpec, gpu: str, torch_ok: bool,
     return torch_devices, ort_devices
 
 
-def _plan(found: dict[str, str], torch_devices: list[str], ort_devices: list[str], gpu: str,
-          notes: list[str]) -> list[tuple[str, str, str]]:
+def _plan(
+    found: dict[str, str], torch_devices: list[str], ort_devices: list[str], gpu: str, notes: list[str]
+) -> list[tuple[str, str, str]]:
     """(artifact kind, path, device) of every row, in the table's order."""
     plan: list[tuple[str, str, str]] = []
     for kind, _, runtime in ARTIFACTS:
@@ -480,8 +509,14 @@ def _torch_threads(threads: int) -> Iterator[None]:
 
 
 def _run_plan(
-    plan: list[tuple[str, str, str]], found: dict[str, str], images: np.ndarray, labels: np.ndarray | None,
-    meta: ModelMeta, batch_size: int, threads: int, proven: dict[str, bytes],
+    plan: list[tuple[str, str, str]],
+    found: dict[str, str],
+    images: np.ndarray,
+    labels: np.ndarray | None,
+    meta: ModelMeta,
+    batch_size: int,
+    threads: int,
+    proven: dict[str, bytes],
 ) -> tuple[list[BenchRow], np.ndarray | None]:
     """Measure each (artifact, path, device) of the plan; the eager CPU run is the reference."""
     reference: np.ndarray | None = None

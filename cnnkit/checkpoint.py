@@ -97,8 +97,10 @@ def check_resumable(ckpt: dict[str, Any], path: str) -> None:
     if not isinstance(config, dict):
         raise _unresumable(path, "config")
     if config.get("val_split") is None or "best_model" not in ckpt:
-        raise ModelError(f"{path} was written by cnnkit before 0.4, which validated on testing/; "
-                         "start a new run (its checkpoints still export)")
+        raise ModelError(
+            f"{path} was written by cnnkit before 0.4, which validated on testing/; "
+            "start a new run (its checkpoints still export)"
+        )
     for key in RESUME_KEYS:
         if key not in ckpt:
             raise _unresumable(path, key)
@@ -111,8 +113,10 @@ def check_resumable(ckpt: dict[str, Any], path: str) -> None:
 
 
 def _unresumable(path: str, key: str) -> ModelError:
-    return ModelError(f"{path}: cannot resume, the checkpoint has no usable {key!r} (damaged, or not written by "
-                      "`cnnkit train`); start a new run, or export it as it is")
+    return ModelError(
+        f"{path}: cannot resume, the checkpoint has no usable {key!r} (damaged, or not written by "
+        "`cnnkit train`); start a new run, or export it as it is"
+    )
 
 
 def model_from_checkpoint(path: str) -> tuple[Classifier, ModelMeta, dict[str, Any]]:

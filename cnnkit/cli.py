@@ -30,8 +30,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-data_app = typer.Typer(help="Get data as PNG folders: ROOT/training/<class>/*.png and ROOT/testing/<class>/*.png.",
-                       no_args_is_help=True)
+data_app = typer.Typer(
+    help="Get data as PNG folders: ROOT/training/<class>/*.png and ROOT/testing/<class>/*.png.", no_args_is_help=True
+)
 app.add_typer(data_app, name="data")
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -162,34 +163,64 @@ def _parse_classes(classes: str | None) -> tuple[str, ...] | None:
 # train
 
 
+TrainData = Annotated[
+    Path | None,
+    typer.Argument(
+        help="Folder with training/ (and testing/), or class folders. Default: the bundled 5,000 MNIST digits."
+    ),
+]
+TrainEpochs = Annotated[
+    int | None,
+    typer.Option(min=1, help="Default: the arch's (small 14, or more on small data to reach 900 steps; lecture 5)."),
+]
+TrainBatchSize = Annotated[
+    int | None, typer.Option(min=1, max=MAX_BATCH, help="Global batch. Default: small 256, lecture 128.")
+]
+TrainArch = Annotated[
+    str, typer.Option(help="small (default), wide (small with more channels) or lecture (the lecture's exact network).")
+]
+TrainLr = Annotated[
+    float | None,
+    typer.Option(help="Peak learning rate. Default: small 5e-3 (warm-up + cosine), lecture 1e-3 (constant)."),
+]
+TrainAugment = Annotated[
+    Augment | None,
+    typer.Option(
+        help="Default: small shift, lecture none. flip: mirror half of each batch (clothes, not digits); "
+        "shift: move each image by up to 2 pixels."
+    ),
+]
+TrainValSplit = Annotated[
+    float,
+    typer.Option(
+        min=0.0,
+        max=0.99,
+        help=(
+            "Hold out this stratified, seeded fraction of training for validation, which alone selects the "
+            "checkpoint; testing/ is evaluated once, at the end. 0: train on all of it and keep the last epoch."
+        ),
+    ),
+]
+TrainWorkers = Annotated[
+    int | None, typer.Option(min=0, max=MAX_PROCESSES, help="PNG decoder processes. Default: one per core.")
+]
+
+
 @app.command()
 @_reports_errors
 def train(
-    data: Annotated[Path | None, typer.Argument(help="Folder with training/ (and testing/), or class folders. "
-                                                      "Default: the bundled 5,000 MNIST digits.")] = None,
+    data: TrainData = None,
     out: Annotated[Path | None, typer.Option(help="Run folder. Default: runs/train-<time>.")] = None,
-    epochs: Annotated[int | None, typer.Option(min=1, help=(
-        "Default: the arch's (small 14, or more on small data to reach 900 steps; lecture 5)."))] = None,
-    batch_size: Annotated[int | None, typer.Option(min=1, max=MAX_BATCH, help="Global batch. Default: small 256, "
-                                                                              "lecture 128.")]
-    = None,
-    arch: Annotated[str, typer.Option(help="small (default), wide (small with more channels) or lecture (the "
-                                           "lecture's exact network).")] = "small",
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate. Default: small 5e-3 (warm-up + cosine), "
-                                                  "lecture 1e-3 (constant).")] = None,
-    augment: Annotated[Augment | None, typer.Option(
-        help="Default: small shift, lecture none. flip: mirror half of each batch (clothes, not digits); "
-             "shift: move each image by up to 2 pixels.")]
-    = None,
+    epochs: TrainEpochs = None,
+    batch_size: TrainBatchSize = None,
+    arch: TrainArch = "small",
+    lr: TrainLr = None,
+    augment: TrainAugment = None,
     classes: Annotated[str | None, typer.Option(help="Comma-separated class folder names, e.g. 0,1.")] = None,
-    val_split: Annotated[float, typer.Option(min=0.0, max=0.99, help=(
-        "Hold out this stratified, seeded fraction of training for validation, which alone selects the "
-        "checkpoint; testing/ is evaluated once, at the end. 0: train on all of it and keep the last epoch."))]
-    = 0.1,
+    val_split: TrainValSplit = 0.1,
     device: Annotated[str, _device_option("Mixed precision on CUDA: bf16 where native, else fp16.")] = "auto",
     seed: int = 0,
-    workers: Annotated[int | None, typer.Option(min=0, max=MAX_PROCESSES, help="PNG decoder processes. Default: "
-                                                                               "one per core.")] = None,
+    workers: TrainWorkers = None,
     resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -232,35 +263,73 @@ class Quantize(str, Enum):
     int8 = "int8"
 
 
+ExportData = Annotated[
+    Path | None,
+    typer.Option(
+        help="Folder of class folders for the parity images (and the int8 accuracy gate). "
+        "Default: the testing split the model was trained with."
+    ),
+]
+ExportTolerance = Annotated[
+    float | None, typer.Option(help="Parity gate: max abs difference allowed. Default: 1e-4 (fp32), 5e-2 (--half).")
+]
+ExportQuantize = Annotated[
+    Quantize | None,
+    typer.Option(help="ONNX: static INT8 quantization (QDQ, per-channel) -> model.int8.onnx, gated on test accuracy."),
+]
+ExportHalf = Annotated[
+    bool,
+    typer.Option(
+        "--half",
+        help="ONNX: float16 weights and math for the CUDA provider -> model.fp16.onnx (uint8 in, float32 out).",
+    ),
+]
+ExportCalibration = Annotated[
+    Path | None, typer.Option(help="INT8: folder of PNGs to calibrate on. Default: the run's training data.")
+]
+ExportCalibrationSize = Annotated[int, typer.Option(min=1, help="INT8: calibration images (spread over the folder).")]
+ExportMaxAccuracyDrop = Annotated[
+    float, typer.Option(help="INT8: top-1 accuracy points the int8 file may lose against fp32 on the testing split.")
+]
+ExportDevice = Annotated[
+    str,
+    _device_option(
+        "Where the --half gate runs (the other gates run on the CPU provider: their files are for any device)."
+    ),
+]
+ExportStrict = Annotated[
+    bool,
+    typer.Option(
+        "--strict",
+        help="--half: fail (exit 3, nothing written) unless the fp16 file was verified on the CUDA provider.",
+    ),
+]
+ExportKeepPaths = Annotated[
+    bool,
+    typer.Option(
+        "--keep-paths", help="Record the full paths of the training data in the artifact (default: folder names only)."
+    ),
+]
+
+
 @app.command()
 @_reports_errors
 def export(
     checkpoint: Annotated[Path | None, typer.Argument(help="Default: runs/latest/best.pt.")] = None,
     format: Annotated[Format, typer.Option("--format", "-f")] = Format.onnx,
     out: Annotated[Path | None, typer.Option(help="Artifact path. Default: next to the checkpoint.")] = None,
-    data: Annotated[Path | None, typer.Option(help="Folder of class folders for the parity images (and the int8 "
-                                                   "accuracy gate). Default: the testing split the model was "
-                                                   "trained with.")] = None,
+    data: ExportData = None,
     exporter: Annotated[Exporter | None, typer.Option(help="ONNX exporter (recorded in the file).")] = None,
     opset: Annotated[int | None, typer.Option(help="ONNX opset. Default: the exporter's.")] = None,
-    tolerance: Annotated[float | None, typer.Option(help="Parity gate: max abs difference allowed. "
-                                                         "Default: 1e-4 (fp32), 5e-2 (--half).")] = None,
-    quantize: Annotated[Quantize | None, typer.Option(help="ONNX: static INT8 quantization (QDQ, per-channel) "
-                                                           "-> model.int8.onnx, gated on test accuracy.")] = None,
-    half: Annotated[bool, typer.Option("--half", help="ONNX: float16 weights and math for the CUDA provider "
-                                                      "-> model.fp16.onnx (uint8 in, float32 out).")] = False,
-    calibration: Annotated[Path | None, typer.Option(help="INT8: folder of PNGs to calibrate on. "
-                                                          "Default: the run's training data.")] = None,
-    calibration_size: Annotated[int, typer.Option(min=1, help="INT8: calibration images (spread over the "
-                                                              "folder).")] = 1024,
-    max_accuracy_drop: Annotated[float, typer.Option(help="INT8: top-1 accuracy points the int8 file may lose "
-                                                          "against fp32 on the testing split.")] = 0.5,
-    device: Annotated[str, _device_option("Where the --half gate runs (the other gates run on the CPU "
-                                          "provider: their files are for any device).")] = "auto",
-    strict: Annotated[bool, typer.Option("--strict", help="--half: fail (exit 3, nothing written) unless the "
-                                                          "fp16 file was verified on the CUDA provider.")] = False,
-    keep_paths: Annotated[bool, typer.Option("--keep-paths", help="Record the full paths of the training data "
-                                             "in the artifact (default: folder names only).")] = False,
+    tolerance: ExportTolerance = None,
+    quantize: ExportQuantize = None,
+    half: ExportHalf = False,
+    calibration: ExportCalibration = None,
+    calibration_size: ExportCalibrationSize = 1024,
+    max_accuracy_drop: ExportMaxAccuracyDrop = 0.5,
+    device: ExportDevice = "auto",
+    strict: ExportStrict = False,
+    keep_paths: ExportKeepPaths = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Export a checkpoint to ONNX (fp32, int8, fp16), TorchScript or pt2; keep it only if it passes its gate."""
@@ -300,16 +369,29 @@ def infer(
     model: Annotated[Path | None, typer.Option(help="ONNX model. Default: runs/latest/model.onnx.")] = None,
     device: Annotated[str, _device_option("cuda[:N] fails if its provider does not load.")] = "auto",
     batch_size: Annotated[int, typer.Option(min=1, max=MAX_BATCH)] = 256,
-    output: Annotated[Path | None, typer.Option(help="CSV of predictions. Default: predictions.csv next to "
-                                                     "the model.")] = None,
-    workers: Annotated[int | None, typer.Option(min=0, max=MAX_PROCESSES, help="Decoder processes. Default: one "
-                                                                               "per core.")] = None,
-    shard: Annotated[str | None, typer.Option(help="K/N: only shard K (0..N-1) of N, by a hash of each file's "
-                                                   "path; output predictions.shard-K-of-N.csv + .json, "
-                                                   "combined by `cnnkit merge`.")] = None,
-    strict: Annotated[bool, typer.Option("--strict", help="Stop at the first file that cannot be used "
-                                                          "(exit 4, nothing written) instead of listing it "
-                                                          "in <output>.failures.csv.")] = False,
+    output: Annotated[
+        Path | None, typer.Option(help="CSV of predictions. Default: predictions.csv next to the model.")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(min=0, max=MAX_PROCESSES, help="Decoder processes. Default: one per core.")
+    ] = None,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            help="K/N: only shard K (0..N-1) of N, by a hash of each file's "
+            "path; output predictions.shard-K-of-N.csv + .json, "
+            "combined by `cnnkit merge`."
+        ),
+    ] = None,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict",
+            help="Stop at the first file that cannot be used "
+            "(exit 4, nothing written) instead of listing it "
+            "in <output>.failures.csv.",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Classify every PNG under FOLDER with ONNX Runtime; write a CSV and print a summary.
@@ -340,11 +422,15 @@ def infer(
 @app.command()
 @_reports_errors
 def merge(
-    shards: Annotated[list[Path], typer.Argument(help="CSVs of `cnnkit infer --shard K/N` runs, each with its "
-                                                      ".json summary next to it.")],
+    shards: Annotated[
+        list[Path],
+        typer.Argument(help="CSVs of `cnnkit infer --shard K/N` runs, each with its .json summary next to it."),
+    ],
     output: Annotated[Path, typer.Option(help="The merged CSV; its summary goes to <output>.json.")],
-    check_folder: Annotated[bool, typer.Option("--check-folder", help="Walk the folder again and list its files "
-                                                                      "that are in no shard's output.")] = False,
+    check_folder: Annotated[
+        bool,
+        typer.Option("--check-folder", help="Walk the folder again and list its files that are in no shard's output."),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Merge sharded `cnnkit infer` outputs into one CSV (byte for byte an unsharded run's) and summary.
@@ -370,16 +456,24 @@ def merge(
 @app.command()
 @_reports_errors
 def bench(
-    data: Annotated[Path | None, typer.Argument(help="Folder of PNGs (class folders give accuracy). "
-                                                     "Default: the run's testing split.")] = None,
+    data: Annotated[
+        Path | None,
+        typer.Argument(help="Folder of PNGs (class folders give accuracy). Default: the run's testing split."),
+    ] = None,
     run: Annotated[Path | None, typer.Option(help="Run folder. Default: runs/latest.")] = None,
     device: Annotated[str, _device_option("auto: every device that works here.")] = "auto",
     batch_size: Annotated[int, typer.Option(min=1, max=MAX_BATCH, help="Batch size of the throughput column.")] = 256,
     limit: Annotated[int, typer.Option(min=1, help="At most this many images (spread over the folder).")] = 10_000,
-    threads: Annotated[int, typer.Option(min=1, max=MAX_PROCESSES, help="Intra-op threads for every runtime "
-                                                                        "(CPU).")] = 1,
-    trust_model: Annotated[bool, typer.Option("--trust-model", help=(
-        "Also load .ts / .pt2 files that cnnkit cannot prove it wrote (loading them can run code).")) ] = False,
+    threads: Annotated[
+        int, typer.Option(min=1, max=MAX_PROCESSES, help="Intra-op threads for every runtime (CPU).")
+    ] = 1,
+    trust_model: Annotated[
+        bool,
+        typer.Option(
+            "--trust-model",
+            help=("Also load .ts / .pt2 files that cnnkit cannot prove it wrote (loading them can run code)."),
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Benchmark every artifact of a run on every usable device: size, accuracy, parity, latency, speed."""
@@ -448,9 +542,13 @@ def data_idx(
     labels: Annotated[Path, typer.Argument(help="IDX labels file (.gz or raw).")],
     out: Annotated[Path, typer.Option(help="Root folder of the PNG tree.")],
     split: Annotated[Split, typer.Option(help="Which split these files are.")],
-    names: Annotated[str | None, typer.Option(help="Comma-separated class names for labels 0..K-1 "
-                                                   "(or 'fashion' for Fashion-MNIST's). Default: the label numbers.")]
-    = None,
+    names: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated class names for labels 0..K-1 "
+            "(or 'fashion' for Fashion-MNIST's). Default: the label numbers."
+        ),
+    ] = None,
 ) -> None:
     """Convert IDX files (the MNIST / Fashion-MNIST format) to ROOT/<split>/<class>/*.png."""
     from cnnkit.datasets.idx import FASHION_MNIST_CLASSES, idx_to_tree

@@ -70,15 +70,18 @@ def top_pairs(classes: Sequence[str], pairs: Sequence[Sequence[int]], n: int = T
     return [{"true": classes[t], "predicted": classes[p], "count": c} for t, p, c in pairs[:n]]
 
 
-def summary_lines(classes: Sequence[str], matrix: list[list[int]] | None, pairs: Sequence[Sequence[int]] | None,
-                  table: Any) -> list[str]:
+def summary_lines(
+    classes: Sequence[str], matrix: list[list[int]] | None, pairs: Sequence[Sequence[int]] | None, table: Any
+) -> list[str]:
     """The printed confusion: the matrix for few classes, else the most frequent confusions."""
     names = [display_name(c) for c in classes]
     if matrix is not None:
         rows = [[c, *counts] for c, counts in zip(names, matrix, strict=True)]
         return ["confusion (rows: true class, columns: predicted)", table(["true \\ pred", *names], rows)]
     pairs = pairs or []
-    head = (f"confusion: {len(classes):,} classes, over {MAX_MATRIX_CLASSES} so no matrix; the "
-            f"{min(TOP_PAIRS, len(pairs))} most frequent of {len(pairs):,} confused pairs")
+    head = (
+        f"confusion: {len(classes):,} classes, over {MAX_MATRIX_CLASSES} so no matrix; the "
+        f"{min(TOP_PAIRS, len(pairs))} most frequent of {len(pairs):,} confused pairs"
+    )
     rows = [[names[t], names[p], c] for t, p, c in pairs[:TOP_PAIRS]]
     return [head, table(["true", "predicted", "images"], rows)] if rows else [head]

@@ -121,14 +121,21 @@ def nvidia_smi() -> dict[str, Any] | None:
     if exe is None:
         return None
     try:
-        q = subprocess.run([exe, "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                           capture_output=True, text=True, timeout=20)
+        q = subprocess.run(
+            [exe, "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
         head = subprocess.run([exe], capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.TimeoutExpired) as e:
         return {"error": str(e)}
     if q.returncode != 0:
-        return {"error": (q.stderr or q.stdout).strip().splitlines()[0] if (q.stderr or q.stdout).strip() else
-                f"nvidia-smi exited with {q.returncode}"}
+        return {
+            "error": (q.stderr or q.stdout).strip().splitlines()[0]
+            if (q.stderr or q.stdout).strip()
+            else f"nvidia-smi exited with {q.returncode}"
+        }
     first = (q.stdout.strip().splitlines() or [""])[0]
     parts = [p.strip() for p in first.split(",")]
     m = re.search(r"CUDA Version:\s*([0-9.]+)", head.stdout)
@@ -261,51 +268,87 @@ def doctor() -> DoctorReport:
 def _check_distributions(dists: dict[str, str], has_gpu: bool, extra: str) -> list[Check]:
     """1. Exactly one onnxruntime package installs the `onnxruntime/` folder."""
     if not dists:
-        return [Check("onnxruntime distribution", "problem", "no onnxruntime package is installed",
-                      f"pip install 'cnnkit[{extra}]'")]
+        return [
+            Check(
+                "onnxruntime distribution",
+                "problem",
+                "no onnxruntime package is installed",
+                f"pip install 'cnnkit[{extra}]'",
+            )
+        ]
     if len(dists) > 1:
         names = " ".join(dists)
-        return [Check(
-            "onnxruntime distribution", "problem",
-            f"{' and '.join(f'{n} {v}' for n, v in dists.items())} are installed together: they share the "
-            "onnxruntime/ folder, so whichever installed last overwrote the other's files and the CUDA "
-            "provider can silently disappear",
-            FIX_BOTH.format(names=names, extra=extra) + ("" if has_gpu else "   (or 'cnnkit[gpu]' on a GPU machine)"),
-        )]
-    (name, version), = dists.items()
+        return [
+            Check(
+                "onnxruntime distribution",
+                "problem",
+                f"{' and '.join(f'{n} {v}' for n, v in dists.items())} are installed together: they share the "
+                "onnxruntime/ folder, so whichever installed last overwrote the other's files and the CUDA "
+                "provider can silently disappear",
+                FIX_BOTH.format(names=names, extra=extra)
+                + ("" if has_gpu else "   (or 'cnnkit[gpu]' on a GPU machine)"),
+            )
+        ]
+    ((name, version),) = dists.items()
     return [Check("onnxruntime distribution", "ok", f"{name} {version}")]
 
 
-def _check_providers(prov: dict[str, Any], dists: dict[str, str], gpu: dict[str, Any] | None, has_gpu: bool,
-                     extra: str) -> list[Check]:
+def _check_providers(
+    prov: dict[str, Any], dists: dict[str, str], gpu: dict[str, Any] | None, has_gpu: bool, extra: str
+) -> list[Check]:
     """2. onnxruntime imports, and the providers compiled in can create a session."""
     if "import_error" in prov:
-        return [Check("onnxruntime import", "problem", prov["import_error"],
-                      FIX_BOTH.format(names=" ".join(dists), extra=extra))] if dists else []
-    checks = [Check("providers", "ok",
-                    f"onnxruntime {prov['version']}: compiled in {', '.join(prov['available'])}; "
-                    f"create a session: {', '.join(prov['working']) or 'none'}")]
+        return (
+            [
+                Check(
+                    "onnxruntime import",
+                    "problem",
+                    prov["import_error"],
+                    FIX_BOTH.format(names=" ".join(dists), extra=extra),
+                )
+            ]
+            if dists
+            else []
+        )
+    checks = [
+        Check(
+            "providers",
+            "ok",
+            f"onnxruntime {prov['version']}: compiled in {', '.join(prov['available'])}; "
+            f"create a session: {', '.join(prov['working']) or 'none'}",
+        )
+    ]
     if CUDA in prov["available"] and CUDA not in prov["working"]:
         why = prov["errors"].get(CUDA, "")
         if has_gpu:
-            checks.append(Check(
-                "CUDA provider", "problem",
-                f"compiled in but cannot create a session ({why}); inference would silently run on the CPU",
-                "pip install 'onnxruntime-gpu[cuda,cudnn]'   (CUDA 13 runtime + cuDNN 9 as pip wheels; "
-                "or put the system CUDA/cuDNN libraries on LD_LIBRARY_PATH)",
-            ))
+            checks.append(
+                Check(
+                    "CUDA provider",
+                    "problem",
+                    f"compiled in but cannot create a session ({why}); inference would silently run on the CPU",
+                    "pip install 'onnxruntime-gpu[cuda,cudnn]'   (CUDA 13 runtime + cuDNN 9 as pip wheels; "
+                    "or put the system CUDA/cuDNN libraries on LD_LIBRARY_PATH)",
+                )
+            )
         else:
-            checks.append(Check("CUDA provider", "note",
-                                "compiled in, but there is no NVIDIA GPU here (no nvidia-smi): "
-                                "inference runs on the CPU provider"))
+            checks.append(
+                Check(
+                    "CUDA provider",
+                    "note",
+                    "compiled in, but there is no NVIDIA GPU here (no nvidia-smi): inference runs on the CPU provider",
+                )
+            )
     elif CUDA not in prov["available"] and has_gpu:
         cpu_only = [n for n in dists if n != "onnxruntime-gpu"]
-        checks.append(Check(  # a note: running on the CPU may be deliberate
-            "CUDA provider", "note",
-            f"this machine has a GPU ({gpu.get('name')}) but {', '.join(dists)} has no CUDA provider; "
-            "to use the GPU",
-            FIX_BOTH.format(names=" ".join(sorted({*cpu_only, "onnxruntime-gpu"})), extra="gpu"),
-        ))
+        checks.append(
+            Check(  # a note: running on the CPU may be deliberate
+                "CUDA provider",
+                "note",
+                f"this machine has a GPU ({gpu.get('name')}) but {', '.join(dists)} has no CUDA provider; "
+                "to use the GPU",
+                FIX_BOTH.format(names=" ".join(sorted({*cpu_only, "onnxruntime-gpu"})), extra="gpu"),
+            )
+        )
     for provider, why in prov["errors"].items():
         if provider != CUDA:
             checks.append(Check(f"{provider}", "note", f"compiled in but not usable here: {why}"))
@@ -318,15 +361,21 @@ def _check_cuda_majors(torch_info: dict[str, Any] | None, ort_gpu: str | None, n
         return [Check("torch", "note", "not installed (fine for inference: cnnkit infer is torch-free)")]
     torch_major = _major(torch_info["cuda"])
     detail = f"torch {torch_info['version']}, " + (
-        f"built for CUDA {torch_info['cuda']}" if torch_info["cuda"] else "a CPU-only build")
+        f"built for CUDA {torch_info['cuda']}" if torch_info["cuda"] else "a CPU-only build"
+    )
     if ort_gpu and torch_major and need and torch_major != need:
-        return [Check(
-            "CUDA major", "problem",
-            f"{detail}, but onnxruntime-gpu {ort_gpu} needs CUDA {need}: one of them finds no CUDA libraries "
-            "of its major in this environment",
-            "pip install -U 'onnxruntime-gpu>=1.27'   (CUDA 13, like torch 2.12+)" if torch_major >= 13 else
-            "pip install 'onnxruntime-gpu<1.27'   (CUDA 12, like this torch), or upgrade torch to a CUDA 13 build",
-        )]
+        return [
+            Check(
+                "CUDA major",
+                "problem",
+                f"{detail}, but onnxruntime-gpu {ort_gpu} needs CUDA {need}: one of them finds no CUDA libraries "
+                "of its major in this environment",
+                "pip install -U 'onnxruntime-gpu>=1.27'   (CUDA 13, like torch 2.12+)"
+                if torch_major >= 13
+                else "pip install 'onnxruntime-gpu<1.27'   (CUDA 12, like this torch), "
+                "or upgrade torch to a CUDA 13 build",
+            )
+        ]
     tail = f"; onnxruntime-gpu {ort_gpu} needs CUDA {need}" if ort_gpu else ""
     return [Check("torch", "ok", detail + tail)]
 
@@ -336,15 +385,27 @@ def _check_gpu(gpu: dict[str, Any] | None, need: int | None, torch_info: dict[st
     if gpu is None:
         return [Check("GPU", "note", "no nvidia-smi: no NVIDIA GPU or driver here")]
     if "error" in gpu:
-        return [Check("GPU", "problem", f"nvidia-smi failed: {gpu['error']}",
-                      "reinstall or load the NVIDIA driver (`sudo modprobe nvidia`; check `dmesg`)")]
+        return [
+            Check(
+                "GPU",
+                "problem",
+                f"nvidia-smi failed: {gpu['error']}",
+                "reinstall or load the NVIDIA driver (`sudo modprobe nvidia`; check `dmesg`)",
+            )
+        ]
     driver_cuda = _major(gpu.get("cuda"))
     detail = f"{gpu['name']} (x{gpu['count']}), driver {gpu['driver']}, supports CUDA up to {gpu.get('cuda')}"
     wanted = need or _major(torch_info["cuda"] if torch_info else None)
     if wanted and driver_cuda and driver_cuda < wanted:
-        return [Check("GPU driver", "problem", f"{detail}; the installed packages need CUDA {wanted}",
-                      f"upgrade the NVIDIA driver to the {MIN_DRIVER_FOR_CUDA.get(wanted, '')} branch or "
-                      "newer (e.g. `sudo apt-get install nvidia-driver-580`)")]
+        return [
+            Check(
+                "GPU driver",
+                "problem",
+                f"{detail}; the installed packages need CUDA {wanted}",
+                f"upgrade the NVIDIA driver to the {MIN_DRIVER_FOR_CUDA.get(wanted, '')} branch or "
+                "newer (e.g. `sudo apt-get install nvidia-driver-580`)",
+            )
+        ]
     return [Check("GPU", "ok", detail)]
 
 

@@ -13,8 +13,13 @@ from typing import Any
 
 from cnnkit.errors import DataError, ModelError
 
-_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-          (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
 
 def check_output_target(path: str | os.PathLike[str]) -> None:
@@ -31,8 +36,10 @@ def check_output_target(path: str | os.PathLike[str]) -> None:
         raise DataError(f"{os.fspath(path)}: cannot write there ({e.strerror or e})") from None
     if not stat.S_ISREG(mode):
         kind = _mode_kind(mode)
-        raise DataError(f"{os.fspath(path)}: is {kind}; cnnkit writes only a new file or over a regular file "
-                        "(choose another output path)")
+        raise DataError(
+            f"{os.fspath(path)}: is {kind}; cnnkit writes only a new file or over a regular file "
+            "(choose another output path)"
+        )
 
 
 def check_writable(path: str | os.PathLike[str]) -> None:
@@ -49,11 +56,14 @@ def check_writable(path: str | os.PathLike[str]) -> None:
     while not os.path.lexists(ancestor):  # makedirs will create the rest
         ancestor = os.path.dirname(ancestor)
     if not os.path.isdir(ancestor):
-        raise DataError(f"{os.fspath(path)}: cannot write there ({ancestor} is not a folder; "
-                        "choose another output path)")
+        raise DataError(
+            f"{os.fspath(path)}: cannot write there ({ancestor} is not a folder; choose another output path)"
+        )
     if not os.access(ancestor, os.W_OK | os.X_OK):  # root passes this except on a read-only file system
-        raise DataError(f"{os.fspath(path)}: cannot write there (no permission to write in {ancestor}, or it is "
-                        "on a read-only file system; choose another output path)")
+        raise DataError(
+            f"{os.fspath(path)}: cannot write there (no permission to write in {ancestor}, or it is "
+            "on a read-only file system; choose another output path)"
+        )
 
 
 def check_outside(outputs: Iterable[str | os.PathLike[str]], folder: str | os.PathLike[str], role: str) -> None:
@@ -67,8 +77,10 @@ def check_outside(outputs: Iterable[str | os.PathLike[str]], folder: str | os.Pa
     for out in outputs:
         where = os.path.realpath(out)
         if os.path.commonpath([root, where]) == root:
-            raise DataError(f"{os.fspath(out)}: is inside {os.fspath(folder)}, {role}; writing there could destroy "
-                            "a file of it and would add one to it (choose another output path)")
+            raise DataError(
+                f"{os.fspath(out)}: is inside {os.fspath(folder)}, {role}; writing there could destroy "
+                "a file of it and would add one to it (choose another output path)"
+            )
 
 
 def check_not_an_input(outputs: Iterable[str | os.PathLike[str]], inputs: Iterable[str | os.PathLike[str]]) -> None:
@@ -91,8 +103,10 @@ def check_not_an_input(outputs: Iterable[str | os.PathLike[str]], inputs: Iterab
         found = seen.get((st.st_dev, st.st_ino))
         if found is not None:
             same = "" if os.path.abspath(found) == os.path.abspath(out) else f" ({found})"
-            raise DataError(f"{os.fspath(out)}: is an input of this command{same}; writing there would destroy "
-                            "it (choose another output path)")
+            raise DataError(
+                f"{os.fspath(out)}: is an input of this command{same}; writing there would destroy "
+                "it (choose another output path)"
+            )
 
 
 # An error of these kinds while the body of `atomic_path` writes its temporary file is about the output.

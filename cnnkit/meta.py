@@ -114,8 +114,10 @@ class ModelMeta:
     @classmethod
     def from_json(cls, text: str | bytes) -> ModelMeta:
         if len(text) > MAX_RECORD_CHARS:
-            raise ModelError(f"cnnkit model record of {len(text):,} characters is over the {MAX_RECORD_CHARS:,} "
-                             "a model needs; the file is damaged or not cnnkit's")
+            raise ModelError(
+                f"cnnkit model record of {len(text):,} characters is over the {MAX_RECORD_CHARS:,} "
+                "a model needs; the file is damaged or not cnnkit's"
+            )
         try:
             if isinstance(text, bytes):
                 text = text.decode("utf-8")
@@ -127,8 +129,10 @@ class ModelMeta:
 
     def validate(self) -> None:
         if len(self.input_shape) != 3 or min(self.input_shape) < 1 or max(self.input_shape[1:]) > MAX_SIDE:
-            raise ModelError(f"model record has a bad input_shape {self.input_shape} "
-                             f"(expected [1, H, W], H and W from 1 to {MAX_SIDE})")
+            raise ModelError(
+                f"model record has a bad input_shape {self.input_shape} "
+                f"(expected [1, H, W], H and W from 1 to {MAX_SIDE})"
+            )
         if self.input_shape[0] != 1 or self.color != "L" or self.input_dtype != "uint8":
             raise ModelError("cnnkit models take 1-channel uint8 grayscale input")
         if self.output not in (OUTPUT_LOGITS, OUTPUT_SIGMOID):
@@ -149,23 +153,28 @@ def _nesting(text: str) -> int:
 
 def _check_nesting(depth: int) -> None:
     if depth > MAX_RECORD_DEPTH:
-        raise ModelError(f"cnnkit model record nests {depth:,} levels deep, over the {MAX_RECORD_DEPTH} a model "
-                         "needs; the file is damaged or not cnnkit's")
+        raise ModelError(
+            f"cnnkit model record nests {depth:,} levels deep, over the {MAX_RECORD_DEPTH} a model "
+            "needs; the file is damaged or not cnnkit's"
+        )
 
 
 def _check_size(d: dict[str, Any]) -> None:
     """Refuse a record that would cost memory out of proportion to a model, before copying any of it."""
     classes = d.get("classes")
     if isinstance(classes, list | tuple) and len(classes) > MAX_CLASSES:
-        raise ModelError(f"model record names {len(classes):,} classes, over the {MAX_CLASSES:,} cnnkit "
-                         "supports; the file is damaged or not cnnkit's")
+        raise ModelError(
+            f"model record names {len(classes):,} classes, over the {MAX_CLASSES:,} cnnkit "
+            "supports; the file is damaged or not cnnkit's"
+        )
     depth = 0
     level: list[Any] = [d]
     while level:  # breadth first, no recursion: checkpoints bring dicts that never were JSON text
         depth += 1
         _check_nesting(depth)
-        level = [v for x in level for v in (x.values() if isinstance(x, dict) else x)
-                 if isinstance(v, dict | list | tuple)]
+        level = [
+            v for x in level for v in (x.values() if isinstance(x, dict) else x) if isinstance(v, dict | list | tuple)
+        ]
 
 
 def predict(outputs: np.ndarray, output_kind: str) -> tuple[np.ndarray, np.ndarray]:

@@ -118,8 +118,11 @@ def wide(num_classes: int, height: int, width: int) -> tuple[nn.Sequential, str]
     return small(num_classes, height, width, widths=(32, 64, 128))
 
 
-ARCHS: dict[str, Callable[[int, int, int], tuple[nn.Sequential, str]]] = {"small": small, "wide": wide,
-                                                                         "lecture": lecture}
+ARCHS: dict[str, Callable[[int, int, int], tuple[nn.Sequential, str]]] = {
+    "small": small,
+    "wide": wide,
+    "lecture": lecture,
+}
 DEFAULT_ARCH = "small"
 
 

@@ -58,17 +58,22 @@ def _key(create: bool) -> bytes | None:
             return None
         return _new_key(path)
     except OSError as e:
-        raise DataError(f"{path}: cannot read cnnkit's signing key ({e.strerror or e}); set CNNKIT_CACHE to a "
-                        "folder of your own") from None
+        raise DataError(
+            f"{path}: cannot read cnnkit's signing key ({e.strerror or e}); set CNNKIT_CACHE to a folder of your own"
+        ) from None
     with os.fdopen(fd, "rb") as f:
         mode = os.fstat(f.fileno()).st_mode
         key = f.read(4096)
     if mode & 0o077:  # a key others can read lets them sign files; one they can write lets them replace it
-        raise DataError(f"{path}: cnnkit's signing key is open to other users (mode {mode & 0o777:o}); "
-                        f"`chmod 600 {path}`, or remove it to make a new one")
+        raise DataError(
+            f"{path}: cnnkit's signing key is open to other users (mode {mode & 0o777:o}); "
+            f"`chmod 600 {path}`, or remove it to make a new one"
+        )
     if len(key) < 32:
-        raise DataError(f"{path}: cnnkit's signing key is damaged ({len(key)} bytes); remove it to make a new "
-                        "one (files exported before are then no longer proven here)")
+        raise DataError(
+            f"{path}: cnnkit's signing key is damaged ({len(key)} bytes); remove it to make a new "
+            "one (files exported before are then no longer proven here)"
+        )
     return key
 
 
@@ -80,8 +85,9 @@ def _new_key(path: str) -> bytes:
     except FileExistsError:  # another process made it first: use theirs
         return _key(create=False) or key
     except OSError as e:
-        raise DataError(f"{path}: cannot make cnnkit's signing key ({e.strerror or e}); set CNNKIT_CACHE to a "
-                        "folder of your own") from None
+        raise DataError(
+            f"{path}: cannot make cnnkit's signing key ({e.strerror or e}); set CNNKIT_CACHE to a folder of your own"
+        ) from None
     with os.fdopen(fd, "wb") as f:
         f.write(key)
     return key

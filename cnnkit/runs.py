@@ -1,12 +1,12 @@
 """Run folders: where `cnnkit train` writes and where export and infer look by default.
 
-    runs/<name>/checkpoint.pt     last epoch (written after every epoch)
-    runs/<name>/best.pt           the epoch selected on validation (what export reads by default)
-    runs/<name>/model.onnx        `cnnkit export --format onnx` (model.int8.onnx, model.fp16.onnx: INT8, FP16)
-    runs/<name>/model.ts          `cnnkit export --format torchscript`
-    runs/<name>/model.pt2         `cnnkit export --format pt2`
-    runs/<name>/predictions.csv   `cnnkit infer` without --output
-    runs/latest -> <name>         symlink to the newest run
+runs/<name>/checkpoint.pt     last epoch (written after every epoch)
+runs/<name>/best.pt           the epoch selected on validation (what export reads by default)
+runs/<name>/model.onnx        `cnnkit export --format onnx` (model.int8.onnx, model.fp16.onnx: INT8, FP16)
+runs/<name>/model.ts          `cnnkit export --format torchscript`
+runs/<name>/model.pt2         `cnnkit export --format pt2`
+runs/<name>/predictions.csv   `cnnkit infer` without --output
+runs/latest -> <name>         symlink to the newest run
 """
 
 from __future__ import annotations
@@ -27,8 +27,13 @@ FP16_NAME = "model.fp16.onnx"
 TORCHSCRIPT_NAME = "model.ts"
 PT2_NAME = "model.pt2"
 # Artifact kind -> the file `cnnkit export` writes beside the checkpoint (and `cnnkit bench` looks for).
-ARTIFACT_NAMES = {"onnx": ONNX_NAME, "onnx-int8": INT8_NAME, "onnx-fp16": FP16_NAME,
-                  "torchscript": TORCHSCRIPT_NAME, "pt2": PT2_NAME}
+ARTIFACT_NAMES = {
+    "onnx": ONNX_NAME,
+    "onnx-int8": INT8_NAME,
+    "onnx-fp16": FP16_NAME,
+    "torchscript": TORCHSCRIPT_NAME,
+    "pt2": PT2_NAME,
+}
 PREDICTIONS_NAME = "predictions.csv"
 REPORT_SUFFIX = ".parity.json"  # `cnnkit export`'s report beside each artifact (stays on this machine)
 

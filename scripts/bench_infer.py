@@ -312,8 +312,10 @@ def main() -> None:
     p.add_argument("--no-models", action="store_true", help="skip the model-only throughput table")
     p.add_argument("--json", action="store_true", help="print every run as JSON on stdout")
     p.add_argument("--wait-quiet", action="store_true", help="before each run, wait until no other process is runnable")
-    p.add_argument("--results", help="write the runs, the model and the machine to this JSON file "
-                                     "(docs/results/infer-<model>.json)")
+    p.add_argument(
+        "--results",
+        help="write the runs, the model and the machine to this JSON file (docs/results/infer-<model>.json)",
+    )
     a = p.parse_args()
     if a.checkpoint is None and os.path.isfile("runs/latest/best.pt"):
         a.checkpoint = "runs/latest/best.pt"
@@ -370,8 +372,17 @@ def main() -> None:
     if a.json:
         print(json.dumps({"runs": runs, "models": models}, indent=2))
     if a.results:
-        summary = {m: {"best_ips": r[1], "median_ips": r[2], "cnnkit_speedup": r[3], "peak_rss_mb": r[4],
-                       "tree_pss_mb": r[5], "best_wall_s": r[6]} for m, r in zip(methods, rows, strict=True)}
+        summary = {
+            m: {
+                "best_ips": r[1],
+                "median_ips": r[2],
+                "cnnkit_speedup": r[3],
+                "peak_rss_mb": r[4],
+                "tree_pss_mb": r[5],
+                "best_wall_s": r[6],
+            }
+            for m, r in zip(methods, rows, strict=True)
+        }
         _write_results(a, {"summary": summary, "runs": runs, "models": models, "files": len(files)})
 
 
@@ -380,8 +391,13 @@ def describe_model(onnx_path: str, checkpoint: str | None) -> dict:
     from cnnkit.runtime.session import read_meta
 
     meta = read_meta(onnx_path)
-    info = {"onnx": os.path.abspath(onnx_path), "arch": meta.arch, "classes": meta.num_classes,
-            "input_shape": list(meta.input_shape), "trained": False}
+    info = {
+        "onnx": os.path.abspath(onnx_path),
+        "arch": meta.arch,
+        "classes": meta.num_classes,
+        "input_shape": list(meta.input_shape),
+        "trained": False,
+    }
     if checkpoint and os.path.isfile(checkpoint):
         from cnnkit.models import count_parameters
 
@@ -390,8 +406,13 @@ def describe_model(onnx_path: str, checkpoint: str | None) -> dict:
         metrics = os.path.join(os.path.dirname(checkpoint), "metrics.json")
         if os.path.isfile(metrics):
             m = json.load(open(metrics))
-            info.update(trained=True, checkpoint=os.path.abspath(checkpoint), config=m.get("config"),
-                        selection=m.get("selection"), test_accuracy=m.get("test_accuracy"))
+            info.update(
+                trained=True,
+                checkpoint=os.path.abspath(checkpoint),
+                config=m.get("config"),
+                selection=m.get("selection"),
+                test_accuracy=m.get("test_accuracy"),
+            )
     return info
 
 
@@ -399,9 +420,15 @@ def _write_results(a: argparse.Namespace, body: dict) -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from machine import describe_machine
 
-    doc = {"script": "scripts/bench_infer.py", "command": " ".join(["python", *sys.argv]),
-           "date": time.strftime("%Y-%m-%d"), "machine": describe_machine(),
-           "model": describe_model(a.model, a.checkpoint), "folder": os.path.abspath(a.folder), **body}
+    doc = {
+        "script": "scripts/bench_infer.py",
+        "command": " ".join(["python", *sys.argv]),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": describe_machine(),
+        "model": describe_model(a.model, a.checkpoint),
+        "folder": os.path.abspath(a.folder),
+        **body,
+    }
     os.makedirs(os.path.dirname(os.path.abspath(a.results)), exist_ok=True)
     with open(a.results + ".tmp", "w") as f:
         json.dump(doc, f, indent=1)

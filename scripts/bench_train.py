@@ -80,17 +80,43 @@ def speed(data: str, work: str, repeat: int, epochs: int) -> dict:
     rounds = []
     for r in range(repeat):  # alternate, so drift on a shared machine hits both alike
         lec, lec_wall = run_json([py, "-c", LECTURE_LOOP, data, str(epochs)], work)
-        cmd = [py, "-m", "cnnkit", "train", data, "--json", "--arch", "lecture", "--epochs", str(epochs),
-               "--batch-size", "128", "--val-split", "0", "--out", os.path.join(work, f"lecture-{r}")]
+        cmd = [
+            py,
+            "-m",
+            "cnnkit",
+            "train",
+            data,
+            "--json",
+            "--arch",
+            "lecture",
+            "--epochs",
+            str(epochs),
+            "--batch-size",
+            "128",
+            "--val-split",
+            "0",
+            "--out",
+            os.path.join(work, f"lecture-{r}"),
+        ]
         ck, ck_wall = run_json(cmd, work)
         ratio = ck["train_images_per_second"] / lec["train_images_per_second"]
-        rounds.append({"lecture_loop": {**lec, "wall": lec_wall},
-                       "cnnkit_lecture": {k: ck[k] for k in ("train_images_per_second", "load_seconds",
-                                                             "images_loaded", "steal")} | {"wall": ck_wall},
-                       "ratio": ratio})
-        print(f"# speed round {r + 1}: lecture loop {lec['train_images_per_second']:,.0f} img/s, cnnkit "
-              f"{ck['train_images_per_second']:,.0f} img/s, ratio {ratio:.2f} (steal {lec['steal']:.0%}, "
-              f"{ck['steal']:.0%})", file=sys.stderr, flush=True)
+        rounds.append(
+            {
+                "lecture_loop": {**lec, "wall": lec_wall},
+                "cnnkit_lecture": {
+                    k: ck[k] for k in ("train_images_per_second", "load_seconds", "images_loaded", "steal")
+                }
+                | {"wall": ck_wall},
+                "ratio": ratio,
+            }
+        )
+        print(
+            f"# speed round {r + 1}: lecture loop {lec['train_images_per_second']:,.0f} img/s, cnnkit "
+            f"{ck['train_images_per_second']:,.0f} img/s, ratio {ratio:.2f} (steal {lec['steal']:.0%}, "
+            f"{ck['steal']:.0%})",
+            file=sys.stderr,
+            flush=True,
+        )
     return {"epochs": epochs, "rounds": rounds, "ratios": [x["ratio"] for x in rounds]}
 
 
@@ -99,27 +125,54 @@ def setting(data: str, work: str, name: str, label: str, args: list[str], seeds:
     runs = []
     for seed in seeds:
         out = os.path.join(work, f"{name}-{label}-s{seed}")
-        res, wall = run_json([sys.executable, "-m", "cnnkit", "train", data, "--json", "--seed", str(seed),
-                          "--out", out, *args], work)
+        res, wall = run_json(
+            [sys.executable, "-m", "cnnkit", "train", data, "--json", "--seed", str(seed), "--out", out, *args], work
+        )
         hist = json.load(open(os.path.join(out, "metrics.json")))["history"]
-        runs.append({"seed": seed, "test_accuracy": res["test_accuracy"], "val_accuracy": res["val_accuracy"],
-                     "selected_epoch": res["best_epoch"], "epochs": res["epochs"], "parameters": res["parameters"],
-                     "selection": res["selection"], "wall_seconds": wall, "load_seconds": res["load_seconds"],
-                     "train_seconds": res["train_seconds"], "train_images_per_second": res["train_images_per_second"],
-                     "steal": res["steal"], "last_epoch_val_accuracy": hist[-1]["val_accuracy"]})
+        runs.append(
+            {
+                "seed": seed,
+                "test_accuracy": res["test_accuracy"],
+                "val_accuracy": res["val_accuracy"],
+                "selected_epoch": res["best_epoch"],
+                "epochs": res["epochs"],
+                "parameters": res["parameters"],
+                "selection": res["selection"],
+                "wall_seconds": wall,
+                "load_seconds": res["load_seconds"],
+                "train_seconds": res["train_seconds"],
+                "train_images_per_second": res["train_images_per_second"],
+                "steal": res["steal"],
+                "last_epoch_val_accuracy": hist[-1]["val_accuracy"],
+            }
+        )
         r = runs[-1]
-        print(f"# {label} seed {seed}: test {r['test_accuracy']:.4f}, val {r['val_accuracy']:.4f} (epoch "
-              f"{r['selected_epoch']}/{r['epochs']}), wall {wall:.0f} s, steal {r['steal']:.0%}",
-              file=sys.stderr, flush=True)
+        print(
+            f"# {label} seed {seed}: test {r['test_accuracy']:.4f}, val {r['val_accuracy']:.4f} (epoch "
+            f"{r['selected_epoch']}/{r['epochs']}), wall {wall:.0f} s, steal {r['steal']:.0%}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def stats(key: str) -> dict:
         xs = [r[key] for r in runs]
-        return {"mean": statistics.fmean(xs), "min": min(xs), "max": max(xs),
-                "std": statistics.stdev(xs) if len(xs) > 1 else 0.0}
+        return {
+            "mean": statistics.fmean(xs),
+            "min": min(xs),
+            "max": max(xs),
+            "std": statistics.stdev(xs) if len(xs) > 1 else 0.0,
+        }
 
-    return {"label": label, "args": shlex.join(args), "command": shlex.join(["cnnkit", "train", data, *args]),
-            "seeds": seeds, "runs": runs, "test_accuracy": stats("test_accuracy"),
-            "val_accuracy": stats("val_accuracy"), "wall_seconds": stats("wall_seconds")}
+    return {
+        "label": label,
+        "args": shlex.join(args),
+        "command": shlex.join(["cnnkit", "train", data, *args]),
+        "seeds": seeds,
+        "runs": runs,
+        "test_accuracy": stats("test_accuracy"),
+        "val_accuracy": stats("val_accuracy"),
+        "wall_seconds": stats("wall_seconds"),
+    }
 
 
 def main() -> None:
@@ -154,8 +207,10 @@ def main() -> None:
         doc["settings"][label] = res
         save()
         t, w = res["test_accuracy"], res["wall_seconds"]
-        print(f"{label}: test accuracy {t['mean']:.4f} (min {t['min']:.4f}, max {t['max']:.4f}, seeds "
-              f"{' '.join(map(str, args.seeds))}), wall {w['mean']:.0f} s (max {w['max']:.0f} s)")
+        print(
+            f"{label}: test accuracy {t['mean']:.4f} (min {t['min']:.4f}, max {t['max']:.4f}, seeds "
+            f"{' '.join(map(str, args.seeds))}), wall {w['mean']:.0f} s (max {w['max']:.0f} s)"
+        )
     print(f"wrote {path}", file=sys.stderr)
 
 

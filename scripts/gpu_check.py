@@ -45,8 +45,14 @@ JSON_OUT: list[str] = []  # where the rows are saved after each one (a check cut
 
 
 def cnnkit(*args: str, cwd: str, timeout: float = 600, env: dict | None = None) -> tuple[int, str, str]:
-    proc = subprocess.run([PY, "-m", "cnnkit", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    proc = subprocess.run(
+        [PY, "-m", "cnnkit", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -98,20 +104,33 @@ def check_doctor(work: str, want_cuda: bool):
     ort = d.get("onnxruntime", {})
     loads = "CUDAExecutionProvider" in ort.get("working", []) and code == 0
     said = ort.get("errors", {}).get("CUDAExecutionProvider") or ort.get("cuda_library_loader") or ""
-    return loads, (f"exit {code}; onnxruntime {ort.get('version')}: CUDA provider "
-                   f"{'loads' if loads else 'does NOT load'}{'; ' + said[:200] if said and not loads else ''}; "
-                   f"GPU {d.get('gpu', {}).get('name', '?')}, driver {d.get('gpu', {}).get('driver', '?')}"), d
+    return (
+        loads,
+        (
+            f"exit {code}; onnxruntime {ort.get('version')}: CUDA provider "
+            f"{'loads' if loads else 'does NOT load'}{'; ' + said[:200] if said and not loads else ''}; "
+            f"GPU {d.get('gpu', {}).get('name', '?')}, driver {d.get('gpu', {}).get('driver', '?')}"
+        ),
+        d,
+    )
 
 
 def check_train(work: str, data: str, device: str, out: str, epochs: int, min_acc: float):
-    code, stdout, err = cnnkit("train", data, "--device", device, "--epochs", str(epochs), "--out", out, "--json",
-                               cwd=work)
+    code, stdout, err = cnnkit(
+        "train", data, "--device", device, "--epochs", str(epochs), "--out", out, "--json", cwd=work
+    )
     r = last_json(stdout)
     if code != 0 or not r:
         return False, f"exit {code}: {last_line(err)}", None
     ok = r["device"].startswith(device.split(":")[0]) and (r["test_accuracy"] or 0) >= min_acc
-    return ok, (f"{r['device']}, {r['train_images_per_second']:,.0f} img/s, test acc {r['test_accuracy']:.4f} "
-                f"(epoch {r['best_epoch']}/{r['epochs']} by validation)"), r
+    return (
+        ok,
+        (
+            f"{r['device']}, {r['train_images_per_second']:,.0f} img/s, test acc {r['test_accuracy']:.4f} "
+            f"(epoch {r['best_epoch']}/{r['epochs']} by validation)"
+        ),
+        r,
+    )
 
 
 def check_resume(work: str, data: str, reference: dict, epochs: int):
@@ -138,8 +157,14 @@ def check_resume(work: str, data: str, reference: dict, epochs: int):
         return False, f"resume exit {code}: {last_line(err)}", None
     diff = abs(r["test_accuracy"] - reference["test_accuracy"]) * 100
     ok = r["epochs"] == reference["epochs"] and r["best_epoch"] == reference["best_epoch"] and diff <= 0.5
-    return ok, (f"selected epoch {r['best_epoch']} vs {reference['best_epoch']}, test acc {r['test_accuracy']:.4f} vs "
-                f"{reference['test_accuracy']:.4f} ({diff:.2f} points)"), r
+    return (
+        ok,
+        (
+            f"selected epoch {r['best_epoch']} vs {reference['best_epoch']}, test acc {r['test_accuracy']:.4f} vs "
+            f"{reference['test_accuracy']:.4f} ({diff:.2f} points)"
+        ),
+        r,
+    )
 
 
 def check_export(work: str, ckpt: str, *args: str):
@@ -150,8 +175,14 @@ def check_export(work: str, ckpt: str, *args: str):
     p = r.get("parity") or {}
     ok = bool(r.get("verified")) and bool(p.get("passed"))
     diff = p.get("max_abs_diff", float("nan"))
-    return ok, (f"{r['precision']} gate on {r.get('verified_on')}: max abs diff {diff:.1e}, "
-                f"agreement {p.get('argmax_agreement', 0):.2%}"), r
+    return (
+        ok,
+        (
+            f"{r['precision']} gate on {r.get('verified_on')}: max abs diff {diff:.1e}, "
+            f"agreement {p.get('argmax_agreement', 0):.2%}"
+        ),
+        r,
+    )
 
 
 def check_bench(work: str, run: str):
@@ -160,8 +191,11 @@ def check_bench(work: str, run: str):
     if code != 0 or not r:
         return False, f"exit {code}: {last_line(err)}", None
     tiers = {"onnx-int8": 0.5, "onnx-fp16": 5e-2}
-    bad = [x["artifact"] for x in r["rows"]
-           if x.get("error") or x.get("max_abs_diff") is None or x["max_abs_diff"] >= tiers.get(x["artifact"], 1e-2)]
+    bad = [
+        x["artifact"]
+        for x in r["rows"]
+        if x.get("error") or x.get("max_abs_diff") is None or x["max_abs_diff"] >= tiers.get(x["artifact"], 1e-2)
+    ]
     shown = ", ".join(f"{x['artifact']} {x.get('images_per_second') or 0:,.0f} img/s" for x in r["rows"])
     return not bad and bool(r["rows"]), (f"failed: {', '.join(bad)}; " if bad else "") + shown, r
 
@@ -177,8 +211,12 @@ class GpuSampler:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
-                                      "-i", "0"], capture_output=True, text=True, timeout=5).stdout
+                out = subprocess.run(
+                    ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", "0"],
+                    capture_output=True,
+                    text=True,
+                    timeout=5,
+                ).stdout
                 self.samples.append(float(out.strip().splitlines()[0]))
             except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
                 pass
@@ -200,8 +238,9 @@ def predictions(path: str) -> dict[str, str]:
 
 def check_infer(work: str, folder: str, model: str, device: str, out: str, reference: str | None):
     with GpuSampler() as gpu:
-        code, stdout, err = cnnkit("infer", folder, "--model", model, "--device", device, "--output", out, "--json",
-                                   cwd=work)
+        code, stdout, err = cnnkit(
+            "infer", folder, "--model", model, "--device", device, "--output", out, "--json", cwd=work
+        )
     r = last_json(stdout)
     if code != 0 or not r:
         return False, f"exit {code}: {last_line(err)}", None
@@ -221,14 +260,41 @@ def check_torchrun(work: str, data: str, n: int):
     torchrun = shutil.which("torchrun", path=os.path.dirname(PY)) or shutil.which("torchrun")
     if torchrun is None:
         return False, "torchrun not found next to this Python", None
-    proc = subprocess.run([torchrun, "--standalone", "--nproc-per-node", str(n), "-m", "cnnkit", "train", data,
-                           "--device", "cuda", "--epochs", "1", "--out", os.path.join(work, "ddp"), "--json"],
-                          cwd=work, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            torchrun,
+            "--standalone",
+            "--nproc-per-node",
+            str(n),
+            "-m",
+            "cnnkit",
+            "train",
+            data,
+            "--device",
+            "cuda",
+            "--epochs",
+            "1",
+            "--out",
+            os.path.join(work, "ddp"),
+            "--json",
+        ],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     r = last_json(proc.stdout)
     ok = proc.returncode == 0 and r.get("world_size") == n
     tail = last_line(proc.stderr)
-    return ok, (f"{n} process(es), world size {r.get('world_size')}, test acc {r.get('test_accuracy')}" if ok
-                else f"exit {proc.returncode}: {tail}"), r
+    return (
+        ok,
+        (
+            f"{n} process(es), world size {r.get('world_size')}, test acc {r.get('test_accuracy')}"
+            if ok
+            else f"exit {proc.returncode}: {tail}"
+        ),
+        r,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,15 +320,25 @@ def main() -> int:
     import torch
 
     cuda = torch.cuda.is_available()
-    print(f"# cnnkit GPU check: torch {torch.__version__} (CUDA build {torch.version.cuda}), "
-          f"{torch.cuda.device_count()} GPU(s){': ' + torch.cuda.get_device_name(0) if cuda else ''}; data {data}")
+    print(
+        f"# cnnkit GPU check: torch {torch.__version__} (CUDA build {torch.version.cuda}), "
+        f"{torch.cuda.device_count()} GPU(s){': ' + torch.cuda.get_device_name(0) if cuda else ''}; data {data}"
+    )
     row("doctor", check_doctor, work, False)
     cpu_run = os.path.join(work, "cpu")
     row("train cpu", check_train, work, data, "cpu", cpu_run, a.epochs, a.min_accuracy)
     row("export onnx cpu", check_export, work, os.path.join(cpu_run, "best.pt"), "--format", "onnx")
     cpu_csv = os.path.join(work, "cpu.csv")
-    row("infer cpu", check_infer, work, os.path.join(data, "testing"), os.path.join(cpu_run, "model.onnx"), "cpu",
-        cpu_csv, None)
+    row(
+        "infer cpu",
+        check_infer,
+        work,
+        os.path.join(data, "testing"),
+        os.path.join(cpu_run, "model.onnx"),
+        "cpu",
+        cpu_csv,
+        None,
+    )
     if not cuda:
         print("# no CUDA device here (torch.cuda.is_available() is False): GPU rows skipped; CPU rows above")
         return finish()
@@ -289,8 +365,10 @@ def main() -> int:
 
 def finish() -> int:
     failed = [r["check"] for r in ROWS if r["passed"] is False]
-    print(f"# {sum(r['passed'] is True for r in ROWS)} passed, {len(failed)} failed"
-          + (f": {', '.join(failed)}" if failed else ""))
+    print(
+        f"# {sum(r['passed'] is True for r in ROWS)} passed, {len(failed)} failed"
+        + (f": {', '.join(failed)}" if failed else "")
+    )
     save_rows()
     return 1 if failed else 0
 

@@ -26,8 +26,13 @@ VARYING = re.compile(r"(seconds|per_second|latency|_ms$|^ms_|time|host|created|d
 
 
 def cnnkit(work: str, *args: str) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "cnnkit", *args, "--json"], cwd=work, capture_output=True,
-                          text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    proc = subprocess.run(
+        [sys.executable, "-m", "cnnkit", *args, "--json"],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
     if proc.returncode not in (0, 4):
         raise SystemExit(f"cnnkit {' '.join(args)} exited {proc.returncode}: {proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -51,14 +56,33 @@ def main() -> None:
     a = ap.parse_args()
     work = os.path.realpath(a.work or tempfile.mkdtemp(prefix="cnnkit-snapshot-"))
     os.makedirs(work, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "cnnkit", "data", "sample", "--out", "digits"], cwd=work, check=True,
-                   capture_output=True)
-    snap = {"train": cnnkit(work, "train", "digits", "--epochs", "2", "--arch", "lecture", "--seed", "0",
-                            "--device", "cpu", "--workers", "0", "--out", "run")}
+    subprocess.run(
+        [sys.executable, "-m", "cnnkit", "data", "sample", "--out", "digits"], cwd=work, check=True, capture_output=True
+    )
+    snap = {
+        "train": cnnkit(
+            work,
+            "train",
+            "digits",
+            "--epochs",
+            "2",
+            "--arch",
+            "lecture",
+            "--seed",
+            "0",
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+            "--out",
+            "run",
+        )
+    }
     snap["export onnx"] = cnnkit(work, "export", "run/best.pt", "--format", "onnx")
     snap["export torchscript"] = cnnkit(work, "export", "run/best.pt", "--format", "torchscript")
-    snap["infer"] = cnnkit(work, "infer", "digits/testing", "--model", "run/model.onnx", "--device", "cpu",
-                           "--output", "predictions.csv")
+    snap["infer"] = cnnkit(
+        work, "infer", "digits/testing", "--model", "run/model.onnx", "--device", "cpu", "--output", "predictions.csv"
+    )
     snap["bench"] = cnnkit(work, "bench", "--run", "run", "--device", "cpu", "--limit", "64")
     with open(a.out, "w") as f:
         json.dump(scrub(snap, work), f, indent=1, sort_keys=True)

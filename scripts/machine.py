@@ -47,8 +47,13 @@ def describe_machine() -> dict:
                 flags = set(value.split())
     except (OSError, subprocess.CalledProcessError):
         pass
-    info = {"cpu": model, "cores": os.cpu_count(), "isa": [f for f in ISA_FLAGS if f in flags],
-            "python": platform.python_version(), "gpu": None}
+    info = {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "isa": [f for f in ISA_FLAGS if f in flags],
+        "python": platform.python_version(),
+        "gpu": None,
+    }
     try:
         import torch
 

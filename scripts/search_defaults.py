@@ -38,10 +38,15 @@ def run_one(view: str, args: list[str], seed: int, out: str) -> dict:
     assert res.get("test_accuracy") is None, "the view must not contain testing/"
     hist = json.load(open(os.path.join(out, "metrics.json")))["history"]  # --json leaves the history out
     return {
-        "args": shlex.join(args), "seed": seed, "wall_seconds": wall,
+        "args": shlex.join(args),
+        "seed": seed,
+        "wall_seconds": wall,
         "steal": res["steal"],
-        "epochs": res["epochs"], "selected_epoch": res["best_epoch"], "val_accuracy": res["val_accuracy"],
-        "last_val_accuracy": hist[-1]["val_accuracy"], "train_seconds": res["train_seconds"],
+        "epochs": res["epochs"],
+        "selected_epoch": res["best_epoch"],
+        "val_accuracy": res["val_accuracy"],
+        "last_val_accuracy": hist[-1]["val_accuracy"],
+        "train_seconds": res["train_seconds"],
         "train_images_per_second": res["train_images_per_second"],
     }
 
@@ -57,9 +62,14 @@ def main() -> None:
     view = training_only_view(args.data)
     path = os.path.join(os.path.dirname(__file__), "..", "docs", "results", f"search-{args.name}.json")
     doc = json.load(open(path)) if os.path.exists(path) else {"runs": []}
-    doc.update({"script": "scripts/search_defaults.py", "data": os.path.abspath(args.data),
-                "protocol": "training/ only; selection and comparison on the held-out validation split",
-                "machine": describe_machine()})
+    doc.update(
+        {
+            "script": "scripts/search_defaults.py",
+            "data": os.path.abspath(args.data),
+            "protocol": "training/ only; selection and comparison on the held-out validation split",
+            "machine": describe_machine(),
+        }
+    )
     for spec in args.tries:
         label, _, extra = spec.partition(":")
         for seed in args.seeds:
@@ -69,9 +79,12 @@ def main() -> None:
             with open(path + ".tmp", "w") as f:
                 json.dump(doc, f, indent=1)
             os.replace(path + ".tmp", path)
-            print(f"{label:<20} seed {seed}  val {rec['val_accuracy']:.4f} (epoch {rec['selected_epoch']}/"
-                  f"{rec['epochs']}, last {rec['last_val_accuracy']:.4f})  {rec['wall_seconds']:.0f} s  "
-                  f"{rec['train_images_per_second']:,.0f} img/s  steal {rec['steal']:.0%}", flush=True)
+            print(
+                f"{label:<20} seed {seed}  val {rec['val_accuracy']:.4f} (epoch {rec['selected_epoch']}/"
+                f"{rec['epochs']}, last {rec['last_val_accuracy']:.4f})  {rec['wall_seconds']:.0f} s  "
+                f"{rec['train_images_per_second']:,.0f} img/s  steal {rec['steal']:.0%}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -53,9 +53,7 @@ def encode(
     assert c == CHANNELS[color] and depth in DEPTHS[color]
     if interlace:
         raw = b"".join(
-            _scanlines(samples[y0::dy, x0::dx], depth)
-            for x0, y0, dx, dy in ADAM7
-            if samples[y0::dy, x0::dx].size
+            _scanlines(samples[y0::dy, x0::dx], depth) for x0, y0, dx, dy in ADAM7 if samples[y0::dy, x0::dx].size
         )
     else:
         raw = _scanlines(samples, depth)

@@ -36,9 +36,17 @@ def run_dir(tmp_path_factory, tiny_tree) -> str:
     torch.manual_seed(0)
     model, output = build_model("small", 3, 28, 28)
     meta = ModelMeta(
-        arch="small", classes=("0", "1", "2"), input_shape=(1, 28, 28), output=output,
-        extra={"data": {"root": tiny_tree, "train": os.path.join(tiny_tree, "training"),
-                        "test": os.path.join(tiny_tree, "testing")}},
+        arch="small",
+        classes=("0", "1", "2"),
+        input_shape=(1, 28, 28),
+        output=output,
+        extra={
+            "data": {
+                "root": tiny_tree,
+                "train": os.path.join(tiny_tree, "training"),
+                "test": os.path.join(tiny_tree, "testing"),
+            }
+        },
     )
     os.makedirs(folder)
     ckpt = os.path.join(folder, "best.pt")
@@ -89,8 +97,16 @@ def test_bench_cli_json_and_table(run_dir) -> None:
     d = json.loads(lines[0])
     assert {"run_dir", "data", "n_images", "rows", "notes", "reference", "batch_size", "threads"} <= set(d)
     assert [r["artifact"] for r in d["rows"]] == KINDS
-    assert {"bytes", "accuracy", "accuracy_change", "max_abs_diff", "argmax_agreement", "cold_ms", "p50_ms",
-            "images_per_second"} <= set(d["rows"][0])
+    assert {
+        "bytes",
+        "accuracy",
+        "accuracy_change",
+        "max_abs_diff",
+        "argmax_agreement",
+        "cold_ms",
+        "p50_ms",
+        "images_per_second",
+    } <= set(d["rows"][0])
     assert "artifact" in res.stderr and "img/s" in res.stderr
 
 
@@ -224,13 +240,22 @@ def _fake(monkeypatch, dists, gpu=None, torch_info=None, providers=None, require
 
 
 H100 = {"name": "NVIDIA H100 80GB HBM3", "driver": "580.65.06", "memory": "81559 MiB", "cuda": "13.0", "count": 1}
-CPU_ONLY = {"version": "1.32.0", "available": ["CPUExecutionProvider"], "working": ["CPUExecutionProvider"],
-            "errors": {}}
+CPU_ONLY = {
+    "version": "1.32.0",
+    "available": ["CPUExecutionProvider"],
+    "working": ["CPUExecutionProvider"],
+    "errors": {},
+}
 
 
 def test_doctor_detects_both_onnxruntime_packages(monkeypatch) -> None:
-    _fake(monkeypatch, {"onnxruntime": "1.32.0", "onnxruntime-gpu": "1.31.1"}, gpu=H100,
-          torch_info={"version": "2.14.1", "cuda": "13.0"}, providers=CPU_ONLY)
+    _fake(
+        monkeypatch,
+        {"onnxruntime": "1.32.0", "onnxruntime-gpu": "1.31.1"},
+        gpu=H100,
+        torch_info={"version": "2.14.1", "cuda": "13.0"},
+        providers=CPU_ONLY,
+    )
     report = doctor_mod.doctor()
     assert not report.healthy
     both = [c for c in report.checks if c.name == "onnxruntime distribution"][0]
@@ -244,11 +269,19 @@ def test_doctor_detects_both_onnxruntime_packages(monkeypatch) -> None:
 
 
 def test_doctor_flags_cuda_major_mismatch_and_a_provider_that_does_not_load(monkeypatch) -> None:
-    providers = {"version": "1.26.0", "available": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-                 "working": ["CPUExecutionProvider"],
-                 "errors": {"CUDAExecutionProvider": "session fell back to CPUExecutionProvider"}}
-    _fake(monkeypatch, {"onnxruntime-gpu": "1.26.0"}, gpu=H100, torch_info={"version": "2.14.1", "cuda": "13.0"},
-          providers=providers)
+    providers = {
+        "version": "1.26.0",
+        "available": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+        "working": ["CPUExecutionProvider"],
+        "errors": {"CUDAExecutionProvider": "session fell back to CPUExecutionProvider"},
+    }
+    _fake(
+        monkeypatch,
+        {"onnxruntime-gpu": "1.26.0"},
+        gpu=H100,
+        torch_info={"version": "2.14.1", "cuda": "13.0"},
+        providers=providers,
+    )
     report = doctor_mod.doctor()
     by_name = {c.name: c for c in report.checks}
     assert not report.healthy
@@ -259,17 +292,33 @@ def test_doctor_flags_cuda_major_mismatch_and_a_provider_that_does_not_load(monk
 
 
 def test_doctor_healthy_gpu_install_and_old_driver(monkeypatch) -> None:
-    providers = {"version": "1.31.1", "available": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-                 "working": ["CUDAExecutionProvider", "CPUExecutionProvider"], "errors": {}}
+    providers = {
+        "version": "1.31.1",
+        "available": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+        "working": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+        "errors": {},
+    }
     requires = ['nvidia-cuda-runtime~=13.0; extra == "cuda"', 'nvidia-cudnn-cu13~=9.0; extra == "cudnn"']
-    _fake(monkeypatch, {"onnxruntime-gpu": "1.31.1"}, gpu=H100, torch_info={"version": "2.14.1", "cuda": "13.0"},
-          providers=providers, requires=requires)
+    _fake(
+        monkeypatch,
+        {"onnxruntime-gpu": "1.31.1"},
+        gpu=H100,
+        torch_info={"version": "2.14.1", "cuda": "13.0"},
+        providers=providers,
+        requires=requires,
+    )
     report = doctor_mod.doctor()
     assert report.healthy, doctor_mod.format_report(report)
     assert runner.invoke(app, ["doctor"]).exit_code == 0
 
-    _fake(monkeypatch, {"onnxruntime-gpu": "1.31.1"}, gpu={**H100, "driver": "550.54", "cuda": "12.4"},
-          torch_info={"version": "2.14.1", "cuda": "13.0"}, providers=providers, requires=requires)
+    _fake(
+        monkeypatch,
+        {"onnxruntime-gpu": "1.31.1"},
+        gpu={**H100, "driver": "550.54", "cuda": "12.4"},
+        torch_info={"version": "2.14.1", "cuda": "13.0"},
+        providers=providers,
+        requires=requires,
+    )
     report = doctor_mod.doctor()
     driver = [c for c in report.checks if c.name == "GPU driver"][0]
     assert driver.status == "problem" and "580" in driver.fix

@@ -41,8 +41,19 @@ def run_in(tmp_path_factory, tiny_tree):
 
 def test_train_json_has_the_contract_keys(run_in):
     _, out = run_in
-    for key in ("run_dir", "checkpoint", "classes", "epochs", "device", "train_seconds",
-                "train_images_per_second", "test_accuracy", "val_accuracy", "best_epoch", "selection"):
+    for key in (
+        "run_dir",
+        "checkpoint",
+        "classes",
+        "epochs",
+        "device",
+        "train_seconds",
+        "train_images_per_second",
+        "test_accuracy",
+        "val_accuracy",
+        "best_epoch",
+        "selection",
+    ):
         assert key in out, key
     assert out["selection"]["split"] == "validation" and out["selection"]["epoch"] == out["best_epoch"] == 1
     assert out["classes"] == ["0", "1", "2"] and out["epochs"] == 1
@@ -93,12 +104,15 @@ def test_user_errors_are_one_line_without_traceback(tmp_path, monkeypatch):
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
-@pytest.mark.parametrize("args", [
-    ["infer", ".", "--batch-size", "99999999999999999999"],
-    ["infer", ".", "--workers", "-1"],
-    ["bench", "--threads", "99999999999999999999"],
-    ["train", ".", "--batch-size", "99999999999999999999"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["infer", ".", "--batch-size", "99999999999999999999"],
+        ["infer", ".", "--workers", "-1"],
+        ["bench", "--threads", "99999999999999999999"],
+        ["train", ".", "--batch-size", "99999999999999999999"],
+    ],
+)
 def test_numbers_past_any_machine_are_usage_errors(args):
     """A mistyped huge number overflowed inside islice / torch (a traceback, exit 1): exit 2, one message."""
     res = runner.invoke(app, args)
@@ -113,7 +127,8 @@ def test_paths_with_control_characters_are_printed_escaped_on_success(run_in, ti
     folder = tmp_path / "e\x1b[31mvil\rdir"
     shutil.copytree(os.path.join(tiny_tree, "testing"), folder)
     model = _json(runner.invoke(app, ["export", os.path.join(cwd, trained["checkpoint"]), "--json"]))["path"]
-    res = runner.invoke(app, ["infer", os.fspath(folder), "--model", model, "--output",
-                              os.fspath(folder / "p\x1b.csv")])
+    res = runner.invoke(
+        app, ["infer", os.fspath(folder), "--model", model, "--output", os.fspath(folder / "p\x1b.csv")]
+    )
     assert res.exit_code == 0, res.output
     assert "\x1b" not in res.stderr and "\r" not in res.stderr and "\\x1b" in res.stderr

@@ -12,10 +12,17 @@ from cnnkit.devices import DeviceSpec, amp_dtype, parse_device
 from cnnkit.errors import DeviceError
 
 
-@pytest.mark.parametrize("text, spec", [
-    ("auto", DeviceSpec("auto")), ("cpu", DeviceSpec("cpu")), ("cuda", DeviceSpec("cuda")),
-    ("cuda:0", DeviceSpec("cuda", 0)), ("CUDA:3", DeviceSpec("cuda", 3)), (" cuda:12 ", DeviceSpec("cuda", 12)),
-])
+@pytest.mark.parametrize(
+    "text, spec",
+    [
+        ("auto", DeviceSpec("auto")),
+        ("cpu", DeviceSpec("cpu")),
+        ("cuda", DeviceSpec("cuda")),
+        ("cuda:0", DeviceSpec("cuda", 0)),
+        ("CUDA:3", DeviceSpec("cuda", 3)),
+        (" cuda:12 ", DeviceSpec("cuda", 12)),
+    ],
+)
 def test_device_names_parse_in_one_place(text, spec):
     assert parse_device(text) == spec
     assert parse_device(str(spec)) == spec  # round trip
@@ -29,15 +36,18 @@ def test_bad_device_names_are_one_clear_error(text):
     assert "\n" not in str(e.value) and "cuda:N" in str(e.value)
 
 
-@pytest.mark.parametrize("capability, native, dtype", [
-    ((7, 0), False, "float16"),  # V100
-    ((7, 5), True, "float16"),  # T4: torch emulates bf16 there; a native check says False, and 7.5 < 8.0 anyway
-    ((7, 5), False, "float16"),
-    ((8, 0), True, "bfloat16"),  # A100
-    ((8, 6), True, "bfloat16"),  # RTX 30xx
-    ((9, 0), True, "bfloat16"),  # H100 / H200
-    ((8, 0), False, "float16"),  # whatever the capability, no native bf16 means fp16 + GradScaler
-])
+@pytest.mark.parametrize(
+    "capability, native, dtype",
+    [
+        ((7, 0), False, "float16"),  # V100
+        ((7, 5), True, "float16"),  # T4: torch emulates bf16 there; a native check says False, and 7.5 < 8.0 anyway
+        ((7, 5), False, "float16"),
+        ((8, 0), True, "bfloat16"),  # A100
+        ((8, 6), True, "bfloat16"),  # RTX 30xx
+        ((9, 0), True, "bfloat16"),  # H100 / H200
+        ((8, 0), False, "float16"),  # whatever the capability, no native bf16 means fp16 + GradScaler
+    ],
+)
 def test_amp_dtype_is_bf16_only_where_native(capability, native, dtype):
     assert amp_dtype(capability, native) == dtype
 
@@ -128,8 +138,24 @@ def test_gpu_check_script_runs_its_cpu_rows_here(tmp_path, tiny_tree):
 
     script = os.path.join(os.path.dirname(__file__), "..", "scripts", "gpu_check.py")
     rows = tmp_path / "rows.json"
-    proc = subprocess.run([sys.executable, script, tiny_tree, "--work", str(tmp_path / "w"), "--epochs", "1",
-                           "--min-accuracy", "0", "--json", str(rows)], capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            script,
+            tiny_tree,
+            "--work",
+            str(tmp_path / "w"),
+            "--epochs",
+            "1",
+            "--min-accuracy",
+            "0",
+            "--json",
+            str(rows),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
     got = json.loads(rows.read_text())
     assert [r["check"] for r in got][:4] == ["doctor", "train cpu", "export onnx cpu", "infer cpu"]

@@ -23,8 +23,9 @@ def _torchrun(args: list[str], cwd) -> dict:
     assert torchrun, "torchrun comes with torch"
     cmd = [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "cnnkit", "train", *args, "--json"]
     # A new session, so a timeout can end torchrun's workers too, not only torchrun.
-    with subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True) as proc:
+    with subprocess.Popen(
+        cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as proc:
         try:
             stdout, stderr = proc.communicate(timeout=300)
         except subprocess.TimeoutExpired:
@@ -37,8 +38,19 @@ def _torchrun(args: list[str], cwd) -> dict:
 
 
 def test_two_gloo_processes_train_resume_export(tmp_path, binary_tree):
-    common = [binary_tree, "--arch", "lecture", "--workers", "0", "--seed", "1", "--batch-size", "128",
-              "--device", "cpu"]
+    common = [
+        binary_tree,
+        "--arch",
+        "lecture",
+        "--workers",
+        "0",
+        "--seed",
+        "1",
+        "--batch-size",
+        "128",
+        "--device",
+        "cpu",
+    ]
     first = _torchrun([*common, "--epochs", "2"], tmp_path)
     assert first["world_size"] == 2 and first["epochs"] == 2
     resumed = _torchrun([*common, "--epochs", "3", "--resume", first["run_dir"]], tmp_path)
@@ -49,8 +61,17 @@ def test_two_gloo_processes_train_resume_export(tmp_path, binary_tree):
     result = export(os.fspath(tmp_path / resumed["checkpoint"]), fmt="onnx", out=os.fspath(tmp_path / "m.onnx"))
     assert result.parity.passed
 
-    single = train(TrainConfig(data=binary_tree, arch="lecture", epochs=3, seed=1, workers=0, device="cpu",
-                               runs_dir=os.fspath(tmp_path / "single")))
+    single = train(
+        TrainConfig(
+            data=binary_tree,
+            arch="lecture",
+            epochs=3,
+            seed=1,
+            workers=0,
+            device="cpu",
+            runs_dir=os.fspath(tmp_path / "single"),
+        )
+    )
     assert abs(resumed["test_accuracy"] - single.test_accuracy) <= 0.01
 
 

@@ -20,8 +20,9 @@ def _results(name: str) -> dict:
         return json.load(f)
 
 
-@pytest.mark.parametrize("name, settings", [("train-fashion.json", ("default", "longer")),
-                                            ("train-digits.json", ("default",))])
+@pytest.mark.parametrize(
+    "name, settings", [("train-fashion.json", ("default", "longer")), ("train-digits.json", ("default",))]
+)
 def test_readme_training_numbers_come_from_the_results_files(name, settings):
     readme, doc = _readme(), _results(name)
     assert doc["script"] == "scripts/bench_train.py" and doc["machine"]["cpu"]

@@ -194,8 +194,9 @@ def test_bad_exporter_options_fail_before_loading(exporter: str, opset: int | No
 
 @pytest.mark.parametrize(("fmt", "extra"), [("onnx", ["--exporter", "torchscript"]), ("torchscript", [])])
 @pytest.mark.parametrize("as_json", [False, True])
-def test_cli_export_prints_parity_and_wrote_once(tmp_path, data_root: str, fmt: str, extra: list[str],
-                                                 as_json: bool) -> None:
+def test_cli_export_prints_parity_and_wrote_once(
+    tmp_path, data_root: str, fmt: str, extra: list[str], as_json: bool
+) -> None:
     from typer.testing import CliRunner
 
     from cnnkit.cli import app

@@ -118,8 +118,11 @@ def build_corpus(root: str) -> tuple[dict[str, tuple[str, object]], dict[str, in
     put("bee/photo.png", jpeg.getvalue(), failed("looks like JPEG"))
     put("bee/bomb.png", _bomb(100_000, 100_000), failed("too large: 100000x100000 pixels"))
     rows = b"".join(b"\x00" + bytes(28) for _ in range(10))
-    put("bee/short_idat.png", gray[:33] + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""),
-        failed("IDAT stream too short"))
+    put(
+        "bee/short_idat.png",
+        gray[:33] + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""),
+        failed("IDAT stream too short"),
+    )
     put("bee/bad_header.png", encode(np.zeros((1, 1), int), 8, 0)[:16] + b"\x00" * 17, failed("bad CRC in IHDR"))
     with open(os.path.join(root, "bee", "huge.png"), "wb") as f:
         f.truncate(MAX_FILE_BYTES + 1)  # sparse: refused by its size, never read
@@ -171,8 +174,9 @@ def test_every_png_named_entry_ends_up_in_exactly_one_place(model, corpus, tmp_p
     monkeypatch.setattr(infer_mod, "MIN_TASK_FILES", 4)  # several tasks, so workers=2 really forks
     monkeypatch.setattr(infer_mod, "MAX_TASK_FILES", 4)
     out = str(tmp_path / "pred.csv")
-    res = infer(root, model, device="cpu", batch_size=4, output=out, workers=workers, min_files_for_workers=0,
-                progress=False)
+    res = infer(
+        root, model, device="cpu", batch_size=4, output=out, workers=workers, min_files_for_workers=0, progress=False
+    )
     assert res.workers == workers
     rows = read_csv(out)
     assert rows[0] == ["path", "predicted", "score", "label"]
@@ -246,8 +250,9 @@ def test_clean_folder_exits_0_and_removes_a_stale_failures_file(model, corpus, t
     stale = failures_path(str(out))
     with open(stale, "w") as f:
         f.write("path,reason\nold.png,from an earlier run\n")
-    result = runner.invoke(app, ["infer", os.path.join(root, "folder.png"), "--model", model, "--output", str(out),
-                                 "--strict"])
+    result = runner.invoke(
+        app, ["infer", os.path.join(root, "folder.png"), "--model", model, "--output", str(out), "--strict"]
+    )
     assert result.exit_code == 0, result.output
     assert len(read_csv(str(out))) == 2 and not os.path.exists(stale)
     assert "failures" not in result.stderr
@@ -325,8 +330,19 @@ def _tree(root, split: str, images: np.ndarray, labels: list[int], names: list[s
     write_tree(str(root), split, images, np.array(labels), names)
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "empty_classes", "one_class", "mixed_sizes", "mixed_modes",
-                                  "testing_classes_differ", "no_valid_image"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing",
+        "empty",
+        "empty_classes",
+        "one_class",
+        "mixed_sizes",
+        "mixed_modes",
+        "testing_classes_differ",
+        "no_valid_image",
+    ],
+)
 def test_train_on_bad_data_is_one_line_and_leaves_no_run(tmp_path, monkeypatch, case):
     monkeypatch.chdir(tmp_path)
     data = tmp_path / "data"
@@ -446,8 +462,14 @@ def big_folder(tmp_path_factory) -> str:
     n = 30_000
     reps = -(-n // len(images))
     root = str(tmp_path_factory.mktemp("big"))
-    write_tree(root, "testing", np.concatenate([images] * reps)[:n], np.concatenate([labels] * reps)[:n],
-               [str(i) for i in range(10)], ids=np.arange(n))
+    write_tree(
+        root,
+        "testing",
+        np.concatenate([images] * reps)[:n],
+        np.concatenate([labels] * reps)[:n],
+        [str(i) for i in range(10)],
+        ids=np.arange(n),
+    )
     return os.path.join(root, "testing")
 
 
@@ -468,8 +490,13 @@ def _start_and_kill(args: list[str], out: str, sig: int, min_bytes: int = 20_000
     """Start `cnnkit infer`, wait until its temporary CSV holds `min_bytes`, send `sig`.
 
     Returns (exit status, stderr, the decoder processes it had)."""
-    proc = subprocess.Popen([sys.executable, "-m", "cnnkit", "infer", *args, "--output", out], env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cnnkit", "infer", *args, "--output", out],
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     pattern = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.{proc.pid}.*.tmp")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -504,8 +531,13 @@ def test_kill_during_infer_never_leaves_a_torn_csv(model, big_folder, tmp_path):
         time.sleep(0.05)
     assert not any(_running(k) for k in kids), "decoder processes outlived the killed run"
     # A complete run: the CSV appears whole, and the stale temporary file is gone.
-    done = subprocess.run([sys.executable, "-m", "cnnkit", "infer", *args, "--output", out, "--json"], env=_env(),
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "cnnkit", "infer", *args, "--output", out, "--json"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert _complete(out, 30_000) and no_temp_files(str(tmp_path))
     previous = open(out, "rb").read()
@@ -527,7 +559,11 @@ def test_interrupted_training_leaves_the_last_checkpoint_loadable(tiny_tree, tmp
     run = tmp_path / "run"
     proc = subprocess.Popen(
         [sys.executable, "-m", "cnnkit", "train", tiny_tree, "--epochs", "200", "--workers", "0", "--out", str(run)],
-        cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     ckpt = run / "checkpoint.pt"
     deadline = time.monotonic() + 120
@@ -586,8 +622,9 @@ def test_outputs_never_replace_a_device_a_folder_or_a_fifo(model, tiny_tree, tmp
     assert stat.S_ISCHR(os.stat("/dev/null").st_mode) and folder.is_dir() and stat.S_ISFIFO(os.stat(fifo).st_mode)
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no temporary file left behind
 
-    result = runner.invoke(app, ["infer", os.path.join(tiny_tree, "testing"), "--model", model,
-                                 "--output", "/dev/null"])
+    result = runner.invoke(
+        app, ["infer", os.path.join(tiny_tree, "testing"), "--model", model, "--output", "/dev/null"]
+    )
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "/dev/null: is a character device" in result.stderr
     assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
@@ -599,9 +636,14 @@ def test_sigterm_to_the_process_group_is_one_line_from_the_main_process(model, b
     CLI's SIGTERM handler and each printed a KeyboardInterrupt traceback."""
     out = str(tmp_path / "pred.csv")
     for _ in range(5):  # the run takes about half a second: if it finished before the signal, again
-        proc = subprocess.Popen([sys.executable, "-m", "cnnkit", "infer", big_folder, "--model", model, "--workers",
-                                 "2", "--output", out], env=_env(), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cnnkit", "infer", big_folder, "--model", model, "--workers", "2", "--output", out],
+            env=_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         # Soon after the decoders start: they fill their queue and then wait while this process
         # starts onnxruntime and predicts, and an idle worker is where the inherited handler's
         # traceback came from (a busy one sends its KeyboardInterrupt back as the task's result).
@@ -634,9 +676,12 @@ def test_decoders_leave_sigint_and_sigterm_to_the_main_process():
     from cnnkit.batches import _init_worker
     from cnnkit.cli import _stops_cleanly_on_sigterm
 
-    with _stops_cleanly_on_sigterm(), ProcessPoolExecutor(
-        1, mp_context=mp.get_context("fork"), initializer=_init_worker, initargs=(os.getpid(),)
-    ) as pool:
+    with (
+        _stops_cleanly_on_sigterm(),
+        ProcessPoolExecutor(
+            1, mp_context=mp.get_context("fork"), initializer=_init_worker, initargs=(os.getpid(),)
+        ) as pool,
+    ):
         assert pool.submit(_handlers_in_a_decoder).result() == (signal.SIG_IGN, signal.SIG_IGN)
 
 
@@ -662,8 +707,13 @@ def test_sigterm_during_export_is_a_clean_stop(checkpoint, tmp_path, precision):
     out = tmp_path / "out"
     out.mkdir()
     extra = ["--quantize", "int8"] if precision == "int8" else []
-    proc = subprocess.Popen([sys.executable, "-m", "cnnkit", "export", checkpoint, "--out", str(out / "m.onnx"),
-                             *extra], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cnnkit", "export", checkpoint, "--out", str(out / "m.onnx"), *extra],
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     pattern = str(out / (".cnnkit-export-*" if precision == "int8" else ".m.onnx.*.tmp"))
     deadline = time.monotonic() + 120
     while not glob.glob(pattern):

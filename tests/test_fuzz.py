@@ -34,8 +34,11 @@ pytestmark = pytest.mark.slow  # many examples, each a command: in the full run 
 runner = CliRunner()
 DOCUMENTED_EXITS = {0, 1, 2, 3, 4}  # docs/cli.md; 130 (interrupted) cannot happen here
 MARKER = os.path.join(tempfile.gettempdir(), f"cnnkit-fuzz-executed-{os.getpid()}")
-FUZZ = settings(max_examples=int(os.environ.get("CNNKIT_FUZZ_EXAMPLES", "12")), deadline=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=int(os.environ.get("CNNKIT_FUZZ_EXAMPLES", "12")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 MEMORY_LIMIT = 1 << 30
 # What 1,000 one-image classes may add to `train` over a small ordinary run: the model itself grows to
 # 4.75M parameters (76 MB as weights, gradients and Adam's two moments); before the confusion matrix
@@ -69,15 +72,24 @@ def real(tmp_path_factory, tiny_tree):
     from cnnkit.trainer.loop import TrainConfig, train
 
     root = tmp_path_factory.mktemp("fuzz-real")
-    run = train(TrainConfig(data=tiny_tree, arch="lecture", epochs=1, workers=0, device="cpu",
-                            runs_dir=os.fspath(root / "runs")))
+    run = train(
+        TrainConfig(
+            data=tiny_tree, arch="lecture", epochs=1, workers=0, device="cpu", runs_dir=os.fspath(root / "runs")
+        )
+    )
     for fmt in ("onnx", "torchscript", "pt2"):
         export(run.checkpoint, fmt=fmt)
     shards = []
     for k in (1, 2):
         out = os.fspath(root / f"shard{k}.csv")
-        infer(os.path.join(tiny_tree, "testing"), os.path.join(run.run_dir, "model.onnx"), device="cpu", output=out,
-              progress=False, shard=Shard(k, 2))
+        infer(
+            os.path.join(tiny_tree, "testing"),
+            os.path.join(run.run_dir, "model.onnx"),
+            device="cpu",
+            output=out,
+            progress=False,
+            shard=Shard(k, 2),
+        )
         shards.append(out)
     return {"run": run.run_dir, "data": tiny_tree, "testing": os.path.join(tiny_tree, "testing"), "shards": shards}
 
@@ -119,12 +131,12 @@ def _snapshot(folder: str) -> dict[str, tuple[int, int]]:
 def _invoke(args: list[str], inputs: list[str], outputs: list[str]):
     """Run the CLI in process; check the exit status, the absence of a traceback, that no planted
     code ran, and that only `outputs` changed among the files beside the inputs."""
-    folders = sorted({os.path.dirname(os.path.abspath(p)) if os.path.isfile(p) else os.path.abspath(p)
-                      for p in inputs})
+    folders = sorted({os.path.dirname(os.path.abspath(p)) if os.path.isfile(p) else os.path.abspath(p) for p in inputs})
     before = {f: _snapshot(f) for f in folders}
     result = runner.invoke(app, args)
     assert result.exception is None or isinstance(result.exception, SystemExit), (
-        f"{args}: traceback {type(result.exception).__name__}: {result.exception}")
+        f"{args}: traceback {type(result.exception).__name__}: {result.exception}"
+    )
     assert result.exit_code in DOCUMENTED_EXITS, (args, result.exit_code, result.output[-500:])
     assert not os.path.exists(MARKER), f"{args}: loading a file ran its code"
     allowed = {os.path.abspath(p) for p in outputs}
@@ -147,8 +159,11 @@ def test_fuzzed_onnx_model_in_infer(real, data, tmp_path_factory):
     model = work / "model.onnx"
     model.write_bytes(data.draw(mutated(_read(os.path.join(real["run"], "model.onnx")))))
     out = os.fspath(work / "p.csv")
-    _invoke(["infer", real["testing"], "--model", os.fspath(model), "--device", "cpu", "--output", out, "--json"],
-            [os.fspath(model), real["testing"]], [out])
+    _invoke(
+        ["infer", real["testing"], "--model", os.fspath(model), "--device", "cpu", "--output", out, "--json"],
+        [os.fspath(model), real["testing"]],
+        [out],
+    )
 
 
 @FUZZ
@@ -158,11 +173,21 @@ def test_fuzzed_checkpoint_in_export(real, data, tmp_path_factory):
     ckpt = work / "best.pt"
     planted = work / "planted.pt"
     torch.save({"model": Planted()}, planted)
-    ckpt.write_bytes(data.draw(st.one_of(mutated(_read(os.path.join(real["run"], "best.pt"))),
-                                         st.just(_read(os.fspath(planted))), st.just(pickle.dumps(Planted())))))
+    ckpt.write_bytes(
+        data.draw(
+            st.one_of(
+                mutated(_read(os.path.join(real["run"], "best.pt"))),
+                st.just(_read(os.fspath(planted))),
+                st.just(pickle.dumps(Planted())),
+            )
+        )
+    )
     out = os.fspath(work / "m.onnx")
-    _invoke(["export", os.fspath(ckpt), "--format", "onnx", "--out", out, "--data", real["testing"], "--json"],
-            [os.fspath(ckpt), real["testing"]], [out, os.fspath(work / MANIFEST_NAME)])
+    _invoke(
+        ["export", os.fspath(ckpt), "--format", "onnx", "--out", out, "--data", real["testing"], "--json"],
+        [os.fspath(ckpt), real["testing"]],
+        [out, os.fspath(work / MANIFEST_NAME)],
+    )
 
 
 def _evil_zip(original: bytes) -> bytes:
@@ -187,8 +212,9 @@ def test_fuzzed_or_planted_archive_in_bench_is_never_loaded(real, name, data, tm
     original = _read(os.path.join(real["run"], name))
     body = data.draw(st.one_of(st.just(_evil_zip(original)), mutated(original)))
     (run / name).write_bytes(body)
-    result = _invoke(["bench", "--run", os.fspath(run), "--device", "cpu", "--limit", "8", "--json"],
-                     [os.fspath(run)], [])
+    result = _invoke(
+        ["bench", "--run", os.fspath(run), "--device", "cpu", "--limit", "8", "--json"], [os.fspath(run)], []
+    )
     if result.exit_code == 0 and body != original:  # a changed file is unproven: skipped, never loaded
         rows = json.loads(result.stdout.strip().splitlines()[-1])["rows"]
         assert {"model.ts": "torchscript", "model.pt2": "pt2"}[name] not in {r["artifact"] for r in rows}
@@ -197,9 +223,11 @@ def test_fuzzed_or_planted_archive_in_bench_is_never_loaded(real, name, data, tm
 # --------------------------------------------------------------------------------------------
 # Model metadata and shard summaries
 
-json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
-                           lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(), kids, max_size=4),
-                           max_leaves=30)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(), kids, max_size=4),
+    max_leaves=30,
+)
 
 
 def _with_metadata(model_path: str, text: str, out: str) -> None:
@@ -232,8 +260,11 @@ def test_fuzzed_metadata_in_infer(real, data, tmp_path_factory):
     model = os.fspath(work / "model.onnx")
     _with_metadata(src, data.draw(metadata_texts(original)), model)
     out = os.fspath(work / "p.csv")
-    _invoke(["infer", real["testing"], "--model", model, "--device", "cpu", "--output", out, "--json"],
-            [model, real["testing"]], [out])
+    _invoke(
+        ["infer", real["testing"], "--model", model, "--device", "cpu", "--output", out, "--json"],
+        [model, real["testing"]],
+        [out],
+    )
 
 
 @FUZZ
@@ -283,8 +314,13 @@ def run_measured(args: list[str], cwd: str, guard: int = 8 << 30) -> tuple[int, 
     pytest's own pages in its peak. `guard` caps its data segment so a regression cannot take the
     machine down with it.
     """
-    proc = subprocess.run([sys.executable, "-c", _MEASURE, str(guard), sys.executable, "-m", "cnnkit", *args],
-                          cwd=cwd, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-c", _MEASURE, str(guard), sys.executable, "-m", "cnnkit", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     code, peak_kb = (int(v) for v in proc.stdout.split())
     return code, proc.stderr, peak_kb * 1024  # Linux reports kilobytes
 
@@ -337,8 +373,19 @@ def _many_classes_tree(folder, k: int = 1000) -> str:
 
 @pytest.mark.slow
 def test_worst_inputs_stay_under_1gb_with_one_line(real, tmp_path):
-    cases = {name: ["infer", real["testing"], "--model", path, "--device", "cpu", "--output",
-                    os.fspath(tmp_path / f"{name}.csv")] for name, path in _bad_models(real, tmp_path).items()}
+    cases = {
+        name: [
+            "infer",
+            real["testing"],
+            "--model",
+            path,
+            "--device",
+            "cpu",
+            "--output",
+            os.fspath(tmp_path / f"{name}.csv"),
+        ]
+        for name, path in _bad_models(real, tmp_path).items()
+    }
     images, labels = _gzip_bomb(tmp_path)
     cases["gzip-bomb"] = ["data", "idx", images, labels, "--out", os.fspath(tmp_path / "idx"), "--split", "training"]
     big = tmp_path / "big-summary"
@@ -348,8 +395,13 @@ def test_worst_inputs_stay_under_1gb_with_one_line(real, tmp_path):
         shutil.copy(p + ".json", big / (os.path.basename(p) + ".json"))
     with open(big / "shard1.csv.json", "w") as f:
         f.write(_nested(500_000))
-    cases["nested-summary"] = ["merge", os.fspath(big / "shard1.csv"), os.fspath(big / "shard2.csv"), "--output",
-                               os.fspath(tmp_path / "merged.csv")]
+    cases["nested-summary"] = [
+        "merge",
+        os.fspath(big / "shard1.csv"),
+        os.fspath(big / "shard2.csv"),
+        "--output",
+        os.fspath(tmp_path / "merged.csv"),
+    ]
     train = ["train", "--epochs", "1", "--workers", "0", "--val-split", "0", "--device", "cpu", "--out"]
     cases["1000-classes"] = [*train, os.fspath(tmp_path / "many-run"), _many_classes_tree(tmp_path)]
     problems, peaks = [], {}
@@ -364,6 +416,10 @@ def test_worst_inputs_stay_under_1gb_with_one_line(real, tmp_path):
     _, _, ordinary = run_measured([*train, os.fspath(tmp_path / "ordinary-run"), real["data"]], os.fspath(tmp_path))
     over = {name: peak - (ordinary if name == "1000-classes" else 0) for name, peak in peaks.items()}
     limit = {name: (TRAIN_EXTRA_LIMIT if name == "1000-classes" else MEMORY_LIMIT) for name in peaks}
-    problems += [f"{name}: peak RSS {peaks[name] / 2**20:.0f} MiB ({over[name] / 2**20:.0f} MiB counted, limit "
-                 f"{limit[name] / 2**20:.0f})" for name in peaks if over[name] >= limit[name]]
+    problems += [
+        f"{name}: peak RSS {peaks[name] / 2**20:.0f} MiB ({over[name] / 2**20:.0f} MiB counted, limit "
+        f"{limit[name] / 2**20:.0f})"
+        for name in peaks
+        if over[name] >= limit[name]
+    ]
     assert not problems, "\n".join(problems)

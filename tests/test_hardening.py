@@ -40,8 +40,9 @@ def _damaged_run(run: str, dest: str, damage) -> str:
     return dest
 
 
-@pytest.mark.parametrize("key", ["rng", "optimizer", "epoch", "best_epoch", "rng.batches", "rng.dropout",
-                                 "config.epochs"])
+@pytest.mark.parametrize(
+    "key", ["rng", "optimizer", "epoch", "best_epoch", "rng.batches", "rng.dropout", "config.epochs"]
+)
 def test_resume_names_the_missing_checkpoint_key(one_epoch_run, tmp_path, key):
     from cnnkit.trainer.loop import TrainConfig, train
 
@@ -110,9 +111,19 @@ def test_idx_reads_only_the_declared_bytes_and_refuses_the_rest(tmp_path, monkey
         idx.read_idx(_idx_gz(tmp_path / "big.gz", (11, 28, 28), 11 * 28 * 28))
     with pytest.raises(DataError, match="trailing data"):
         idx.read_idx(_idx_gz(tmp_path / "tail.gz", (10, 28, 28), 50 << 20))
-    result = runner.invoke(app, ["data", "idx", _idx_gz(tmp_path / "i.gz", (11, 28, 28), 0),
-                                 _idx_gz(tmp_path / "l.gz", (11,), 11), "--out", os.fspath(tmp_path / "o"),
-                                 "--split", "training"])
+    result = runner.invoke(
+        app,
+        [
+            "data",
+            "idx",
+            _idx_gz(tmp_path / "i.gz", (11, 28, 28), 0),
+            _idx_gz(tmp_path / "l.gz", (11,), 11),
+            "--out",
+            os.fspath(tmp_path / "o"),
+            "--split",
+            "training",
+        ],
+    )
     assert result.exit_code == 2 and "over the" in result.output and "Traceback" not in result.output
 
 
@@ -137,8 +148,12 @@ def test_model_paths_say_what_is_there_without_opening_it(odd_paths, kind):
     from cnnkit.runtime.session import read_meta
 
     path = odd_paths[kind]
-    for load, what in ((read_meta, "model file"), (load_checkpoint, "checkpoint"),
-                       (load_torchscript, "TorchScript file"), (load_pt2, "pt2 file")):
+    for load, what in (
+        (read_meta, "model file"),
+        (load_checkpoint, "checkpoint"),
+        (load_torchscript, "TorchScript file"),
+        (load_pt2, "pt2 file"),
+    ):
         with pytest.raises(ModelError, match=f"is {kind}, not a {what}"):
             load(path)
 
@@ -151,12 +166,15 @@ def test_infer_and_export_cli_on_a_fifo_exit_2_at_once(odd_paths, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
     for args in (["infer", os.fspath(tmp_path), "--model", fifo], ["export", fifo]):
         # A timeout, not a hang, if anything opened the FIFO (nobody writes to it).
-        proc = subprocess.run([sys.executable, "-m", "cnnkit", *args], capture_output=True, text=True, timeout=120,
-                              env=env)
+        proc = subprocess.run(
+            [sys.executable, "-m", "cnnkit", *args], capture_output=True, text=True, timeout=120, env=env
+        )
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.strip().splitlines()[-1] == f"error: {fifo}: is a FIFO, not a " + (
-            "model file (export one with `cnnkit export --format onnx`)" if args[0] == "infer"
-            else "checkpoint (train one with `cnnkit train`)")
+            "model file (export one with `cnnkit export --format onnx`)"
+            if args[0] == "infer"
+            else "checkpoint (train one with `cnnkit train`)"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,8 +284,10 @@ def test_infer_past_the_matrix_limit_reports_top_confusions_and_merges(many_clas
     assert wrong == sum(p["count"] for p in d["top_confused"]) or len(d["top_confused"]) == 20
     assert {p["true"] for p in d["top_confused"]} <= set(classes[:6])
     assert "over 50 so no matrix" in format_summary(whole)
-    parts = [infer(data, model, output=os.fspath(tmp_path / f"s{k}.csv"), workers=0, progress=False,
-                   shard=f"{k}/2").output for k in range(2)]
+    parts = [
+        infer(data, model, output=os.fspath(tmp_path / f"s{k}.csv"), workers=0, progress=False, shard=f"{k}/2").output
+        for k in range(2)
+    ]
     merged = merge(parts, os.fspath(tmp_path / "merged.csv"))
     assert merged.accuracy == whole.accuracy and merged.confused_pairs == whole.confused_pairs
     assert merged.to_dict()["top_confused"] == d["top_confused"] and "no matrix" in format_merge(merged)
@@ -280,16 +300,21 @@ def test_infer_past_the_matrix_limit_reports_top_confusions_and_merges(many_clas
 def _record(**changes) -> dict:
     from cnnkit.meta import ModelMeta
 
-    return {**ModelMeta(arch="lecture", classes=("a", "b"), input_shape=(1, 28, 28), output="logits").to_dict(),
-            **changes}
+    return {
+        **ModelMeta(arch="lecture", classes=("a", "b"), input_shape=(1, 28, 28), output="logits").to_dict(),
+        **changes,
+    }
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"classes": [f"c{i}" for i in range(100_000)]}, "names 100,000 classes, over the 10,000"),
-    ({"input_shape": [1, 100_000, 100_000]}, r"bad input_shape \(1, 100000, 100000\).*H and W from 1 to 4096"),
-    ({"input_shape": [1, 28, 5000]}, "H and W from 1 to 4096"),
-    ({"extra": {"x": "[" * 10}}, None),  # brackets inside a string are text, not nesting
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"classes": [f"c{i}" for i in range(100_000)]}, "names 100,000 classes, over the 10,000"),
+        ({"input_shape": [1, 100_000, 100_000]}, r"bad input_shape \(1, 100000, 100000\).*H and W from 1 to 4096"),
+        ({"input_shape": [1, 28, 5000]}, "H and W from 1 to 4096"),
+        ({"extra": {"x": "[" * 10}}, None),  # brackets inside a string are text, not nesting
+    ],
+)
 def test_record_limits(changes, message):
     import json
 
@@ -327,8 +352,9 @@ def test_infer_with_a_100k_class_record_exits_2(tmp_path):
 
     from conftest import export_onnx
 
-    model = export_onnx(os.fspath(tmp_path / "m.onnx"), meta=json.dumps(_record(
-        classes=[f"c{i}" for i in range(100_000)])))
+    model = export_onnx(
+        os.fspath(tmp_path / "m.onnx"), meta=json.dumps(_record(classes=[f"c{i}" for i in range(100_000)]))
+    )
     result = runner.invoke(app, ["infer", os.fspath(tmp_path), "--model", model])
     assert result.exit_code == 2 and "over the 10,000" in result.output and "Traceback" not in result.output
 
@@ -356,8 +382,9 @@ def test_exports_record_data_folder_names_not_full_paths(one_epoch_run, tiny_tre
         assert os.path.dirname(os.path.abspath(tiny_tree)) not in record.to_json()
     kept = export(ckpt, "onnx", out=os.fspath(tmp_path / "k.onnx"), exporter="torchscript", keep_paths=True).path
     assert read_meta(kept).extra["data"]["root"] == full["root"]
-    result = runner.invoke(app, ["export", ckpt, "--out", os.fspath(tmp_path / "c.onnx"), "--exporter",
-                                 "torchscript", "--keep-paths"])
+    result = runner.invoke(
+        app, ["export", ckpt, "--out", os.fspath(tmp_path / "c.onnx"), "--exporter", "torchscript", "--keep-paths"]
+    )
     assert result.exit_code == 0, result.output
     assert read_meta(os.fspath(tmp_path / "c.onnx")).extra["data"]["test"] == full["test"]
 

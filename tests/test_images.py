@@ -290,9 +290,7 @@ def test_walk_lists_counts_or_reports_every_odd_entry(tmp_path):
     }
     assert listing.ignored == {"other_files": 2, "hidden": 2, "symlinked_folders": 2}
     assert listing.png_folders == ["folder.png"]
-    assert describe_ignored(listing.ignored) == (
-        "2 non-PNG files, 2 hidden entries, 2 symlinked folders (not entered)"
-    )
+    assert describe_ignored(listing.ignored) == ("2 non-PNG files, 2 hidden entries, 2 symlinked folders (not entered)")
     img, _ = read_image(os.path.join(str(root), bad), SIZE)  # the surrogate-escaped name opens
     assert img.shape == SIZE
 
@@ -336,8 +334,9 @@ def test_corrupted_pngs_with_valid_crcs_reach_libspng_and_only_raise_image_error
     check into libspng (header fields, zlib stream, filters), which must fail cleanly or decode."""
     color, depth = data.draw(st.sampled_from(FORMS))
     h, w = data.draw(st.integers(1, 40)), data.draw(st.integers(1, 40))
-    png, _ = random_png(np.random.default_rng(data.draw(st.integers(0, 2**32 - 1))), h, w, color, depth,
-                        data.draw(st.booleans()))
+    png, _ = random_png(
+        np.random.default_rng(data.draw(st.integers(0, 2**32 - 1))), h, w, color, depth, data.draw(st.booleans())
+    )
     bad = bytearray(png)
     for _ in range(data.draw(st.integers(1, 4))):
         bad[data.draw(st.integers(8, len(bad) - 1))] = data.draw(st.integers(0, 255))

@@ -13,18 +13,67 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 # Lowest first. A module not listed here fails the test: each new module takes a place on purpose.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("core", ("cnnkit", "cnnkit.errors", "cnnkit.files", "cnnkit.meta", "cnnkit.listing", "cnnkit.images",
-              "cnnkit.batches", "cnnkit.csvcells", "cnnkit.confusion", "cnnkit.console", "cnnkit.devices",
-              "cnnkit.provenance", "cnnkit.runs")),
-    ("datasets", ("cnnkit.datasets", "cnnkit.datasets.idx", "cnnkit.datasets.layout", "cnnkit.datasets.mnist",
-                  "cnnkit.datasets.sample")),
-    ("runtime", ("cnnkit.runtime", "cnnkit.runtime.session", "cnnkit.runtime.outputs", "cnnkit.runtime.shard",
-                 "cnnkit.runtime.infer")),
+    (
+        "core",
+        (
+            "cnnkit",
+            "cnnkit.errors",
+            "cnnkit.files",
+            "cnnkit.meta",
+            "cnnkit.listing",
+            "cnnkit.images",
+            "cnnkit.batches",
+            "cnnkit.csvcells",
+            "cnnkit.confusion",
+            "cnnkit.console",
+            "cnnkit.devices",
+            "cnnkit.provenance",
+            "cnnkit.runs",
+        ),
+    ),
+    (
+        "datasets",
+        (
+            "cnnkit.datasets",
+            "cnnkit.datasets.idx",
+            "cnnkit.datasets.layout",
+            "cnnkit.datasets.mnist",
+            "cnnkit.datasets.sample",
+        ),
+    ),
+    (
+        "runtime",
+        (
+            "cnnkit.runtime",
+            "cnnkit.runtime.session",
+            "cnnkit.runtime.outputs",
+            "cnnkit.runtime.shard",
+            "cnnkit.runtime.infer",
+        ),
+    ),
     ("models", ("cnnkit.models", "cnnkit.checkpoint")),
-    ("export", ("cnnkit.export", "cnnkit.export.onnx", "cnnkit.export.parity", "cnnkit.export.pipeline",
-                "cnnkit.export.pt2", "cnnkit.export.quantize", "cnnkit.export.torchscript")),
-    ("trainer", ("cnnkit.trainer", "cnnkit.trainer.data", "cnnkit.trainer.distributed", "cnnkit.trainer.loop",
-                 "cnnkit.trainer.plots")),
+    (
+        "export",
+        (
+            "cnnkit.export",
+            "cnnkit.export.onnx",
+            "cnnkit.export.parity",
+            "cnnkit.export.pipeline",
+            "cnnkit.export.pt2",
+            "cnnkit.export.quantize",
+            "cnnkit.export.torchscript",
+        ),
+    ),
+    (
+        "trainer",
+        (
+            "cnnkit.trainer",
+            "cnnkit.trainer.data",
+            "cnnkit.trainer.distributed",
+            "cnnkit.trainer.loop",
+            "cnnkit.trainer.plots",
+        ),
+    ),
     ("apps", ("cnnkit.bench", "cnnkit.doctor", "cnnkit.cli", "cnnkit.__main__")),
 ]
 LEVEL = {mod: i for i, (_, mods) in enumerate(LAYERS) for mod in mods}
@@ -66,8 +115,12 @@ def test_every_module_has_a_layer(graph):
 
 
 def test_no_module_imports_a_higher_layer(graph):
-    up = [f"{mod} ({LAYERS[LEVEL[mod]][0]}) imports {dep} ({LAYERS[LEVEL[dep]][0]})"
-          for mod, deps in graph.items() for dep in deps if dep in LEVEL and mod in LEVEL and LEVEL[dep] > LEVEL[mod]]
+    up = [
+        f"{mod} ({LAYERS[LEVEL[mod]][0]}) imports {dep} ({LAYERS[LEVEL[dep]][0]})"
+        for mod, deps in graph.items()
+        for dep in deps
+        if dep in LEVEL and mod in LEVEL and LEVEL[dep] > LEVEL[mod]
+    ]
     assert up == []
 
 
@@ -79,7 +132,9 @@ def test_no_import_cycles(graph):
         state[mod] = "open"
         for dep in sorted(internal[mod]):
             if state.get(dep) == "open":
-                cycles.append(" -> ".join(stack[stack.index(dep):] + [mod, dep]) if dep in stack else f"{mod} -> {dep}")
+                cycles.append(
+                    " -> ".join(stack[stack.index(dep) :] + [mod, dep]) if dep in stack else f"{mod} -> {dep}"
+                )
             elif dep not in state:
                 visit(dep, [*stack, mod])
         state[mod] = "done"
@@ -93,6 +148,25 @@ def test_no_import_cycles(graph):
 
 
 def test_torch_free_layers_never_import_torch_or_onnx(graph):
-    bad = [f"{mod} imports {dep}" for mod, deps in graph.items() if mod in LEVEL
-           and LAYERS[LEVEL[mod]][0] in TORCH_FREE for dep in deps if dep in HEAVY]
+    bad = [
+        f"{mod} imports {dep}"
+        for mod, deps in graph.items()
+        if mod in LEVEL and LAYERS[LEVEL[mod]][0] in TORCH_FREE
+        for dep in deps
+        if dep in HEAVY
+    ]
     assert bad == []
+
+
+def test_no_function_holds_more_than_60_lines_of_code():
+    """A reader can hold a function whose code (its docstring aside) fits on one screen."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(ROOT).parent / "scripts" / "function_lengths.py"
+    spec = importlib.util.spec_from_file_location("function_lengths", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = mod.lengths(Path(ROOT))
+    assert len(rows) > 100  # it did read the package
+    assert [name for _, code, name in rows if code > 60] == []

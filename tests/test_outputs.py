@@ -64,9 +64,11 @@ def test_infer_refuses_to_write_over_its_model_or_an_input_image(work):
     before = snapshot(tmp)
     first = sorted(os.listdir(os.path.join(images, "0")))[0]
     image = os.path.join(images, "0", first)
-    for output, match in ((model, "is an input of this command"),
-                          (image, "is one of the images under"),
-                          (os.path.join(images, "1", "..", "0", first), "is one of the images under")):
+    for output, match in (
+        (model, "is an input of this command"),
+        (image, "is one of the images under"),
+        (os.path.join(images, "1", "..", "0", first), "is one of the images under"),
+    ):
         with pytest.raises(DataError, match=match):
             infer(images, model=model, output=output, workers=0, progress=False)
     link = tmp / "link.onnx"  # another name for the model: refused too

@@ -170,8 +170,24 @@ def test_int8_options_and_data_are_checked_before_work(trained, tmp_path) -> Non
 def test_int8_through_the_cli(trained, tmp_path, monkeypatch) -> None:
     runner = CliRunner()
     out = str(tmp_path / "cli.int8.onnx")
-    res = runner.invoke(app, ["export", trained, "--quantize", "int8", "--exporter", LEGACY, "--out", out,
-                              "--max-accuracy-drop", "5", "--calibration-size", "64", "--json"])
+    res = runner.invoke(
+        app,
+        [
+            "export",
+            trained,
+            "--quantize",
+            "int8",
+            "--exporter",
+            LEGACY,
+            "--out",
+            out,
+            "--max-accuracy-drop",
+            "5",
+            "--calibration-size",
+            "64",
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     d = json.loads(res.stdout.strip())
     assert d["precision"] == "int8" and d["path"] == out and d["accuracy"]["passed"] is True
@@ -179,8 +195,9 @@ def test_int8_through_the_cli(trained, tmp_path, monkeypatch) -> None:
     assert res.stderr.count("int8 accuracy gate passed") == 1 and "on 60 images" in res.stderr  # said once
 
     monkeypatch.setattr(quantize_mod, "quantize_int8", _broken_quantizer(quantize_mod.quantize_int8))
-    res = runner.invoke(app, ["export", trained, "--quantize", "int8", "--exporter", LEGACY,
-                              "--out", str(tmp_path / "bad.onnx")])
+    res = runner.invoke(
+        app, ["export", trained, "--quantize", "int8", "--exporter", LEGACY, "--out", str(tmp_path / "bad.onnx")]
+    )
     assert res.exit_code == 3 and "int8 accuracy gate FAILED" in res.stderr
     assert not os.path.exists(tmp_path / "bad.onnx")
 
@@ -339,10 +356,12 @@ def test_min_agreement_tier_allows_a_few_flips_and_no_more() -> None:
     cand[:1] = [[0.0, 1.0]]  # one flipped decision in 400 (99.75%)
     kw = {"batch_sizes": (400,)}
     strict = run_parity(lambda x: ref[: len(x)], lambda x: cand[: len(x)], images, "logits", 2.0, **kw)
-    loose = run_parity(lambda x: ref[: len(x)], lambda x: cand[: len(x)], images, "logits", 2.0,
-                       min_agreement=0.995, **kw)
+    loose = run_parity(
+        lambda x: ref[: len(x)], lambda x: cand[: len(x)], images, "logits", 2.0, min_agreement=0.995, **kw
+    )
     assert not strict.passed and loose.passed and "at least 99.5%" in loose.summary()
     cand[:3] = [[0.0, 1.0]]  # 99.25% < 99.5%
-    worse = run_parity(lambda x: ref[: len(x)], lambda x: cand[: len(x)], images, "logits", 2.0,
-                       min_agreement=0.995, **kw)
+    worse = run_parity(
+        lambda x: ref[: len(x)], lambda x: cand[: len(x)], images, "logits", 2.0, min_agreement=0.995, **kw
+    )
     assert not worse.passed

@@ -386,9 +386,13 @@ def test_cuda_libraries_are_preloaded_once_and_quietly(models, monkeypatch, caps
     monkeypatch.setattr(session_mod, "_PRELOAD", [])
     monkeypatch.setattr(ort, "preload_dlls", fake_preload, raising=False)
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    monkeypatch.setattr(ort, "InferenceSession",
-                        lambda path, sess_options=None, providers=None: real(path, sess_options=sess_options,
-                                                                               providers=["CPUExecutionProvider"]))
+    monkeypatch.setattr(
+        ort,
+        "InferenceSession",
+        lambda path, sess_options=None, providers=None: real(
+            path, sess_options=sess_options, providers=["CPUExecutionProvider"]
+        ),
+    )
     with pytest.raises(DeviceError, match="libcudnn.so.9"):
         create_session(models["logits"], device="cuda")
     assert create_session(models["logits"], device="auto").provider == "CPUExecutionProvider"

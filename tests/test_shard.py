@@ -78,8 +78,23 @@ def _run_shards(tree: str, model: str, out: str, n: int, only: list[int] | None 
     procs, outs = [], []
     for k in only if only is not None else range(n):
         csv_path = os.path.join(out, f"pred.{k}.csv")
-        cmd = [sys.executable, "-m", "cnnkit", "infer", tree, "--model", model, "--device", "cpu",
-               "--shard", f"{k}/{n}", "--output", csv_path, "--json", *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "cnnkit",
+            "infer",
+            tree,
+            "--model",
+            model,
+            "--device",
+            "cpu",
+            "--shard",
+            f"{k}/{n}",
+            "--output",
+            csv_path,
+            "--json",
+            *extra,
+        ]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
         outs.append(csv_path)
     for p in procs:
@@ -132,8 +147,16 @@ def test_streamed_walk_gives_the_same_file(tree, model, unsharded, tmp_path, mon
     monkeypatch.setattr(infer_mod, "MAX_TASK_FILES", 8)
     for workers in (0, 2):
         out = str(tmp_path / f"w{workers}.csv")
-        res = infer(tree, model, device="cpu", batch_size=4, output=out, workers=workers,
-                    min_files_for_workers=0, progress=False)
+        res = infer(
+            tree,
+            model,
+            device="cpu",
+            batch_size=4,
+            output=out,
+            workers=workers,
+            min_files_for_workers=0,
+            progress=False,
+        )
         assert res.workers == workers
         with open(full_csv, "rb") as a, open(out, "rb") as b:
             assert a.read() == b.read()
@@ -152,8 +175,11 @@ def test_assignment_is_a_fixed_hash_of_the_path():
     ]
     assert [shard_of("ant/000.png", n) for n in (2, 3, 8, 1000)] == [1, 2, 3, 283]  # pinned: old runs' shards
     # A name that is not UTF-8 (surrogate-escaped by os.fsdecode) hashes as its bytes on disk.
-    assert shard_of("caf\udce9/x.png", 1000) == int.from_bytes(
-        __import__("hashlib").blake2b(b"caf\xe9/x.png", digest_size=8).digest(), "big") % 1000 == 646
+    assert (
+        shard_of("caf\udce9/x.png", 1000)
+        == int.from_bytes(__import__("hashlib").blake2b(b"caf\xe9/x.png", digest_size=8).digest(), "big") % 1000
+        == 646
+    )
     paths = [f"c{i % 10}/{i:06d}.png" for i in range(6000)]
     counts = np.bincount([shard_of(p, 8) for p in paths], minlength=8)
     assert counts.min() > 600 and counts.max() < 900  # 750 each on average
@@ -307,8 +333,7 @@ def test_a_shard_csv_edited_after_its_run_is_refused(shard_outputs, tmp_path):
     """Each edit keeps the CSV well-formed and sorted, so only the recorded SHA-256 can catch it."""
     flip = {"ant": "bee", "bee": "cat", "cat": "ant"}
     edits = {
-        "relabelled": ("", lambda rows: [rows[0], [rows[1][0], flip[rows[1][1]], *rows[1][2:]], *rows[2:]],
-                       "same"),
+        "relabelled": ("", lambda rows: [rows[0], [rows[1][0], flip[rows[1][1]], *rows[1][2:]], *rows[2:]], "same"),
         "row dropped": ("", lambda rows: rows[:-1], "rows instead of"),
         "failure dropped": (".failures.csv", lambda rows: rows[:1], "0 rows instead of 1"),
     }
@@ -325,25 +350,28 @@ def test_a_shard_csv_edited_after_its_run_is_refused(shard_outputs, tmp_path):
         assert f"--shard {k}/3" in err
 
 
-@pytest.mark.parametrize("case, expected", [
-    (lambda s: s.pop("csv"), "no 'csv'"),
-    (lambda s: s.update(version=1), "older cnnkit"),
-    (lambda s: s.update(shard={"index": 0, "count": 0}), "'shard' must be"),
-    (lambda s: s.update(shard={"index": 3, "count": 3}), "'shard' must be"),
-    (lambda s: s.update(shard=[0, 3]), "'shard' must be"),
-    (lambda s: s.update(n_images="50"), "'n_images' must be a count"),
-    (lambda s: s.update(n_failed=-1), "'n_failed' must be a count"),
-    (lambda s: s.update(classes=[]), "'classes' must be"),
-    (lambda s: s.update(confusion=[[1, 2]]), "'confusion' must be 3 x 3"),
-    (lambda s: s.update(accuracy=2.5), "'accuracy' must be"),
-    (lambda s: s.update(failures=[["x.png", "bad"]]), "'failures' must be"),
-    (lambda s: s.update(model_sha256=None), "'model_sha256' must be"),
-    (lambda s: s["csv"].update(rows=1), "'csv' has 1 rows"),
-    ("[]", "not a summary"),
-    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
-    (" " * (64 << 20) + "{}", "too large"),
-    ("{\"kind\": ", "not a readable summary"),
-])
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        (lambda s: s.pop("csv"), "no 'csv'"),
+        (lambda s: s.update(version=1), "older cnnkit"),
+        (lambda s: s.update(shard={"index": 0, "count": 0}), "'shard' must be"),
+        (lambda s: s.update(shard={"index": 3, "count": 3}), "'shard' must be"),
+        (lambda s: s.update(shard=[0, 3]), "'shard' must be"),
+        (lambda s: s.update(n_images="50"), "'n_images' must be a count"),
+        (lambda s: s.update(n_failed=-1), "'n_failed' must be a count"),
+        (lambda s: s.update(classes=[]), "'classes' must be"),
+        (lambda s: s.update(confusion=[[1, 2]]), "'confusion' must be 3 x 3"),
+        (lambda s: s.update(accuracy=2.5), "'accuracy' must be"),
+        (lambda s: s.update(failures=[["x.png", "bad"]]), "'failures' must be"),
+        (lambda s: s.update(model_sha256=None), "'model_sha256' must be"),
+        (lambda s: s["csv"].update(rows=1), "'csv' has 1 rows"),
+        ("[]", "not a summary"),
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        (" " * (64 << 20) + "{}", "too large"),
+        ('{"kind": ', "not a readable summary"),
+    ],
+)
 def test_malformed_summaries_are_one_line_errors(shard_outputs, tmp_path, case, expected):
     copies = _copy_shards(shard_outputs, str(tmp_path))
     summary = json.load(open(copies[1] + ".json"))

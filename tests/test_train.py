@@ -69,8 +69,16 @@ def _cfg(tmp_path, data, **kw) -> TrainConfig:
 def test_train_writes_a_complete_run(tmp_path, tiny_tree):
     result = train(_cfg(tmp_path, tiny_tree, epochs=2))
     run = result.run_dir
-    for name in (CHECKPOINT_NAME, BEST_NAME, "metrics.json", "curves.png", "scores_training.png",
-                 "scores_validation.png", "scores_testing.png", "confusion.png"):
+    for name in (
+        CHECKPOINT_NAME,
+        BEST_NAME,
+        "metrics.json",
+        "curves.png",
+        "scores_training.png",
+        "scores_validation.png",
+        "scores_testing.png",
+        "confusion.png",
+    ):
         assert os.path.isfile(os.path.join(run, name)), name
     raw = torch.load(os.path.join(run, BEST_NAME), weights_only=True)  # plain tensors and data only
     assert raw["meta"]["classes"] == ["0", "1", "2"] and raw["meta"]["input_shape"] == [1, 28, 28]
@@ -108,8 +116,15 @@ def _interrupt_after_epoch(monkeypatch, k: int) -> None:
 def _outcome(result) -> tuple:
     """Everything a run reports about the model it selected, and that model's weights."""
     weights = torch.load(result.checkpoint, weights_only=True)["model"]
-    return (result.best_epoch, result.selection, result.val_accuracy, result.test_accuracy, result.test_loss,
-            [(r["train_loss"], r["val_loss"]) for r in result.history], weights)
+    return (
+        result.best_epoch,
+        result.selection,
+        result.val_accuracy,
+        result.test_accuracy,
+        result.test_loss,
+        [(r["train_loss"], r["val_loss"]) for r in result.history],
+        weights,
+    )
 
 
 def _assert_same_outcome(a: tuple, b: tuple) -> None:

@@ -26,8 +26,16 @@ def exported(tmp_path_factory, tiny_tree) -> str:
     from cnnkit.export import export
     from cnnkit.trainer.loop import TrainConfig, train
 
-    run = train(TrainConfig(data=tiny_tree, arch="lecture", epochs=1, workers=0, device="cpu",
-                            runs_dir=os.fspath(tmp_path_factory.mktemp("runs")))).run_dir
+    run = train(
+        TrainConfig(
+            data=tiny_tree,
+            arch="lecture",
+            epochs=1,
+            workers=0,
+            device="cpu",
+            runs_dir=os.fspath(tmp_path_factory.mktemp("runs")),
+        )
+    ).run_dir
     export(os.path.join(run, "best.pt"), fmt="torchscript")
     return run
 
@@ -100,8 +108,9 @@ def test_export_refuses_to_write_into_the_folder_its_gate_reads(exported, tmp_pa
     data = shutil.copytree(os.path.join(tiny_tree, "testing"), tmp_path / "testing")
     image = next(p for p in sorted((data / "0").iterdir()))
     before = image.read_bytes()
-    res = runner.invoke(app, ["export", os.path.join(exported, "best.pt"), "--data", os.fspath(data),
-                              "--out", os.fspath(image)])
+    res = runner.invoke(
+        app, ["export", os.path.join(exported, "best.pt"), "--data", os.fspath(data), "--out", os.fspath(image)]
+    )
     assert res.exit_code == 2 and "is inside" in res.stderr, res.output
     assert image.read_bytes() == before
 
@@ -153,10 +162,24 @@ def test_infer_never_writes_over_a_models_external_weights(exported, tmp_path, t
     src = export(os.path.join(exported, "best.pt"), fmt="onnx", out=os.fspath(tmp_path / "m.onnx")).path
     folder = tmp_path / "ext"
     folder.mkdir()
-    onnx.save_model(onnx.load(src), os.fspath(folder / "model.onnx"), save_as_external_data=True,
-                    location="weights.bin", size_threshold=0)
+    onnx.save_model(
+        onnx.load(src),
+        os.fspath(folder / "model.onnx"),
+        save_as_external_data=True,
+        location="weights.bin",
+        size_threshold=0,
+    )
     before = (folder / "weights.bin").read_bytes()
-    res = runner.invoke(app, ["infer", os.path.join(tiny_tree, "testing"), "--model", os.fspath(folder / "model.onnx"),
-                              "--output", os.fspath(folder / "weights.bin")])
+    res = runner.invoke(
+        app,
+        [
+            "infer",
+            os.path.join(tiny_tree, "testing"),
+            "--model",
+            os.fspath(folder / "model.onnx"),
+            "--output",
+            os.fspath(folder / "weights.bin"),
+        ],
+    )
     assert res.exit_code == 2 and "is an input" in res.stderr, res.output
     assert (folder / "weights.bin").read_bytes() == before

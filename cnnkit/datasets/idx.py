@@ -101,8 +101,10 @@ def _parse(path: str, stream: BinaryIO) -> np.ndarray:
     dims = struct.unpack(f">{ndim}I", head)
     count = math.prod(dims)
     if count > MAX_IDX_BYTES:
-        raise DataError(f"{path}: the IDX header declares shape {dims}, {count:,} bytes, over the "
-                        f"{MAX_IDX_BYTES >> 20:,} MB cnnkit reads; not an image set cnnkit can train on")
+        raise DataError(
+            f"{path}: the IDX header declares shape {dims}, {count:,} bytes, over the "
+            f"{MAX_IDX_BYTES >> 20:,} MB cnnkit reads; not an image set cnnkit can train on"
+        )
     data = _read_upto(stream, count)
     if len(data) < count:
         raise DataError(

@@ -188,12 +188,20 @@ def _trace(model: Any, example: Any, exporter: str, opset: int) -> Any:
     with quiet():
         if exporter == "dynamo":
             dynamic = ({0: torch.export.Dim(BATCH_DIM, min=1)},)
-            program = torch.onnx.export(model, (example,), None, dynamo=True, dynamic_shapes=dynamic, verbose=False,
-                                        **names)
+            program = torch.onnx.export(
+                model, (example,), None, dynamo=True, dynamic_shapes=dynamic, verbose=False, **names
+            )
             return program.model_proto
         buf = io.BytesIO()
-        torch.onnx.export(model, (example,), buf, dynamo=False, do_constant_folding=True,
-                          dynamic_axes={INPUT_NAME: {0: BATCH_DIM}, OUTPUT_NAME: {0: BATCH_DIM}}, **names)
+        torch.onnx.export(
+            model,
+            (example,),
+            buf,
+            dynamo=False,
+            do_constant_folding=True,
+            dynamic_axes={INPUT_NAME: {0: BATCH_DIM}, OUTPUT_NAME: {0: BATCH_DIM}},
+            **names,
+        )
         return onnx.load_model_from_string(buf.getvalue())
 
 
@@ -301,8 +309,11 @@ def convert_fp16(src: str, path: str, meta: ModelMeta) -> dict[str, Any]:
             "precision": "fp16",
             "opset": opset_of(half),
             "ir_version": int(half.ir_version),
-            "fp16": {"converter": "onnxruntime.transformers.float16", "keep_io_types": True,
-                     "onnxruntime": ort.__version__},
+            "fp16": {
+                "converter": "onnxruntime.transformers.float16",
+                "keep_io_types": True,
+                "onnxruntime": ort.__version__,
+            },
         }
     )
     write_record(half, record.replace(extra={**record.extra, "export": export_info}))

@@ -164,8 +164,14 @@ def _compare_at(
 
 
 def run_parity(
-    reference: Runner, candidate: Runner, images: np.ndarray, output_kind: str, max_abs_tol: float,
-    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES, min_agreement: float = 1.0, provider: str = "cpu",
+    reference: Runner,
+    candidate: Runner,
+    images: np.ndarray,
+    output_kind: str,
+    max_abs_tol: float,
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    min_agreement: float = 1.0,
+    provider: str = "cpu",
 ) -> ParityReport:
     """Compare `candidate` against `reference` over `images` at several batch sizes.
 
@@ -230,8 +236,13 @@ def full_fp32() -> Iterator[None]:
     and later) and no bf16 in oneDNN. The previous settings come back afterwards."""
     import torch
 
-    backends = [torch.backends.cudnn.conv, torch.backends.cuda.matmul, torch.backends.mkldnn,
-                torch.backends.mkldnn.conv, torch.backends.mkldnn.matmul]
+    backends = [
+        torch.backends.cudnn.conv,
+        torch.backends.cuda.matmul,
+        torch.backends.mkldnn,
+        torch.backends.mkldnn.conv,
+        torch.backends.mkldnn.matmul,
+    ]
     saved = [b.fp32_precision for b in backends]
     try:
         for b in backends:
@@ -281,8 +292,10 @@ def onnx_runner(path: str, device: str = "cpu") -> Runner:
         providers = ["CPUExecutionProvider"]
     session, said = quiet_session(ort, path, sess_options=opts, providers=providers)
     if spec.kind == "cuda" and not runs_on_cuda(session):
-        raise DeviceError("the CUDA provider did not load (no GPU, or its CUDA / cuDNN libraries are missing)"
-                          + (f": {said}" if said else ""))
+        raise DeviceError(
+            "the CUDA provider did not load (no GPU, or its CUDA / cuDNN libraries are missing)"
+            + (f": {said}" if said else "")
+        )
     name = session.get_inputs()[0].name
 
     def run(x: np.ndarray) -> np.ndarray:

@@ -88,8 +88,10 @@ def _gate_device(device: str, precision: str) -> DeviceSpec:
     the CPU provider against the CPU reference)."""
     spec = parse_device(device)
     if spec.kind == "cuda" and precision != "fp16":
-        raise DeviceError(f"--device {spec}: only the --half gate runs on a GPU; {precision} files are gated on "
-                          "the CPU provider against the CPU reference (leave --device out)")
+        raise DeviceError(
+            f"--device {spec}: only the --half gate runs on a GPU; {precision} files are gated on "
+            "the CPU provider against the CPU reference (leave --device out)"
+        )
     return spec
 
 
@@ -106,11 +108,24 @@ def _precision(fmt: str, quantize: str | None, half: bool) -> str:
 
 
 def export(
-    checkpoint: str | None = None, fmt: str = "onnx", out: str | None = None, data: str | None = None,
-    exporter: str = DEFAULT_EXPORTER, opset: int | None = None, max_abs_tol: float | None = None, n_images: int = 512,
-    *, quantize: str | None = None, half: bool = False, calibration: str | None = None,
-    calibration_size: int = DEFAULT_CALIBRATION_SIZE, max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP,
-    eval_limit: int = DEFAULT_EVAL_LIMIT, device: str = "auto", strict: bool = False, keep_paths: bool = False,
+    checkpoint: str | None = None,
+    fmt: str = "onnx",
+    out: str | None = None,
+    data: str | None = None,
+    exporter: str = DEFAULT_EXPORTER,
+    opset: int | None = None,
+    max_abs_tol: float | None = None,
+    n_images: int = 512,
+    *,
+    quantize: str | None = None,
+    half: bool = False,
+    calibration: str | None = None,
+    calibration_size: int = DEFAULT_CALIBRATION_SIZE,
+    max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP,
+    eval_limit: int = DEFAULT_EVAL_LIMIT,
+    device: str = "auto",
+    strict: bool = False,
+    keep_paths: bool = False,
 ) -> ExportResult:
     """Export a checkpoint and gate the artifact against the eager model.
 
@@ -148,8 +163,13 @@ def export(
         DeviceError: an unknown device, or FP16 with `device="cuda[:N]"` and no working CUDA provider.
     """
     t0 = time.perf_counter()
-    precision, spec, tol, opset = _check_options(fmt, quantize, half, device, exporter, opset, max_abs_tol, n_images,
-                                                 calibration_size, max_accuracy_drop, eval_limit)
+    precision, spec, tol, opset = _check_options(fmt, quantize, half, device, exporter, opset, max_abs_tol)
+    if n_images < 1:
+        raise CnnkitError(f"n_images must be at least 1, got {n_images}")
+    if quantize:
+        from cnnkit.export.quantize import check_options as check_int8
+
+        check_int8(calibration_size, max_accuracy_drop, eval_limit)
     checkpoint, model, meta = _load_checkpoint(checkpoint)
     out = _resolve_out(out, checkpoint, fmt if precision == "fp32" else f"onnx-{precision}")
     data_dir = _data_for(data, meta, checkpoint, out)
@@ -160,9 +180,23 @@ def export(
     from cnnkit.export.parity import torch_runner
 
     shipped, ship = _shipping(meta, keep_paths)  # what the artifact may tell about this machine
-    job = _Job(checkpoint=checkpoint, fmt=fmt, precision=precision, model=model, meta=shipped,
-               reference=torch_runner(model), images=images, exporter=exporter, opset=opset, tol=tol, spec=spec,
-               strict=strict, int8_inputs=int8_inputs, max_accuracy_drop=max_accuracy_drop, ship=ship)
+    job = _Job(
+        checkpoint=checkpoint,
+        fmt=fmt,
+        precision=precision,
+        model=model,
+        meta=shipped,
+        reference=torch_runner(model),
+        images=images,
+        exporter=exporter,
+        opset=opset,
+        tol=tol,
+        spec=spec,
+        strict=strict,
+        int8_inputs=int8_inputs,
+        max_accuracy_drop=max_accuracy_drop,
+        ship=ship,
+    )
     gated = _write_and_gate(job, out)
     return _write_report(job, gated, out, data_dir, meta, t0)  # the report keeps full paths: it stays here
 
@@ -201,26 +235,19 @@ class _Gated:
 
 
 def _check_options(
-    fmt: str, quantize: str | None, half: bool, device: str, exporter: str, opset: int | None,
-    max_abs_tol: float | None, n_images: int, calibration_size: int, max_accuracy_drop: float, eval_limit: int,
+    fmt: str, quantize: str | None, half: bool, device: str, exporter: str, opset: int | None, tol: float | None
 ) -> tuple[str, DeviceSpec, float, int | None]:
     """Refuse bad options before the checkpoint is read: (precision, gate device, tolerance, opset)."""
     precision = _precision(fmt, quantize, half)
     spec = _gate_device(device, precision)
     tier = TIERS["fp16" if precision == "fp16" else "fp32"]
-    tol = tier.max_abs if max_abs_tol is None else max_abs_tol
+    tol = tier.max_abs if tol is None else tol
     if fmt == "onnx":
         opset = check_options(exporter, opset)
     elif opset is not None:
         log(f"export: --opset applies to ONNX only; ignored for {fmt}")
-    if n_images < 1:
-        raise CnnkitError(f"n_images must be at least 1, got {n_images}")
     if not tol >= 0:  # also refuses NaN
         raise CnnkitError(f"the parity tolerance must be a number >= 0, got {tol}")
-    if precision == "int8":
-        from cnnkit.export.quantize import check_options as check_int8
-
-        check_int8(calibration_size, max_accuracy_drop, eval_limit)
     return precision, spec, tol, opset
 
 
@@ -271,28 +298,31 @@ def _export_from_fp32_graph(job: _Job, tmp: str) -> _Gated:
     with tempfile.TemporaryDirectory(prefix=".cnnkit-export-", dir=os.path.dirname(tmp)) as work:
         fp32 = os.path.join(work, "model.fp32.onnx")
         base_tol = job.tol if job.precision == "int8" else TIERS["fp32"].max_abs
-        base_info, base = _fp32_base(fp32, job.model, job.meta, job.exporter, job.opset, job.images, base_tol,
-                                     job.checkpoint)
+        base_info, base = _fp32_base(
+            fp32, job.model, job.meta, job.exporter, job.opset, job.images, base_tol, job.checkpoint
+        )
         used_exporter = base_info["exporter"]
         if job.precision == "int8":
             assert job.int8_inputs is not None
-            info, accuracy = _int8(fp32, tmp, job.meta, job.checkpoint, *job.int8_inputs, job.max_accuracy_drop,
-                                   ship=job.ship)
+            info, accuracy = _int8(
+                fp32, tmp, job.meta, job.checkpoint, *job.int8_inputs, job.max_accuracy_drop, ship=job.ship
+            )
             gated = _Gated(info, base, used_exporter, accuracy=accuracy)
         else:
-            info, report, notes, verified_on = _fp16(fp32, tmp, job.meta, job.checkpoint, job.reference, job.images,
-                                                     job.tol, job.spec)
+            info, report, notes, verified_on = _fp16(
+                fp32, tmp, job.meta, job.checkpoint, job.reference, job.images, job.tol, job.spec
+            )
             if job.strict and not (verified_on or "").startswith("cuda"):
-                raise ParityError(f"fp16 export of {job.checkpoint}: {NOT_ON_TARGET} and --strict is set; "
-                                  f"nothing was written ({'; '.join(notes)})")
+                raise ParityError(
+                    f"fp16 export of {job.checkpoint}: {NOT_ON_TARGET} and --strict is set; "
+                    f"nothing was written ({'; '.join(notes)})"
+                )
             gated = _Gated(info, report, used_exporter, notes=notes, verified_on=verified_on)
         gated.info = {**gated.info, "exporter": used_exporter, "fp32": base_info}
     return gated
 
 
-def _write_report(
-    job: _Job, gated: _Gated, out: str, data_dir: str, local_meta: ModelMeta, t0: float
-) -> ExportResult:
+def _write_report(job: _Job, gated: _Gated, out: str, data_dir: str, local_meta: ModelMeta, t0: float) -> ExportResult:
     """Record the artifact in the manifest and write its report beside it (full paths: it stays here)."""
     report, precision, verified_on = gated.report, job.precision, gated.verified_on
     result = ExportResult(
@@ -350,7 +380,13 @@ def shipped_meta(meta: ModelMeta, keep_paths: bool = False) -> ModelMeta:
 
 
 def _fp32_base(
-    path: str, model: Any, meta: ModelMeta, exporter: str, opset: int | None, images: np.ndarray, tol: float,
+    path: str,
+    model: Any,
+    meta: ModelMeta,
+    exporter: str,
+    opset: int | None,
+    images: np.ndarray,
+    tol: float,
     checkpoint: str,
 ) -> tuple[dict[str, Any], ParityReport]:
     """Export the fp32 ONNX graph that INT8/FP16 start from, and gate it like a plain ONNX export."""
@@ -362,21 +398,29 @@ def _fp32_base(
     report = run_parity(parity.torch_runner(model), parity.onnx_runner(path), images, meta.output, tol)
     log(f"export: fp32 graph ({info['exporter']}, opset {info['opset']}): {report.summary()}")
     if not report.passed:
-        raise ParityError(f"onnx export of {checkpoint}: the fp32 graph fails parity: {report.summary()}; "
-                          "nothing was written")
+        raise ParityError(
+            f"onnx export of {checkpoint}: the fp32 graph fails parity: {report.summary()}; nothing was written"
+        )
     return info, report
 
 
 def _int8_inputs(
-    data: str | None, calibration: str | None, calibration_size: int, eval_limit: int, meta: ModelMeta,
+    data: str | None,
+    calibration: str | None,
+    calibration_size: int,
+    eval_limit: int,
+    meta: ModelMeta,
     checkpoint: str,
 ) -> tuple[np.ndarray, str, np.ndarray, np.ndarray, str]:
     """(calibration images, their folder, labeled test images, labels, their folder)."""
     recorded = meta.extra.get("data") if isinstance(meta.extra.get("data"), dict) else {}
     calib_dir = calibration or recorded.get("train")
     if not calib_dir or not os.path.isdir(calib_dir):
-        what = f"the training folder recorded in {checkpoint} ({calib_dir}) is gone" if calib_dir else (
-            f"{checkpoint} records no training folder")
+        what = (
+            f"the training folder recorded in {checkpoint} ({calib_dir}) is gone"
+            if calib_dir
+            else (f"{checkpoint} records no training folder")
+        )
         if calibration:
             what = f"{calibration}: no such folder"
         raise DataError(f"int8 calibration: {what}; pass --calibration DIR (PNGs like the training data)")
@@ -393,14 +437,25 @@ def _int8_inputs(
             f"{eval_dir}: the int8 accuracy gate needs labeled images, DIR/<class>/*.png with the model's classes "
             f"({', '.join(meta.classes[:5])}{', ...' if meta.num_classes > 5 else ''}); pass --data DIR"
         )
-    log(f"export: int8: calibrating on {len(calib)} images from {calib_dir}; accuracy gate on "
-        f"{len(loaded.images)} labeled images from {eval_dir}")
+    log(
+        f"export: int8: calibrating on {len(calib)} images from {calib_dir}; accuracy gate on "
+        f"{len(loaded.images)} labeled images from {eval_dir}"
+    )
     return calib, str(calib_dir), loaded.images, loaded.labels, str(eval_dir)
 
 
 def _int8(
-    fp32: str, tmp: str, meta: ModelMeta, checkpoint: str, calib: np.ndarray, calib_dir: str,
-    eval_images: np.ndarray, labels: np.ndarray, eval_dir: str, max_drop: float, ship: Any = None,
+    fp32: str,
+    tmp: str,
+    meta: ModelMeta,
+    checkpoint: str,
+    calib: np.ndarray,
+    calib_dir: str,
+    eval_images: np.ndarray,
+    labels: np.ndarray,
+    eval_dir: str,
+    max_drop: float,
+    ship: Any = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Quantize and gate; the file records its folders as `ship` gives them (`shipped_path`), the
     returned gate numbers keep the full paths."""
@@ -411,15 +466,23 @@ def _int8(
     log(f"export: int8 (QDQ, per-channel, {len(calib)} calibration images) in {info['seconds']:.2f} s")
     gate = q.accuracy_gate(fp32, tmp, eval_images, labels, meta, max_drop, data=eval_dir)
     if not gate.passed:  # atomic_path removes the temporary file
-        raise ParityError(f"int8 export of {checkpoint}: {gate.summary()}; nothing was written "
-                          "(calibrate on more images with --calibration-size, or allow more with --max-accuracy-drop)")
+        raise ParityError(
+            f"int8 export of {checkpoint}: {gate.summary()}; nothing was written "
+            "(calibrate on more images with --calibration-size, or allow more with --max-accuracy-drop)"
+        )
     q.record_gate(tmp, meta, replace(gate, data=ship(gate.data)))
     info["bytes"] = os.path.getsize(tmp)
     return info, gate.to_dict()
 
 
 def _fp16(
-    fp32: str, tmp: str, meta: ModelMeta, checkpoint: str, reference: Any, images: np.ndarray, tol: float,
+    fp32: str,
+    tmp: str,
+    meta: ModelMeta,
+    checkpoint: str,
+    reference: Any,
+    images: np.ndarray,
+    tol: float,
     spec: DeviceSpec,
 ) -> tuple[dict[str, Any], ParityReport | None, list[str], str | None]:
     """Convert, then gate where the file can run: (info, report or None, notes, where the gate ran)."""
@@ -454,8 +517,9 @@ def _fp16(
             f"arithmetic; the file is {NOT_ON_TARGET}: check it on the GPU machine with `cnnkit bench --device cuda`"
         )
         log(f"export: WARNING: {notes[-1]}")
-    report = run_parity(reference, candidate, images, meta.output, tol, min_agreement=tier.min_agreement,
-                        provider=provider)
+    report = run_parity(
+        reference, candidate, images, meta.output, tol, min_agreement=tier.min_agreement, provider=provider
+    )
     log(f"export: fp16 {report.summary()}")
     if not report.passed:
         raise ParityError(f"fp16 export of {checkpoint}: {report.summary()}; nothing was written")
@@ -561,6 +625,8 @@ def sample_images(root: str, meta: ModelMeta, n_images: int) -> np.ndarray:
     _, h, w = meta.input_shape
     sample = sample_folder(root, (h, w), meta.classes, n_images)
     if sample.n_failed or sample.n_converted:
-        log(f"export: parity images: {sample.n_failed} unreadable skipped, "
-            f"{sample.n_converted} converted to {h}x{w} grayscale")
+        log(
+            f"export: parity images: {sample.n_failed} unreadable skipped, "
+            f"{sample.n_converted} converted to {h}x{w} grayscale"
+        )
     return sample.images

@@ -156,8 +156,9 @@ def _run_quantizer(src: str, path: str, calibration: np.ndarray) -> tuple[Any, s
                 scaled = _scaled_input(pre_proto)
                 overrides = {}
                 if scaled is not None:  # exact: pixel p -> p / 255 -> quantized back to p
-                    overrides[scaled] = [{"scale": np.array(1 / 255, dtype=np.float32),
-                                          "zero_point": np.array(0, dtype=np.uint8)}]
+                    overrides[scaled] = [
+                        {"scale": np.array(1 / 255, dtype=np.float32), "zero_point": np.array(0, dtype=np.uint8)}
+                    ]
                 quantize_static(
                     pre,
                     out,
@@ -167,8 +168,10 @@ def _run_quantizer(src: str, path: str, calibration: np.ndarray) -> tuple[Any, s
                     activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod.MinMax,
-                    extra_options={"OpTypesToExcludeOutputQuantization": list(HEAD_OPS),
-                                   "TensorQuantOverrides": overrides},
+                    extra_options={
+                        "OpTypesToExcludeOutputQuantization": list(HEAD_OPS),
+                        "TensorQuantOverrides": overrides,
+                    },
                 )
         except Exception as e:  # the quantizer raises plain Exceptions and onnxruntime Fails
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -218,16 +221,27 @@ def quantize_int8(
     }
     set_quantization_record(proto, info)
     size = finish(proto, meta, path)
-    return {**info, "opset": opset_of(proto), "ir_version": int(proto.ir_version), "bytes": size,
-            "seconds": round(time.perf_counter() - t0, 3)}
+    return {
+        **info,
+        "opset": opset_of(proto),
+        "ir_version": int(proto.ir_version),
+        "bytes": size,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
 
 
 def set_quantization_record(proto: Any, quantization: dict[str, Any]) -> None:
     """Record precision, opset, IR version and the quantization details in the file's cnnkit record."""
     record = read_record(proto)
     export_info = dict(record.extra.get("export", {}))
-    export_info.update({"precision": "int8", "opset": opset_of(proto), "ir_version": int(proto.ir_version),
-                        "quantization": quantization})
+    export_info.update(
+        {
+            "precision": "int8",
+            "opset": opset_of(proto),
+            "ir_version": int(proto.ir_version),
+            "quantization": quantization,
+        }
+    )
     write_record(proto, record.replace(extra={**record.extra, "export": export_info}))
 
 
@@ -284,7 +298,13 @@ def _fastest_seconds(sessions: dict[str, Any], images: np.ndarray, batch_size: i
 
 
 def accuracy_gate(
-    fp32: str, int8: str, images: np.ndarray, labels: np.ndarray, meta: ModelMeta, max_drop: float, data: str = "",
+    fp32: str,
+    int8: str,
+    images: np.ndarray,
+    labels: np.ndarray,
+    meta: ModelMeta,
+    max_drop: float,
+    data: str = "",
     batch_size: int = SPEED_BATCH,
 ) -> AccuracyGate:
     """Compare the int8 file with the fp32 one on labeled images (CPU provider).

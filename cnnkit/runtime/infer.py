@@ -243,8 +243,9 @@ class _Job:
     strict: bool
 
 
-def _job(folder: str, model: str | None, batch_size: int, output: str | None, shard: Shard | str | None,
-         strict: bool) -> _Job:
+def _job(
+    folder: str, model: str | None, batch_size: int, output: str | None, shard: Shard | str | None, strict: bool
+) -> _Job:
     """Check and default the arguments, before any work: a foreign or broken model, or an output that
     cannot be written, fails here."""
     if batch_size < 1:
@@ -258,8 +259,16 @@ def _job(folder: str, model: str | None, batch_size: int, output: str | None, sh
         name = PREDICTIONS_NAME if shard is None else shard.default_output
         output = os.path.join(os.path.dirname(os.path.abspath(model)), name)
     _check_outputs(folder, model, [output, failures_path(output), *([summary_path(output)] if shard else [])])
-    return _Job(folder=folder, model=model, meta=meta, classes=list(meta.classes), output=output, shard=shard,
-                batch_size=batch_size, strict=strict)
+    return _Job(
+        folder=folder,
+        model=model,
+        meta=meta,
+        classes=list(meta.classes),
+        output=output,
+        shard=shard,
+        batch_size=batch_size,
+        strict=strict,
+    )
 
 
 @dataclass(frozen=True)
@@ -297,9 +306,16 @@ def _plan(job: _Job, workers: int | None, threads: int | None, min_files_for_wor
     if len(head) < min_files_for_workers or len(head) <= task:
         workers = 0  # what decode_batches does: a small folder is not worth starting processes
     streaming = len(head) == ahead
-    return _Plan(listing=listing, picker=picker, files=itertools.chain(head, selected) if streaming else iter(head),
-                 n_known=len(head), streaming=streaming, task=task, workers=workers,
-                 threads=_threads_for(workers) if threads is None else threads)
+    return _Plan(
+        listing=listing,
+        picker=picker,
+        files=itertools.chain(head, selected) if streaming else iter(head),
+        n_known=len(head),
+        streaming=streaming,
+        task=task,
+        workers=workers,
+        threads=_threads_for(workers) if threads is None else threads,
+    )
 
 
 @dataclass
@@ -354,8 +370,9 @@ def _stream(job: _Job, plan: _Plan, device: str, progress: bool) -> tuple[Sessio
     return session, counts, failure_log
 
 
-def _take_failures(job: _Job, listing: Listing, batch: DecodedBatch, files: list[str], failure_log: _FailureLog,
-                   counts: _Counts) -> None:
+def _take_failures(
+    job: _Job, listing: Listing, batch: DecodedBatch, files: list[str], failure_log: _FailureLog, counts: _Counts
+) -> None:
     """Count and list the files of a batch that failed; with `strict`, stop at the first one (or at an
     entry the walk could not use)."""
     if job.strict and (listing.skipped or batch.failures):
@@ -370,8 +387,15 @@ def _take_failures(job: _Job, listing: Listing, batch: DecodedBatch, files: list
     counts.n_converted += batch.converted
 
 
-def _predict_batch(job: _Job, session: Session, batch: DecodedBatch, files: list[str], labels: np.ndarray,
-                   rows: _PredictionRows, counts: _Counts) -> None:
+def _predict_batch(
+    job: _Job,
+    session: Session,
+    batch: DecodedBatch,
+    files: list[str],
+    labels: np.ndarray,
+    rows: _PredictionRows,
+    counts: _Counts,
+) -> None:
     """Predict the images of a decoded batch, write their rows and count them."""
     # The model sees `batch_size` images per call; the rest works on the whole decoded batch at once
     # (numpy calls on 256 rows cost more in overhead than in work).
@@ -393,8 +417,9 @@ class _PredictionRows:
         self.names = [*classes, ""]  # names[-1] == "": one lookup gives the label column for -1 too
         self.writer.writerow(CSV_COLUMNS)
 
-    def write(self, files: list[str], positions: np.ndarray, pred: np.ndarray, prob: np.ndarray,
-              true: np.ndarray) -> None:
+    def write(
+        self, files: list[str], positions: np.ndarray, pred: np.ndarray, prob: np.ndarray, true: np.ndarray
+    ) -> None:
         classes, names = self.classes, self.names
         # %.9g round-trips a float32 exactly: the CSV holds the model's own number.
         cols = zip(positions.tolist(), pred.tolist(), prob.tolist(), true.tolist(), strict=True)
@@ -404,12 +429,14 @@ class _PredictionRows:
         if not _NEEDS_CARE.search("\0".join([*files, *classes])):
             self.f.write("".join([f"{files[p]},{classes[i]},{v:.9g},{names[t]}\r\n" for p, i, v, t in cols]))
         else:
-            self.writer.writerows([(escape(files[p]), escape(classes[i]), f"{v:.9g}", escape(names[t]))
-                                   for p, i, v, t in cols])
+            self.writer.writerows(
+                [(escape(files[p]), escape(classes[i]), f"{v:.9g}", escape(names[t])) for p, i, v, t in cols]
+            )
 
 
-def _result(job: _Job, plan: _Plan, session: Session, counts: _Counts, failure_log: _FailureLog,
-            t0: float) -> InferResult:
+def _result(
+    job: _Job, plan: _Plan, session: Session, counts: _Counts, failure_log: _FailureLog, t0: float
+) -> InferResult:
     """The `InferResult` of a finished run (and, with a shard, its summary for `cnnkit merge`)."""
     # PNG-named entries the walk could not use failed too; with a shard, each belongs to one shard.
     n_seen = plan.picker.n_seen if plan.picker is not None else counts.n_images + counts.n_failed
@@ -454,11 +481,15 @@ def _check_outputs(folder: str, model: str, outputs: list[str]) -> None:
     check_not_an_input(outputs, [model, *external_data_files(model)])
     for out in outputs:
         if is_listed(folder, out):
-            raise DataError(f"{out}: is one of the images under {folder}; writing there would destroy it "
-                            "(choose another output path)")
+            raise DataError(
+                f"{out}: is one of the images under {folder}; writing there would destroy it "
+                "(choose another output path)"
+            )
         if is_listed(folder, out, existing=False):
-            raise DataError(f"{out}: a PNG name under {folder}; the next run of the folder would read it as an "
-                            "image (choose another output path)")
+            raise DataError(
+                f"{out}: a PNG name under {folder}; the next run of the folder would read it as an "
+                "image (choose another output path)"
+            )
         check_writable(out)
 
 
@@ -499,8 +530,12 @@ def _unusable(listing: Listing, shard: Shard | None) -> list[tuple[str, str]]:
 
 
 def _what_else(listing: Listing) -> str:
-    parts = [f"{len(listing.skipped):,} unusable: {printable(listing.skipped[0][0])}: {listing.skipped[0][1]}"
-             if listing.skipped else "", describe_ignored(listing.ignored)]
+    parts = [
+        f"{len(listing.skipped):,} unusable: {printable(listing.skipped[0][0])}: {listing.skipped[0][1]}"
+        if listing.skipped
+        else "",
+        describe_ignored(listing.ignored),
+    ]
     parts = [p for p in parts if p]
     return f"; {', '.join(parts)}" if parts else ""
 
@@ -531,8 +566,10 @@ def format_summary(result: InferResult) -> str:
         lines.append(f"ignored   {describe_ignored(result.ignored)}")
     if result.png_folders:
         n = len(result.png_folders)
-        lines.append(f"note      {n:,} folder{'s' if n > 1 else ''} named like a PNG, searched like any folder: "
-                     f"{printable(result.png_folders[0])}{', ...' if n > 1 else ''}")
+        lines.append(
+            f"note      {n:,} folder{'s' if n > 1 else ''} named like a PNG, searched like any folder: "
+            f"{printable(result.png_folders[0])}{', ...' if n > 1 else ''}"
+        )
     if result.shard is not None:
         lines.append(f"shard     {result.shard} (summary {result.summary})")
     lines += [f"note      {n}" for n in result.notes]

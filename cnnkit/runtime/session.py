@@ -89,8 +89,11 @@ def external_data_files(path: str) -> list[str]:
             for graph in (v for fnum, wire, v in _fields(buf, 0, len(buf)) if fnum == 7 and wire == 2):
                 for tensor in _sub(buf, graph, 5):
                     for entry in _sub(buf, tensor, 13):
-                        kv = {k: bytes(buf[v[0] : v[1]]).decode("utf-8", "replace")
-                              for k, wire, v in _fields(buf, *entry) if wire == 2}
+                        kv = {
+                            k: bytes(buf[v[0] : v[1]]).decode("utf-8", "replace")
+                            for k, wire, v in _fields(buf, *entry)
+                            if wire == 2
+                        }
                         if kv.get(1) == "location" and 2 in kv:
                             found.add(os.path.join(os.path.dirname(os.path.abspath(path)), kv[2]))
     except (ValueError, IndexError, TypeError, OSError):
@@ -105,6 +108,7 @@ def _graph_inputs(buf: Any, graph: tuple[int, int]) -> list[tuple[str, int | Non
     8); TypeProto: tensor_type = 1 (elem_type = 1, shape = 2); TensorShapeProto: dim = 1 (dim_value =
     1, dim_param = 2). Node and weight bytes are skipped by their length.
     """
+
     def text(span: tuple[int, int]) -> str:
         return bytes(buf[span[0] : span[1]]).decode("utf-8")
 
@@ -389,11 +393,15 @@ def _input_problem(path: str, meta: ModelMeta, name: str, type_name: str, shape:
     if type_name != "tensor(uint8)":
         return f"{path}: input {name!r} is {type_name}, cnnkit models take tensor(uint8)"
     if len(shape) != 4 or shape[1:] != list(meta.input_shape):
-        return (f"{path}: input {name!r} has shape {shape}, the model record says "
-                f"[batch, {', '.join(map(str, meta.input_shape))}]")
+        return (
+            f"{path}: input {name!r} has shape {shape}, the model record says "
+            f"[batch, {', '.join(map(str, meta.input_shape))}]"
+        )
     if isinstance(shape[0], int) and shape[0] > 0:
-        return (f"{path}: input {name!r} has a fixed batch size {shape[0]}; re-export it with a dynamic "
-                "batch axis (`cnnkit export --format onnx` does)")
+        return (
+            f"{path}: input {name!r} has a fixed batch size {shape[0]}; re-export it with a dynamic "
+            "batch axis (`cnnkit export --format onnx` does)"
+        )
     return None
 
 
@@ -441,10 +449,21 @@ def create_session(path: str, device: str = "auto", threads: int | None = None) 
     notes: list[str] = []
     if providers[0] != CPU and not on_cuda:
         if spec.kind == "cuda":
-            raise DeviceError(f"device {spec}: the CUDA provider did not load: {_cuda_fix()}{_loader_said()}"
-                              + (f" (onnxruntime said: {said})" if said else ""))
+            raise DeviceError(
+                f"device {spec}: the CUDA provider did not load: {_cuda_fix()}{_loader_said()}"
+                + (f" (onnxruntime said: {said})" if said else "")
+            )
         notes.append(f"device auto: the CUDA provider did not load, running on the CPU: {_cuda_fix()}")
     input_name, output_name = _check_io(path, meta, sess)
     provider = CUDA if on_cuda else CPU
-    return Session(path, meta, provider, input_name, output_name, threads, sess, notes,
-                   device_id=spec.cuda_index if provider == CUDA else 0)
+    return Session(
+        path,
+        meta,
+        provider,
+        input_name,
+        output_name,
+        threads,
+        sess,
+        notes,
+        device_id=spec.cuda_index if provider == CUDA else 0,
+    )

@@ -96,8 +96,10 @@ def parse_shard(text: str) -> Shard:
     if count < 1:
         raise ShardError(f"{hint} (got {text!r}: N must be at least 1)")
     if index == count:
-        raise ShardError(f"{hint} (got {text!r}: the last of {count} shards is {count - 1}/{count}; "
-                         "for 1-based array ids pass $((ID - 1))/N)")
+        raise ShardError(
+            f"{hint} (got {text!r}: the last of {count} shards is {count - 1}/{count}; "
+            "for 1-based array ids pass $((ID - 1))/N)"
+        )
     if not 0 <= index < count:
         raise ShardError(f"{hint} (got {text!r}: K must be between 0 and {count - 1})")
     return Shard(index, count)
@@ -124,8 +126,10 @@ class ShardFilter:
         blake2b, count, index = hashlib.blake2b, self.shard.count, self.shard.index
         for rel in self.files:
             self.n_seen += 1
-            if int.from_bytes(blake2b(rel.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "big") \
-                    % count == index:
+            if (
+                int.from_bytes(blake2b(rel.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "big") % count
+                == index
+            ):
                 yield rel
 
 
@@ -276,11 +280,15 @@ def _load_summary(csv_path: str) -> dict[str, Any]:
     if kind != SHARD_KIND:
         raise ShardError(f"{path}: not a summary of `cnnkit infer --shard`")
     if summary.get("version") == 1:
-        raise ShardError(f"{path}: written by an older cnnkit that did not record the CSV's SHA-256, so an "
-                         f"edited CSV would go unnoticed; re-run that shard (`cnnkit infer DIR --shard K/N`)")
+        raise ShardError(
+            f"{path}: written by an older cnnkit that did not record the CSV's SHA-256, so an "
+            f"edited CSV would go unnoticed; re-run that shard (`cnnkit infer DIR --shard K/N`)"
+        )
     if summary.get("version") != SHARD_SUMMARY_VERSION:
-        raise ShardError(f"{path}: summary version {summary.get('version')!r}, this cnnkit reads "
-                         f"version {SHARD_SUMMARY_VERSION}; merge with the cnnkit that ran the shards")
+        raise ShardError(
+            f"{path}: summary version {summary.get('version')!r}, this cnnkit reads "
+            f"version {SHARD_SUMMARY_VERSION}; merge with the cnnkit that ran the shards"
+        )
     _check_summary(path, summary)
     return summary
 
@@ -293,8 +301,10 @@ def _read_summary_json(csv_path: str, path: str) -> Any:
         with open(path, "rb") as f:
             data = f.read(MAX_SUMMARY_BYTES + 1)
     except FileNotFoundError:
-        raise ShardError(f"{csv_path}: no summary {path} next to it; is it the output of "
-                         "`cnnkit infer --shard K/N` (did that run finish)?") from None
+        raise ShardError(
+            f"{csv_path}: no summary {path} next to it; is it the output of "
+            "`cnnkit infer --shard K/N` (did that run finish)?"
+        ) from None
     except OSError as e:
         raise ShardError(f"{path}: cannot be read ({e.strerror or e})") from None
     if len(data) > MAX_SUMMARY_BYTES:
@@ -315,13 +325,16 @@ def _is_count(v: Any) -> bool:
 
 
 def _is_record(v: Any) -> bool:
-    return isinstance(v, dict) and isinstance(v.get("sha256"), str) and bool(_HEX64.fullmatch(v["sha256"])) \
+    return (
+        isinstance(v, dict)
+        and isinstance(v.get("sha256"), str)
+        and bool(_HEX64.fullmatch(v["sha256"]))
         and _is_count(v.get("rows"))
+    )
 
 
 def _is_shard(v: Any) -> bool:
-    return isinstance(v, dict) and _is_count(v.get("count")) and _is_count(v.get("index")) \
-        and v["index"] < v["count"]
+    return isinstance(v, dict) and _is_count(v.get("count")) and _is_count(v.get("index")) and v["index"] < v["count"]
 
 
 def _is_fraction(v: Any) -> bool:
@@ -329,8 +342,9 @@ def _is_fraction(v: Any) -> bool:
 
 
 def _is_failures(v: Any) -> bool:
-    return isinstance(v, list) and all(isinstance(f, dict) and isinstance(f.get("path"), str)
-                                       and isinstance(f.get("reason"), str) for f in v)
+    return isinstance(v, list) and all(
+        isinstance(f, dict) and isinstance(f.get("path"), str) and isinstance(f.get("reason"), str) for f in v
+    )
 
 
 # What merge reads from a shard summary, and what each must be.
@@ -340,8 +354,10 @@ _SUMMARY_FIELDS: dict[str, tuple[Any, str]] = {
     "folder": (lambda v: isinstance(v, str), "a string"),
     "model": (lambda v: isinstance(v, str), "a string"),
     "model_sha256": (lambda v: isinstance(v, str) and bool(_HEX64.fullmatch(v)), "64 hex digits"),
-    "classes": (lambda v: isinstance(v, list) and bool(v) and all(isinstance(c, str) for c in v),
-                "a list of class names"),
+    "classes": (
+        lambda v: isinstance(v, list) and bool(v) and all(isinstance(c, str) for c in v),
+        "a list of class names",
+    ),
     "n_listed": (_is_count, "a count"),
     "n_images": (_is_count, "a count"),
     "n_failed": (_is_count, "a count"),
@@ -356,6 +372,7 @@ _SUMMARY_FIELDS: dict[str, tuple[Any, str]] = {
 
 def _check_summary(path: str, s: dict[str, Any]) -> None:
     """Refuse a summary whose fields merge cannot use, in one line that names the first bad one."""
+
     def bad(what: str) -> ShardError:
         return ShardError(f"{path}: malformed shard summary: {what}; re-run that shard")
 
@@ -365,15 +382,18 @@ def _check_summary(path: str, s: dict[str, Any]) -> None:
         if not valid(s[key]):
             raise bad(f"{key!r} must be {want}")
     k, confusion = len(s["classes"]), s["confusion"]
-    if confusion is not None and not (len(confusion) == k and all(
-            isinstance(row, list) and len(row) == k and all(map(_is_count, row)) for row in confusion)):
+    if confusion is not None and not (
+        len(confusion) == k
+        and all(isinstance(row, list) and len(row) == k and all(map(_is_count, row)) for row in confusion)
+    ):
         raise bad(f"'confusion' must be {k} x {k} counts, one row and column per class")
     pairs, n_correct = s.get("confused_pairs"), s.get("n_correct")  # written past MAX_MATRIX_CLASSES classes
     if n_correct is not None and not (_is_count(n_correct) and n_correct <= s["n_images"]):
         raise bad("'n_correct' must be a count no larger than 'n_images'")
-    if pairs is not None and not (isinstance(pairs, list) and all(
-            isinstance(p, list) and len(p) == 3 and all(map(_is_count, p)) and p[0] < k and p[1] < k
-            for p in pairs)):
+    if pairs is not None and not (
+        isinstance(pairs, list)
+        and all(isinstance(p, list) and len(p) == 3 and all(map(_is_count, p)) and p[0] < k and p[1] < k for p in pairs)
+    ):
         raise bad(f"'confused_pairs' must be [true, predicted, count] triples of class indices below {k}")
     if s["csv"]["rows"] != s["n_images"]:
         raise bad(f"'csv' has {s['csv']['rows']} rows but 'n_images' is {s['n_images']}")
@@ -398,10 +418,13 @@ def _verify_file(path: str, record: dict[str, Any], label: str) -> None:
     if digest == record["sha256"]:
         return
     rows = _count_rows(path)
-    what = (f"{rows:,} rows instead of {record['rows']:,}" if rows != record["rows"]
-            else f"same {rows:,} rows, other bytes")
-    raise ShardError(f"{path}: changed since {label} wrote it ({what}: SHA-256 {digest[:12]}... vs "
-                     f"{record['sha256'][:12]}... in its summary); {rerun}")
+    what = (
+        f"{rows:,} rows instead of {record['rows']:,}" if rows != record["rows"] else f"same {rows:,} rows, other bytes"
+    )
+    raise ShardError(
+        f"{path}: changed since {label} wrote it ({what}: SHA-256 {digest[:12]}... vs "
+        f"{record['sha256'][:12]}... in its summary); {rerun}"
+    )
 
 
 def _count_rows(path: str) -> int:
@@ -414,13 +437,16 @@ def _same(summaries: list[tuple[str, dict[str, Any]]], key: str, what: str) -> A
     first_path, first = summaries[0]
     for path, s in summaries[1:]:
         if s.get(key) != first.get(key):
-            raise ShardError(f"{path} and {first_path} come from different {what} "
-                             f"({s.get(key)!r} vs {first.get(key)!r}); merge the shards of one run only")
+            raise ShardError(
+                f"{path} and {first_path} come from different {what} "
+                f"({s.get(key)!r} vs {first.get(key)!r}); merge the shards of one run only"
+            )
     return first.get(key)
 
 
-def _rows(path: str, summary: dict[str, Any], columns: tuple[str, ...],
-          counts: dict[str, int]) -> Iterator[tuple[str, list[str]]]:
+def _rows(
+    path: str, summary: dict[str, Any], columns: tuple[str, ...], counts: dict[str, int]
+) -> Iterator[tuple[str, list[str]]]:
     """(file path, row as written) of one shard CSV, checked: 4 columns, paths strictly increasing.
 
     The row keeps its cells as written (spreadsheet-escaped, `cnnkit.csvcells`), so the merge writes
@@ -437,8 +463,10 @@ def _rows(path: str, summary: dict[str, Any], columns: tuple[str, ...],
                 raise ShardError(f"{path}, row {n + 2}: {len(row)} columns instead of {len(columns)}")
             rel = unescape(row[0])
             if prev is not None and rel <= prev:
-                raise ShardError(f"{path}, row {n + 2}: paths out of order; was the file edited? "
-                                 f"rerun shard {summary['shard']['index']}")
+                raise ShardError(
+                    f"{path}, row {n + 2}: paths out of order; was the file edited? "
+                    f"rerun shard {summary['shard']['index']}"
+                )
             prev = rel
             n += 1
             yield rel, row
@@ -512,8 +540,11 @@ def merge(csvs: list[str], output: str, *, check_folder: bool = False) -> MergeR
 
 def _is_failure_list(path: str) -> bool:
     """`<csv>.failures.csv` next to a shard CSV `<csv>` (and no summary of its own)."""
-    return path.endswith(FAILURES_SUFFIX) and not os.path.exists(summary_path(path)) \
+    return (
+        path.endswith(FAILURES_SUFFIX)
+        and not os.path.exists(summary_path(path))
         and os.path.exists(summary_path(path[: -len(FAILURES_SUFFIX)]))
+    )
 
 
 def _load_shards(csvs: list[str]) -> list[tuple[str, dict[str, Any]]]:
@@ -643,8 +674,10 @@ def _write_merged(res: MergeResult, summaries: list[tuple[str, dict[str, Any]]],
             check.finish()
         for p, s in summaries:  # inside the `with`: a mismatch leaves no merged CSV
             if counts.get(p) != s["n_images"]:
-                raise ShardError(f"{p} holds {counts.get(p)} rows but its summary says {s['n_images']}: "
-                                 f"was one of them rewritten? rerun shard {s['shard']['index']}/{res.count}")
+                raise ShardError(
+                    f"{p} holds {counts.get(p)} rows but its summary says {s['n_images']}: "
+                    f"was one of them rewritten? rerun shard {s['shard']['index']}/{res.count}"
+                )
 
 
 def _write_failures(path: str, failed: list[tuple[str, str]]) -> None:
@@ -662,23 +695,30 @@ def _problems(res: MergeResult, summaries: list[tuple[str, dict[str, Any]]], tru
     """What keeps the merge from being the output of one unsharded run, one line each."""
     problems: list[str] = []
     if res.missing:
-        problems.append(f"{len(res.missing)} of {res.count} shards missing: {_ranges(res.missing)} "
-                        f"(run `cnnkit infer {res.folder} --shard K/{res.count}` for each)")
+        problems.append(
+            f"{len(res.missing)} of {res.count} shards missing: {_ranges(res.missing)} "
+            f"(run `cnnkit infer {res.folder} --shard K/{res.count}` for each)"
+        )
     if res.n_duplicates:
         problems.append(f"{res.n_duplicates:,} file(s) in more than one shard, e.g. {res.duplicates[0]}")
     listed = {s["n_listed"] for _, s in summaries}
     if len(listed) > 1:
-        problems.append(f"the folder changed while the shards ran: their listings saw "
-                        f"{min(listed):,} to {max(listed):,} files"
-                        + ("" if res.checked_folder else " (--check-folder lists the files in no output)"))
+        problems.append(
+            f"the folder changed while the shards ran: their listings saw "
+            f"{min(listed):,} to {max(listed):,} files"
+            + ("" if res.checked_folder else " (--check-folder lists the files in no output)")
+        )
     elif not res.missing and not res.n_duplicates and res.n_images + res.n_failed != next(iter(listed)):
-        problems.append(f"the shards hold {res.n_images + res.n_failed:,} files but each listed "
-                        f"{next(iter(listed)):,} in the folder")
+        problems.append(
+            f"the shards hold {res.n_images + res.n_failed:,} files but each listed "
+            f"{next(iter(listed)):,} in the folder"
+        )
     if res.n_unassigned:
-        problems.append(f"{res.n_unassigned:,} file(s) of the folder are in no output although their shard "
-                        f"ran (added after it listed the folder?), e.g. {res.unassigned[0]}"
-                        + ("; some shards' failure lists were truncated, so some may have failed" if truncated
-                           else ""))
+        problems.append(
+            f"{res.n_unassigned:,} file(s) of the folder are in no output although their shard "
+            f"ran (added after it listed the folder?), e.g. {res.unassigned[0]}"
+            + ("; some shards' failure lists were truncated, so some may have failed" if truncated else "")
+        )
     if res.n_gone:
         problems.append(f"{res.n_gone:,} file(s) in the outputs are no longer in the folder, e.g. {res.gone[0]}")
     return problems
@@ -727,7 +767,9 @@ def format_merge(res: MergeResult) -> str:
         lines.append(f"accuracy  {res.accuracy:.4f}")
         lines += summary_lines(res.classes, res.confusion, res.confused_pairs, table)
     if res.checked_folder and not res.n_unassigned and not res.n_gone:
-        lines.append("folder    checked: every file is in exactly one output"
-                     + (f" or in a missing shard ({res.n_in_missing_shards:,})" if res.missing else ""))
+        lines.append(
+            "folder    checked: every file is in exactly one output"
+            + (f" or in a missing shard ({res.n_in_missing_shards:,})" if res.missing else "")
+        )
     lines += [f"PROBLEM   {printable(p)}" for p in res.problems]  # raw in the JSON, escaped here
     return "\n".join(lines)

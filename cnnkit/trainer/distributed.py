@@ -98,15 +98,20 @@ def setup(device: str) -> tuple[Dist, torch.device]:
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     use_cuda = auto_uses_cuda(local_world) if spec.kind == "auto" else spec.kind == "cuda"
     if use_cuda and not torch.cuda.is_available():
-        raise DeviceError(f"--device {spec}: torch sees no CUDA device (torch {torch.__version__}, CUDA build "
-                          f"{torch.version.cuda or 'none'}; use --device cpu or auto)")
+        raise DeviceError(
+            f"--device {spec}: torch sees no CUDA device (torch {torch.__version__}, CUDA build "
+            f"{torch.version.cuda or 'none'}; use --device cpu or auto)"
+        )
     index = local_rank if world > 1 else spec.cuda_index
     if world > 1 and spec.index is not None:
-        raise DeviceError(f"--device {spec}: under torchrun each process takes the GPU of its LOCAL_RANK; "
-                          "pass --device cuda (or limit the GPUs with CUDA_VISIBLE_DEVICES)")
+        raise DeviceError(
+            f"--device {spec}: under torchrun each process takes the GPU of its LOCAL_RANK; "
+            "pass --device cuda (or limit the GPUs with CUDA_VISIBLE_DEVICES)"
+        )
     if use_cuda and index >= torch.cuda.device_count():
-        raise DeviceError(f"--device {spec}: GPU {index} asked for, but this machine has "
-                          f"{torch.cuda.device_count()} CUDA device(s)")
+        raise DeviceError(
+            f"--device {spec}: GPU {index} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
     dev = torch.device("cuda", index) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)

@@ -97,7 +97,7 @@ def augment(x: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
         flip = torch.rand(n, generator=gen).to(x.device) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     if "shift" in kind:
-        dy, dx = (torch.randint(0, 2 * SHIFT + 1, (2, n), generator=gen).to(x.device))
+        dy, dx = torch.randint(0, 2 * SHIFT + 1, (2, n), generator=gen).to(x.device)
         padded = F.pad(x, (SHIFT, SHIFT, SHIFT, SHIFT))
         rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
         cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
@@ -184,7 +184,6 @@ def _predict_labels(out: torch.Tensor, sigmoid: bool) -> torch.Tensor:
     return (out[:, 0] >= 0.5).long() if sigmoid else out.argmax(1)
 
 
-
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, sigmoid: bool, d: Dist, batch: int = 512
@@ -214,8 +213,10 @@ def _load_data(cfg: TrainConfig, d: Dist) -> tuple[LoadedSplit, LoadedSplit | No
     if len(classes) < 2:
         raise DataError(f"{train_dir}: training needs at least two classes, found {', '.join(classes)}")
     if len(classes) > meta_mod.MAX_CLASSES:  # its checkpoint would not load (cnnkit.meta bounds records)
-        raise DataError(f"{train_dir}: {len(classes):,} class folders, over the {meta_mod.MAX_CLASSES:,} cnnkit "
-                        "supports; pick some with --classes")
+        raise DataError(
+            f"{train_dir}: {len(classes):,} class folders, over the {meta_mod.MAX_CLASSES:,} cnnkit "
+            "supports; pick some with --classes"
+        )
     kw = {"workers": cfg.workers, "shard": (d.rank, d.world), "progress": d.main}
     train = load_split(train_dir, classes, desc="loading training", **kw)
     test = None
@@ -228,18 +229,31 @@ def _load_data(cfg: TrainConfig, d: Dist) -> tuple[LoadedSplit, LoadedSplit | No
         size = (train.images.shape[2], train.images.shape[3])
         test = load_split(test_dir, classes, size=size, desc="loading testing", **kw)
     n_loaded = len(train.labels) + (len(test.labels) if test is not None else 0)
-    skipped = [{"split": name, "path": path, "reason": reason}
-               for name, split in (("training", train), ("testing", test)) if split is not None
-               for path, reason in split.skipped]
-    ignored = {name: split.ignored for name, split in (("training", train), ("testing", test))
-               if split is not None and split.ignored}
+    skipped = [
+        {"split": name, "path": path, "reason": reason}
+        for name, split in (("training", train), ("testing", test))
+        if split is not None
+        for path, reason in split.skipped
+    ]
+    ignored = {
+        name: split.ignored
+        for name, split in (("training", train), ("testing", test))
+        if split is not None and split.ignored
+    }
     val = None
     if cfg.val_split > 0:  # carved from training only: testing/ never takes part in selection
         tr_idx, va_idx = split_validation(train.labels, cfg.val_split, cfg.seed + d.rank)
         val = _subset(train, va_idx)
         train = _subset(train, tr_idx)
-    data_info = {"root": os.path.abspath(root), "train": train_dir, "test": test_dir, "val_split": cfg.val_split,
-                 "n_loaded": n_loaded, "skipped": skipped, "ignored": ignored}
+    data_info = {
+        "root": os.path.abspath(root),
+        "train": train_dir,
+        "test": test_dir,
+        "val_split": cfg.val_split,
+        "n_loaded": n_loaded,
+        "skipped": skipped,
+        "ignored": ignored,
+    }
     return train, val, test, data_info
 
 
@@ -337,9 +351,7 @@ def _train(cfg: TrainConfig, resume: str | None, d: Dist, device: torch.device) 
     return _finish(run, so_far)
 
 
-def _resolve_config(
-    cfg: TrainConfig, resume: str | None, d: Dist
-) -> tuple[TrainConfig, dict[str, Any] | None, bool]:
+def _resolve_config(cfg: TrainConfig, resume: str | None, d: Dist) -> tuple[TrainConfig, dict[str, Any] | None, bool]:
     """(the resolved config, the checkpoint to resume or None, whether the recipe picks the epochs).
 
     A resumed run takes its config from the checkpoint; only `epochs`, `device` and `workers` come
@@ -353,8 +365,10 @@ def _resolve_config(
         epochs = cfg.epochs if cfg.epochs is not None else saved["epochs"]
         cfg = TrainConfig(**{**saved, "epochs": epochs, "device": cfg.device, "workers": cfg.workers})
         if len(state["rng"]["batches"]) != d.world:
-            raise ModelError(f"{resume} was trained with {len(state['rng']['batches'])} process(es); "
-                             f"resume it with the same number (this job has {d.world})")
+            raise ModelError(
+                f"{resume} was trained with {len(state['rng']['batches'])} process(es); "
+                f"resume it with the same number (this job has {d.world})"
+            )
     recipe_epochs = cfg.epochs is None  # then the data's size may add epochs (Recipe.min_steps)
     cfg = cfg.resolved()
     assert cfg.epochs is not None and cfg.batch_size is not None and cfg.lr is not None
@@ -364,7 +378,11 @@ def _resolve_config(
 
 
 def _set_up_run(
-    cfg: TrainConfig, resume: str | None, state: dict[str, Any] | None, recipe_epochs: bool, d: Dist,
+    cfg: TrainConfig,
+    resume: str | None,
+    state: dict[str, Any] | None,
+    recipe_epochs: bool,
+    d: Dist,
     device: torch.device,
 ) -> tuple[_Run, _SoFar, int]:
     """Load the data, build (or restore) the model and optimizer: (the run, the selection so far, first epoch).
@@ -375,23 +393,10 @@ def _set_up_run(
     t_load = time.perf_counter()
     train_split, val_split, test_split, data_info = _load_data(cfg, d)
     load_seconds = time.perf_counter() - t_load
-    images_loaded = int(d.all_sum(data_info.pop("n_loaded"))[0])
-    skipped = data_info.pop("skipped")  # not part of the model's record: it describes this run's folders
-    n_skipped = int(d.all_sum(len(skipped))[0])
-    skipped_info = {"n_skipped": n_skipped, "skipped": skipped[:SKIPPED_KEPT], "ignored": data_info.pop("ignored")}
+    images_loaded, skipped_info = _loading_report(data_info, d)
     net, opt, meta = _build_model(cfg, resume, state, train_split, data_info, device)
     gen, so_far, start_epoch, run_dir = _restore_progress(cfg, resume, state, net, d)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
-    amp = amp_for(device)  # None on the CPU; bf16 on GPUs that have it natively, else fp16
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
-    if state is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    model: torch.nn.Module = net
-    if d.active:
-        from torch.nn.parallel import DistributedDataParallel
-
-        model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    model, scaler, amp = _for_device(net, state, device, d)
 
     # Every rank takes the same number of equal-sized steps: shards differ by at most one image,
     # and the smaller ones wrap around. One process: plain epochs with a partial last batch.
@@ -401,23 +406,79 @@ def _set_up_run(
     steps_per_epoch = math.ceil(n_max / per_rank)
     if recipe_epochs:
         cfg = replace(cfg, epochs=RECIPES[cfg.arch].epochs_for(steps_per_epoch))
-
-    def on_device(split: LoadedSplit | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        if split is None:
-            return None, None
-        return torch.from_numpy(split.images).to(device), torch.from_numpy(split.labels).to(device)
-
-    (x_train, y_train), (x_val, y_val) = on_device(train_split), on_device(val_split)
-    assert x_train is not None and y_train is not None
-    run = _Run(cfg, d, device, run_dir, meta, net, model, opt, scaler, amp, gen, x_train, y_train, x_val, y_val,
-               test_split, steps_per_epoch, steps_per_epoch * cfg.epochs, per_rank, n_max, n_total, load_seconds,
-               images_loaded, skipped_info)
+    x_train, y_train = _on_device(train_split, device)
+    x_val, y_val = _on_device(val_split, device) if val_split is not None else (None, None)
+    run = _Run(
+        cfg,
+        d,
+        device,
+        run_dir,
+        meta,
+        net,
+        model,
+        opt,
+        scaler,
+        amp,
+        gen,
+        x_train,
+        y_train,
+        x_val,
+        y_val,
+        test_split,
+        steps_per_epoch,
+        steps_per_epoch * cfg.epochs,
+        per_rank,
+        n_max,
+        n_total,
+        load_seconds,
+        images_loaded,
+        skipped_info,
+    )
     return run, so_far, start_epoch
 
 
+def _on_device(split: LoadedSplit, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A split's images and labels as tensors on the training device (the whole split fits: small images)."""
+    return torch.from_numpy(split.images).to(device), torch.from_numpy(split.labels).to(device)
+
+
+def _loading_report(data_info: dict[str, Any], d: Dist) -> tuple[int, dict[str, Any]]:
+    """Take this run's loading counts out of `data_info` (they are not part of the model's record):
+    (images loaded on every rank, the skipped-file report)."""
+    images_loaded = int(d.all_sum(data_info.pop("n_loaded"))[0])
+    skipped = data_info.pop("skipped")
+    n_skipped = int(d.all_sum(len(skipped))[0])
+    return images_loaded, {
+        "n_skipped": n_skipped,
+        "skipped": skipped[:SKIPPED_KEPT],
+        "ignored": data_info.pop("ignored"),
+    }
+
+
+def _for_device(
+    net: torch.nn.Module, state: dict[str, Any] | None, device: torch.device, d: Dist
+) -> tuple[torch.nn.Module, torch.amp.GradScaler, torch.dtype | None]:
+    """(what the steps call: `net` or DDP around it, the loss scaler restored on resume, the autocast dtype)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
+    amp = amp_for(device)  # None on the CPU; bf16 on GPUs that have it natively, else fp16
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+    if state is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    if not d.active:
+        return net, scaler, amp
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None), scaler, amp
+
+
 def _build_model(
-    cfg: TrainConfig, resume: str | None, state: dict[str, Any] | None, train_split: LoadedSplit,
-    data_info: dict[str, Any], device: torch.device,
+    cfg: TrainConfig,
+    resume: str | None,
+    state: dict[str, Any] | None,
+    train_split: LoadedSplit,
+    data_info: dict[str, Any],
+    device: torch.device,
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer, ModelMeta]:
     """(model, optimizer, the model's record), both restored from `state` when resuming."""
     classes = train_split.classes
@@ -547,8 +608,10 @@ def _save_checkpoints(run: _Run, so_far: _SoFar, epoch: int, improved: bool, wei
         save_checkpoint(os.path.join(run.run_dir, BEST_NAME), ckpt)
     # checkpoint.pt also carries the selected weights, so --resume reports the same model.
     save_checkpoint(os.path.join(run.run_dir, CHECKPOINT_NAME), {**ckpt, "best_model": so_far.best_state})
-    write_json(os.path.join(run.run_dir, "metrics.json"),
-               {"config": ckpt["config"], "history": so_far.history, **run.skipped_info})
+    write_json(
+        os.path.join(run.run_dir, "metrics.json"),
+        {"config": ckpt["config"], "history": so_far.history, **run.skipped_info},
+    )
     mark_latest(run.run_dir)
 
 
@@ -559,8 +622,9 @@ def _finish(run: _Run, so_far: _SoFar) -> TrainResult:
     cfg, d = run.cfg, run.d
     run.net.load_state_dict(so_far.best_state)
     selection = _selection(cfg, so_far.history, so_far.best_epoch, len(run.y_val) if run.y_val is not None else 0, d)
-    report, (test_loss, test_accuracy) = _final_evaluation(run.net, run.sigmoid, d, run.device, run.x_train,
-                                                           run.y_train, run.x_val, run.y_val, run.test_split)
+    report, (test_loss, test_accuracy) = _final_evaluation(
+        run.net, run.sigmoid, d, run.device, run.x_train, run.y_train, run.x_val, run.y_val, run.test_split
+    )
     n_test = int(d.all_sum(len(run.test_split.labels) if run.test_split is not None else 0)[0])
     plots: list[str] = []
     if d.main:
@@ -568,24 +632,48 @@ def _finish(run: _Run, so_far: _SoFar) -> TrainResult:
 
         scores = {name: out for name, (out, _) in report.items()}
         labels = {name: lab for name, (_, lab) in report.items()}
-        plots = write_plots(run.run_dir, so_far.history, scores, labels, run.meta.classes, run.sigmoid,
-                            selected_epoch=so_far.best_epoch)
+        plots = write_plots(
+            run.run_dir, so_far.history, scores, labels, run.meta.classes, run.sigmoid, selected_epoch=so_far.best_epoch
+        )
         write_json(
             os.path.join(run.run_dir, "metrics.json"),
-            {"config": _plain_config(cfg), "history": so_far.history, "selection": selection,
-             "best_epoch": so_far.best_epoch, "val_accuracy": selection["val_accuracy"], "test_accuracy": test_accuracy,
-             "test_loss": test_loss, "test_images": n_test, "world_size": d.world, **run.skipped_info},
+            {
+                "config": _plain_config(cfg),
+                "history": so_far.history,
+                "selection": selection,
+                "best_epoch": so_far.best_epoch,
+                "val_accuracy": selection["val_accuracy"],
+                "test_accuracy": test_accuracy,
+                "test_loss": test_loss,
+                "test_images": n_test,
+                "world_size": d.world,
+                **run.skipped_info,
+            },
         )
     d.barrier()  # rank 0's files exist before anyone returns
     total_images = sum(r["images_per_second"] * r["seconds"] for r in so_far.history)
     return TrainResult(
-        run_dir=run.run_dir, checkpoint=os.path.join(run.run_dir, BEST_NAME), classes=list(run.meta.classes),
-        epochs=len(so_far.history), device=str(run.device), train_seconds=so_far.train_seconds,
+        run_dir=run.run_dir,
+        checkpoint=os.path.join(run.run_dir, BEST_NAME),
+        classes=list(run.meta.classes),
+        epochs=len(so_far.history),
+        device=str(run.device),
+        train_seconds=so_far.train_seconds,
         train_images_per_second=total_images / so_far.train_seconds if so_far.train_seconds else 0.0,
-        test_accuracy=test_accuracy, best_epoch=so_far.best_epoch, val_accuracy=selection["val_accuracy"],
-        load_seconds=run.load_seconds, images_loaded=run.images_loaded, parameters=count_parameters(run.net),
-        plots=plots, history=so_far.history, selection=selection, test_loss=test_loss, test_images=n_test,
-        world_size=d.world, rank=d.rank, **run.skipped_info,
+        test_accuracy=test_accuracy,
+        best_epoch=so_far.best_epoch,
+        val_accuracy=selection["val_accuracy"],
+        load_seconds=run.load_seconds,
+        images_loaded=run.images_loaded,
+        parameters=count_parameters(run.net),
+        plots=plots,
+        history=so_far.history,
+        selection=selection,
+        test_loss=test_loss,
+        test_images=n_test,
+        world_size=d.world,
+        rank=d.rank,
+        **run.skipped_info,
     )
 
 
@@ -594,11 +682,24 @@ def _selection(cfg: TrainConfig, history: list[dict[str, Any]], best_epoch: int,
     chosen = history[best_epoch - 1] if best_epoch else {}
     if cfg.val_split > 0:
         source = f"{cfg.val_split:g} of training/, stratified by class, seed {cfg.seed}"
-        return {"split": "validation", "source": source,
-                "size": int(d.all_sum(n_val)[0]), "rule": "best validation accuracy (ties: lower validation loss)",
-                "epoch": best_epoch, "val_accuracy": chosen.get("val_accuracy"), "val_loss": chosen.get("val_loss")}
-    return {"split": None, "source": "--val-split 0: all of training/ trains, nothing is held out", "size": 0,
-            "rule": "last epoch (no selection)", "epoch": best_epoch, "val_accuracy": None, "val_loss": None}
+        return {
+            "split": "validation",
+            "source": source,
+            "size": int(d.all_sum(n_val)[0]),
+            "rule": "best validation accuracy (ties: lower validation loss)",
+            "epoch": best_epoch,
+            "val_accuracy": chosen.get("val_accuracy"),
+            "val_loss": chosen.get("val_loss"),
+        }
+    return {
+        "split": None,
+        "source": "--val-split 0: all of training/ trains, nothing is held out",
+        "size": 0,
+        "rule": "last epoch (no selection)",
+        "epoch": best_epoch,
+        "val_accuracy": None,
+        "val_loss": None,
+    }
 
 
 def _final_evaluation(net, sigmoid, d, device, x_train, y_train, x_val, y_val, test_split) -> tuple[dict, tuple]:
@@ -609,8 +710,9 @@ def _final_evaluation(net, sigmoid, d, device, x_train, y_train, x_val, y_val, t
     if x_val is not None:
         parts.append(("validation", x_val, y_val))
     if test_split is not None:
-        parts.append(("testing", torch.from_numpy(test_split.images).to(device),
-                      torch.from_numpy(test_split.labels).to(device)))
+        parts.append(
+            ("testing", torch.from_numpy(test_split.images).to(device), torch.from_numpy(test_split.labels).to(device))
+        )
     report: dict[str, Any] = {}
     test: tuple[float | None, float | None] = (None, None)
     for name, x, y in parts:
@@ -639,14 +741,16 @@ def build_for_training(
     # NHWC lets oneDNN (CPU) and cuDNN (GPU) pick faster convolution kernels.
     net.to(device, memory_format=torch.channels_last)
     # fused: one kernel per step instead of a dozen small ops per parameter (same numbers).
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                           fused=device.type in ("cpu", "cuda"))
+    opt = torch.optim.Adam(
+        net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type in ("cpu", "cuda")
+    )
     if state is not None:
         try:
             opt.load_state_dict(state["optimizer"])  # casts each state tensor to its parameter's device
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise ModelError(f"the checkpoint's 'optimizer' does not fit arch {cfg.arch!r} ({e}); "
-                             "start a new run") from None
+            raise ModelError(
+                f"the checkpoint's 'optimizer' does not fit arch {cfg.arch!r} ({e}); start a new run"
+            ) from None
     return net, opt, output
 
 
@@ -675,8 +779,10 @@ def _saved_config(config: dict[str, Any], resume: str) -> dict[str, Any]:
     """The checkpoint's config as TrainConfig keyword arguments; an unknown key is a ModelError."""
     unknown = sorted(set(config) - {f.name for f in fields(TrainConfig)})
     if unknown:
-        raise ModelError(f"{resume}: the checkpoint's config has keys this cnnkit does not know "
-                         f"({', '.join(unknown)}); resume it with the cnnkit that wrote it, or start a new run")
+        raise ModelError(
+            f"{resume}: the checkpoint's config has keys this cnnkit does not know "
+            f"({', '.join(unknown)}); resume it with the cnnkit that wrote it, or start a new run"
+        )
     return {**config, "classes": tuple(config["classes"]) if config.get("classes") else None}
 
 
@@ -689,29 +795,42 @@ def format_summary(result: TrainResult) -> str:
         return "-" if v is None else v
 
     rows = [
-        [r["epoch"], r["train_loss"], r["train_accuracy"], opt(r["val_loss"]), opt(r["val_accuracy"]),
-         round(r["images_per_second"]), r["seconds"]]
+        [
+            r["epoch"],
+            r["train_loss"],
+            r["train_accuracy"],
+            opt(r["val_loss"]),
+            opt(r["val_accuracy"]),
+            round(r["images_per_second"]),
+            r["seconds"],
+        ]
         for r in result.history
     ]
     lines = [table(["epoch", "train loss", "train acc", "val loss", "val acc", "img/s", "s"], rows), ""]
     sel = result.selection
     if sel.get("split"):
-        lines.append(f"selected epoch {result.best_epoch} by {sel['rule']} on {sel['size']:,} validation images "
-                     f"({sel['source']}): {result.checkpoint}")
+        lines.append(
+            f"selected epoch {result.best_epoch} by {sel['rule']} on {sel['size']:,} validation images "
+            f"({sel['source']}): {result.checkpoint}"
+        )
         lines.append(f"validation accuracy {result.val_accuracy:.4f} (selected epoch)")
     else:
-        lines.append(f"kept the last epoch, {result.best_epoch} ({sel.get('source', 'no validation')}): "
-                     f"{result.checkpoint}")
+        lines.append(
+            f"kept the last epoch, {result.best_epoch} ({sel.get('source', 'no validation')}): {result.checkpoint}"
+        )
     if result.test_accuracy is not None:
-        lines.append(f"test accuracy       {result.test_accuracy:.4f} (testing/, {result.test_images:,} images, "
-                     "measured once on the selected weights)")
+        lines.append(
+            f"test accuracy       {result.test_accuracy:.4f} (testing/, {result.test_images:,} images, "
+            "measured once on the selected weights)"
+        )
     else:
         lines.append("test accuracy       - (no testing/ folder)")
-    lines.append(f"trained {result.train_seconds:.1f} s at {result.train_images_per_second:,.0f} img/s "
-                 f"on {result.device} (data loaded in {result.load_seconds:.1f} s)")
+    lines.append(
+        f"trained {result.train_seconds:.1f} s at {result.train_images_per_second:,.0f} img/s "
+        f"on {result.device} (data loaded in {result.load_seconds:.1f} s)"
+    )
     if result.n_skipped:
-        lines.append(f"skipped {result.n_skipped:,} file(s) that could not be used (listed above and in "
-                     "metrics.json)")
+        lines.append(f"skipped {result.n_skipped:,} file(s) that could not be used (listed above and in metrics.json)")
     if result.plots:
         lines.append(f"plots: {', '.join(result.plots)}")
     return "\n".join(lines)

@@ -70,8 +70,9 @@ def _curves(run_dir: str, history: list[dict[str, Any]], selected_epoch: int | N
     ax2.set(title="Accuracy", xlabel="epoch")
     if selected_epoch:
         for ax in (ax1, ax2):
-            ax.axvline(selected_epoch, color="gray", linestyle="--", linewidth=1,
-                       label=f"selected (epoch {selected_epoch})")
+            ax.axvline(
+                selected_epoch, color="gray", linestyle="--", linewidth=1, label=f"selected (epoch {selected_epoch})"
+            )
     ax1.legend()
     ax2.legend()
     return _save(fig, os.path.join(run_dir, "curves.png"))
@@ -113,15 +114,25 @@ def _confusion(run_dir: str, split: str, confusion: Confusion, names: Sequence[s
         ax.barh(range(len(pairs)), [c for _, _, c in pairs], color="tab:blue")
         ax.set_yticks(range(len(pairs)), [f"{names[t]} -> {names[p]}" for t, p, _ in pairs])
         ax.invert_yaxis()  # the most frequent on top
-        ax.set(title=f"Most frequent confusions ({split}, {k:,} classes: over {MAX_MATRIX_CLASSES}, no matrix)",
-               xlabel="images", ylabel="true -> predicted")
+        ax.set(
+            title=f"Most frequent confusions ({split}, {k:,} classes: over {MAX_MATRIX_CLASSES}, no matrix)",
+            xlabel="images",
+            ylabel="true -> predicted",
+        )
         return _save(fig, path)
     fig, ax = plt.subplots(figsize=(1 + 0.6 * k, 1 + 0.5 * k))
     ax.imshow(cm, cmap="Blues")
     for i in range(k):
         for j in range(k):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
-                    color="white" if cm[i, j] > cm.max() / 2 else "black")
+            ax.text(
+                j,
+                i,
+                str(cm[i, j]),
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if cm[i, j] > cm.max() / 2 else "black",
+            )
     ax.set_xticks(range(k), names, rotation=45, ha="right")
     ax.set_yticks(range(k), names)
     ax.set(title=f"Confusion matrix ({split})", xlabel="predicted", ylabel="true")
