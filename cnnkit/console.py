@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 
 def log(msg: str = "") -> None:
@@ -15,23 +16,24 @@ def log(msg: str = "") -> None:
 
 
 class Progress:
-    """A one-line progress bar on stderr (redrawn in place on a terminal, a few lines otherwise).
+    """A progress bar on stderr: rich's live bar on a terminal, a plain line every 10 s otherwise (a log
+    file gets a readable record, not redraw codes). rich is imported only when a terminal shows the bar,
+    so `--json` and piped runs do not pay for it.
 
     Usage:
         with Progress(total, "epoch 1/5", unit="img") as bar:
             bar.update(n, loss=0.12)
     """
 
-    def __init__(
-        self, total: int | None, desc: str, unit: str = "it", min_interval: float = 0.2, enabled: bool = True
-    ):
-        self.total, self.desc, self.unit = total, desc, unit
+    def __init__(self, total: int | None, desc: str, unit: str = "it", enabled: bool = True):
+        self.total, self.desc, self.unit = total, printable(desc), unit
         self.n = 0
         self.fields: dict[str, object] = {}
         self.t0 = self._last = time.perf_counter()
-        self.min_interval = min_interval
-        self.tty = sys.stderr.isatty()
         self.enabled = enabled  # False: count, print nothing (e.g. on the non-zero ranks of a job)
+        self._live: Any = None  # rich's bar and its task, on a terminal
+        if enabled and sys.stderr.isatty():
+            self._live = _rich_bar(total, self.desc)
 
     def __enter__(self) -> Progress:
         return self
@@ -47,34 +49,49 @@ class Progress:
     def update(self, n: int = 1, **fields: object) -> None:
         self.n += n
         self.fields.update(fields)
-        now = time.perf_counter()
-        # On a terminal redraw often; in a log file, a line every 10 s at most.
-        interval = self.min_interval if self.tty else 10.0
-        if now - self._last >= interval:
-            self._last = now
-            self._draw(final=False)
+        if self._live is not None:
+            bar, task = self._live
+            bar.update(task, completed=self.n, extras=self._extras())
+        elif self.enabled and time.perf_counter() - self._last >= 10.0:
+            self._last = time.perf_counter()
+            log(self._line())
+
+    def _extras(self) -> str:
+        text = " ".join(f"{k}={_fmt(v)}" for k, v in self.fields.items())
+        return f"{self.rate:,.0f} {self.unit}/s {printable(text)}".rstrip()
 
     def _line(self) -> str:
-        if self.total:
-            frac = min(1.0, self.n / self.total)
-            bar = "#" * int(frac * 20)
-            head = f"{self.desc} [{bar:<20}] {self.n:,}/{self.total:,} {self.unit}"
-        else:
-            head = f"{self.desc} {self.n:,} {self.unit}"
-        extras = " ".join(f"{k}={_fmt(v)}" for k, v in self.fields.items())
-        return f"{head} {self.rate:,.0f} {self.unit}/s {extras}".rstrip()
-
-    def _draw(self, final: bool) -> None:
-        if not self.enabled:
-            return
-        if self.tty:
-            sys.stderr.write("\r\x1b[K" + self._line() + ("\n" if final else ""))
-        else:
-            sys.stderr.write(self._line() + "\n")
-        sys.stderr.flush()
+        done = f"{self.n:,}/{self.total:,}" if self.total else f"{self.n:,}"
+        return f"{self.desc} {done} {self.unit} {self._extras()}"
 
     def close(self) -> None:
-        self._draw(final=True)
+        if self._live is not None:
+            bar, task = self._live
+            bar.update(task, completed=self.n, extras=self._extras())
+            bar.stop()
+            self._live = None
+        elif self.enabled:
+            log(self._line())
+            self.enabled = False  # closed: a second close prints nothing
+
+
+def _rich_bar(total: int | None, desc: str) -> tuple[Any, Any]:
+    """A started rich bar on stderr and its one task; text columns without markup (names are anyone's)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+    from rich.progress import Progress as RichProgress
+
+    bar = RichProgress(
+        TextColumn("{task.description}", markup=False),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[extras]}", markup=False),
+        console=Console(stderr=True),
+    )
+    task = bar.add_task(desc, total=total, extras="")
+    bar.start()
+    return bar, task
 
 
 def _fmt(v: object) -> str:
