@@ -31,7 +31,7 @@ class DecodedBatch:
 
     Attributes:
         start: position (in the list given to `decode_batches`) of the batch's first file.
-        images: uint8 (n, H, W), the files that decoded, in order.
+        images: uint8 (n, C, H, W), the files that decoded, in order.
         positions: int64 (n,), each image's position in the list.
         failures: (position, reason) for files that did not decode.
         converted: how many images were converted by the policy above.
@@ -44,16 +44,16 @@ class DecodedBatch:
     converted: int
 
 
-def _decode_chunk(root: str, files: Sequence[str], start: int, size: tuple[int, int]) -> DecodedBatch:
+def _decode_chunk(root: str, files: Sequence[str], start: int, shape: tuple[int, int, int]) -> DecodedBatch:
     # The hot loop of `cnnkit infer` (~25 us per 28 x 28 image: ~12 us of it is libspng + zlib).
-    out = np.empty((len(files), *size), dtype=np.uint8)
+    out = np.empty((len(files), *shape), dtype=np.uint8)
     ok = np.empty(len(files), dtype=np.int64)
     failures: list[tuple[int, str]] = []
     n = converted = 0
     prefix = os.path.join(root, "")
     for i, rel in enumerate(files):
         try:
-            out[n], conv = decode_image(read_bytes(prefix + rel), size)
+            out[n], conv = decode_image(read_bytes(prefix + rel), shape)
         except ImageError as e:
             failures.append((start + i, str(e)))
             continue
@@ -134,14 +134,14 @@ def default_workers() -> int:
 def decode_batches(
     root: str,
     files: Sequence[str],
-    size: tuple[int, int],
+    shape: tuple[int, int, int],
     batch_size: int,
     workers: int | None = None,
     min_files_for_workers: int = 2048,
     *,
     chunks: Iterable[tuple[int, Sequence[str]]] | None = None,
 ) -> Generator[DecodedBatch, None, None]:
-    """Decode `files` (relative to `root`) in batches, in order, in worker processes.
+    """Decode `files` (relative to `root`) in batches of uint8 (n, *shape), in order, in worker processes.
 
     At most `2 * workers` batches are in flight, so memory stays bounded whatever the number of
     files. With `workers=0`, or when there are fewer than `min_files_for_workers` files (too few to
@@ -163,14 +163,14 @@ def decode_batches(
             workers = 0
     if workers <= 0:
         for s, chunk in chunks:
-            yield _decode_chunk(root, chunk, s, size)
+            yield _decode_chunk(root, chunk, s, shape)
         return
 
-    yield from _decode_in_pool(root, chunks, size, workers)
+    yield from _decode_in_pool(root, chunks, shape, workers)
 
 
 def _decode_in_pool(
-    root: str, chunks: Iterable[tuple[int, Sequence[str]]], size: tuple[int, int], workers: int
+    root: str, chunks: Iterable[tuple[int, Sequence[str]]], shape: tuple[int, int, int], workers: int
 ) -> Iterator[DecodedBatch]:
     """`decode_batches` in `workers` processes, at most `2 * workers` batches in flight, in order."""
     import multiprocessing as mp
@@ -184,17 +184,17 @@ def _decode_in_pool(
         try:
             for s, chunk in it:
                 if pending:
-                    pending.append(pool.submit(_decode_chunk, root, chunk, s, size))
+                    pending.append(pool.submit(_decode_chunk, root, chunk, s, shape))
                 else:
                     with _forking_quietly():  # the first submit forks every worker
-                        pending.append(pool.submit(_decode_chunk, root, chunk, s, size))
+                        pending.append(pool.submit(_decode_chunk, root, chunk, s, shape))
                 if len(pending) >= 2 * workers:
                     break
             while pending:
                 batch = pending.pop(0).result()
                 nxt = next(it, None)
                 if nxt is not None:
-                    pending.append(pool.submit(_decode_chunk, root, nxt[1], nxt[0], size))
+                    pending.append(pool.submit(_decode_chunk, root, nxt[1], nxt[0], shape))
                 yield batch
         except BaseException:  # KeyboardInterrupt (SIGINT, SIGTERM), GeneratorExit, an error
             _stop_workers(pool)
@@ -214,12 +214,12 @@ class Sample:
 
     Attributes:
         root: the folder.
-        images: uint8 (N, 1, H, W).
+        images: uint8 (N, C, H, W).
         labels: int64 (N,) indices into the classes, or None unless every sampled file sits under a
             folder named like one of them.
         n_files: PNG files the sample was drawn from.
         n_failed: sampled files that could not be decoded (skipped).
-        n_converted: sampled images converted to 8-bit grayscale of the size.
+        n_converted: sampled images converted to the model's mode or size.
     """
 
     root: str
@@ -230,7 +230,7 @@ class Sample:
     n_converted: int
 
 
-def sample_folder(root: str, size: tuple[int, int], classes: Sequence[str], limit: int | None = None) -> Sample:
+def sample_folder(root: str, shape: tuple[int, int, int], classes: Sequence[str], limit: int | None = None) -> Sample:
     """Up to `limit` images spread evenly over the sorted listing of `root`, the same on every run.
 
     The listing is sorted by class folder, so its first N files would all be one class; an even
@@ -249,12 +249,12 @@ def sample_folder(root: str, size: tuple[int, int], classes: Sequence[str], limi
     if limit is not None and n_files > limit:
         picks = np.unique(np.linspace(0, n_files - 1, num=limit).round().astype(np.int64))
         files = [files[i] for i in picks.tolist()]
-    out = np.empty((len(files), 1, *size), dtype=np.uint8)
+    out = np.empty((len(files), *shape), dtype=np.uint8)
     labels = np.empty(len(files), dtype=np.int64)
     n = failed = converted = 0
     for rel in files:
         try:
-            out[n, 0], conv = read_image(os.path.join(root, rel), size)
+            out[n], conv = read_image(os.path.join(root, rel), shape)
         except ImageError:
             failed += 1
             continue
@@ -279,7 +279,7 @@ def load_images(root: str, meta: ModelMeta, limit: int | None = LOAD_LIMIT, comm
     Used by `cnnkit bench` and by the INT8 accuracy gate of `cnnkit export` (`command` names which,
     in the log line).
     """
-    sample = sample_folder(root, meta.input_shape[1:], meta.classes, limit)
+    sample = sample_folder(root, meta.input_shape, meta.classes, limit)
     if sample.n_failed:
         log(f"{command}: {sample.n_failed} of {sample.n_files} PNGs under {root} could not be decoded; skipped")
     return sample

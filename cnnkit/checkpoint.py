@@ -127,8 +127,8 @@ def model_from_checkpoint(path: str) -> tuple[Classifier, ModelMeta, dict[str, A
     """
     ckpt = load_checkpoint(path)
     meta = ModelMeta.from_dict(ckpt["meta"])
-    _, h, w = meta.input_shape
-    model, _ = build_model(meta.arch, meta.num_classes, h, w)
+    c, h, w = meta.input_shape
+    model, _ = build_model(meta.arch, meta.num_classes, h, w, c)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:

@@ -69,6 +69,12 @@ class Augment(str, Enum):
     flip_shift = "flip+shift"
 
 
+class Color(str, Enum):
+    auto = "auto"
+    gray = "gray"
+    rgb = "rgb"
+
+
 class Split(str, Enum):
     training = "training"
     testing = "testing"
@@ -159,6 +165,16 @@ def _parse_classes(classes: str | None) -> tuple[str, ...] | None:
     return names
 
 
+def _parse_size(size: str | None) -> tuple[int, int] | None:
+    """`--size 64x48` -> (64, 48): height first, as everywhere in cnnkit."""
+    if size is None:
+        return None
+    h, sep, w = size.lower().partition("x")
+    if not sep or not h.strip().isdigit() or not w.strip().isdigit():
+        raise typer.BadParameter(f"expected HxW, e.g. 28x28, got {size!r}", param_hint="--size")
+    return int(h), int(w)
+
+
 # --------------------------------------------------------------------------------------------
 # train
 
@@ -201,6 +217,17 @@ TrainValSplit = Annotated[
         ),
     ),
 ]
+TrainColor = Annotated[
+    Color, typer.Option(help="auto (RGB when the training images are in color), gray or rgb: the model's input mode.")
+]
+TrainSize = Annotated[
+    str | None,
+    typer.Option(
+        metavar="HxW",
+        help="Input size every image is resized to (bilinear, stretched). Default: the training images' "
+        "common size, else 28x28.",
+    ),
+]
 TrainWorkers = Annotated[
     int | None, typer.Option(min=0, max=MAX_PROCESSES, help="PNG decoder processes. Default: one per core.")
 ]
@@ -221,6 +248,8 @@ def train(
     device: Annotated[str, _device_option("Mixed precision on CUDA: bf16 where native, else fp16.")] = "auto",
     seed: int = 0,
     workers: TrainWorkers = None,
+    color: TrainColor = Color.auto,
+    size: TrainSize = None,
     resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -241,6 +270,8 @@ def train(
         device=device,
         seed=seed,
         workers=workers,
+        color=color.value,
+        size=_parse_size(size),
     )
     try:
         result = run_training(cfg, resume=str(resume) if resume else None)

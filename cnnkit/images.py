@@ -1,21 +1,24 @@
-"""Decoding one PNG image. Torch-free: shared by training and inference.
+"""Decoding one image into the model's input. Torch-free: shared by training and inference.
 
 (Finding the files is `cnnkit.listing`'s job; decoding many in worker processes, `cnnkit.batches`.)
 
-One function, `decode_image`, turns PNG bytes into the model's input (uint8, H x W grayscale);
-training and `cnnkit infer` both go through it, so what the model saw in training is what it sees
-in production.
+One function, `decode_image`, turns an image file's bytes into the model's input, uint8 (C, H, W)
+with C = 1 (grayscale, color "L") or 3 (color "RGB"), as the model's record says
+(`ModelMeta.input_shape`, `color`, `resize`). Training and `cnnkit infer` both go through it, and it
+goes through `convert_pixels` for every decoded image, so what the model saw in training is what it
+sees in production.
 
-Conversion policy for valid PNGs that are not already 8-bit grayscale of the model's size
-(libspng does the per-pixel work):
+Conversion policy (`convert_pixels`), for images that are not already the model's mode and size:
+  - to grayscale: luminance L = (299 R + 587 G + 114 B) / 1000, rounded (gray stays exactly gray);
+  - to RGB: a grayscale image is repeated in the three channels;
+  - another size -> stretched to the model's (H, W) with Pillow's bilinear filter (`RESIZE_RULE`:
+    antialiased when shrinking; the aspect ratio is not kept, as torchvision's `Resize((H, W))`).
+Each such image is counted as "converted". PNG specifics (libspng does the per-pixel work):
   - 1-, 2- and 4-bit gray -> 8-bit by scaling (a 1-bit 1 becomes 255);
   - everything else (RGB, palette, gray + alpha, RGBA, 16-bit) is expanded by libspng to 8-bit RGB:
     the palette looked up, 16-bit samples reduced to their high byte (v >> 8), an alpha channel or a
-    tRNS transparency entry dropped (the color values are kept as they are); then
-    luminance L = (299 R + 587 G + 114 B) / 1000, rounded (gray stays exactly gray);
-  - interlaced (Adam7) images decode like any other;
-  - another size -> resized to the model's size with Pillow's bilinear filter.
-Each such image is counted as "converted".
+    tRNS transparency entry dropped (the color values are kept as they are);
+  - interlaced (Adam7) images decode like any other.
 
 Integrity policy ("never a silent wrong answer"): pyspng runs libspng with every checksum turned
 off, so a flipped bit in a stored IDAT block decodes to wrong pixels without a word. `decode_image`
@@ -49,7 +52,7 @@ _CHUNK_HEAD = struct.Struct(">I4s")
 _U32 = struct.Struct(">I")
 _IHDR = struct.Struct(">IIBBBBB")
 # PNG color types and the bit depths each allows: 0 gray, 2 RGB, 3 palette, 4 gray + alpha, 6 RGBA.
-_GRAY = 0
+_GRAY, _RGB, _GRAY_ALPHA = 0, 2, 4
 _COLOR_TYPES = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
 _HEADERS: dict[bytes, tuple[int, int, int, int]] = {}  # see `_ihdr`
 # What a non-PNG file usually is, for the failure reason.
@@ -118,6 +121,16 @@ def png_size(data: bytes) -> tuple[int, int]:
     `data` may be the file's first 33 bytes only.
     """
     return _ihdr(data)[:2]
+
+
+def probe(data: bytes) -> tuple[int, int, int]:
+    """(height, width, channels: 1 for grayscale, 3 for color) from the header, no pixel decoded.
+
+    `data` may be the file's first bytes only (33 for a PNG). Gray with or without alpha is 1
+    channel; RGB, RGBA and palette images are 3.
+    """
+    height, width, _, color = _ihdr(data)
+    return height, width, 1 if color in (_GRAY, _GRAY_ALPHA) else 3
 
 
 def _check_chunks(data: bytes) -> None:
@@ -208,35 +221,58 @@ def _decode_pillow(data: bytes, gray: bool) -> np.ndarray:  # pragma: no cover -
 def _resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
     from PIL import Image
 
-    return np.asarray(Image.fromarray(img, mode="L").resize((width, height), Image.Resampling.BILINEAR))
+    return np.asarray(Image.fromarray(img).resize((width, height), Image.Resampling.BILINEAR))
 
 
-def decode_image(data: bytes, size: tuple[int, int]) -> tuple[np.ndarray, bool]:
-    """Decode PNG bytes to the model's input (the policies are in the module docstring).
+def convert_pixels(pixels: np.ndarray, shape: tuple[int, int, int]) -> tuple[np.ndarray, bool]:
+    """Decoded pixels -> the model's input: the one preprocessing step of training and inference.
+
+    Args:
+        pixels: uint8 (H, W) grayscale or (H, W, 3) RGB, any size.
+        shape: (C, H, W) the model takes; C = 1 (grayscale) or 3 (RGB).
+
+    Returns:
+        (uint8 (C, H, W), whether anything was converted: mode or size; the rules are in the module
+        docstring).
+    """
+    channels, height, width = shape
+    converted = False
+    if channels == 1 and pixels.ndim == 3:
+        pixels, converted = _luminance(pixels), True
+    if pixels.shape[:2] != (height, width):
+        pixels, converted = _resize(pixels, height, width), True
+    if channels == 1:
+        return pixels[None], converted
+    if pixels.ndim == 2:
+        return np.broadcast_to(pixels, (3, height, width)), True
+    return pixels.transpose(2, 0, 1), converted
+
+
+def decode_image(data: bytes, shape: tuple[int, int, int]) -> tuple[np.ndarray, bool]:
+    """Decode an image file's bytes to the model's input (the policies are in the module docstring).
 
     Args:
         data: the file's bytes.
-        size: (height, width) the model takes.
+        shape: (C, H, W) the model takes (`ModelMeta.input_shape`).
 
     Returns:
-        (uint8 array of shape `size`, whether the image had to be converted).
+        (uint8 array of `shape`, whether the image had to be converted). The array may be a read-only
+        view: copy it before writing to it.
 
     Raises:
-        ImageError: the bytes are not a usable PNG (the message is the reason).
+        ImageError: the bytes are not a usable image (the message is the reason).
     """
     _, _, depth, color = _ihdr(data)
     _check_chunks(data)
     gray = color == _GRAY and depth <= 8
     arr = _decode_pixels(data, gray)
-    if gray and depth == 8 and arr.shape == size:
-        return arr, False
-    if arr.ndim == 3:
-        arr = _luminance(arr) if arr.shape[2] == 3 else arr[:, :, 0]
-    if arr.shape != size:
-        arr = _resize(arr, *size)
-    return arr, True
+    if gray and depth == 8 and shape[0] == 1 and arr.shape == shape[1:]:
+        return arr[None], False  # the common case, first: 8-bit gray of the model's size
+    arr, converted = convert_pixels(arr, shape)
+    return arr, converted or depth != 8 or color not in (_GRAY, _RGB)  # 16-bit, palette, alpha: converted too
 
 
+HEAD_BYTES = 1 << 18  # a JPEG's EXIF segment (at most 64 KB) and frame header fit
 _READ_CHUNK = 1 << 16  # below malloc's mmap threshold: a small image costs one read + one EOF read
 # O_NONBLOCK: a FIFO that replaced a listed file reads as empty instead of blocking the run forever.
 _O_RDONLY = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
@@ -268,6 +304,19 @@ def read_bytes(path: str) -> bytes:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def read_image(path: str, size: tuple[int, int]) -> tuple[np.ndarray, bool]:
+def read_head(path: str, n: int = HEAD_BYTES) -> bytes:
+    """The first `n` bytes of a file, for `probe` (a header, with the EXIF block that may precede a
+    JPEG's frame header); OS errors become ImageError."""
+    try:
+        fd = os.open(path, _O_RDONLY)
+        try:
+            return os.read(fd, n)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise ImageError(f"unreadable: {e.strerror or e}") from None
+
+
+def read_image(path: str, shape: tuple[int, int, int]) -> tuple[np.ndarray, bool]:
     """Read and decode one file (see `decode_image`); OS errors become ImageError."""
-    return decode_image(read_bytes(path), size)
+    return decode_image(read_bytes(path), shape)

@@ -6,8 +6,9 @@ needs to turn a folder of PNGs into named predictions is in here, so `cnnkit inf
 nothing but the model file and the folder.
 
 Input contract (shared by training and inference): images are decoded by
-`cnnkit.images.decode_image` to uint8 (H, W) grayscale and fed to the model as a uint8 tensor of
-shape (N, C, H, W). The scaling to [0, 1] happens *inside* the model graph, so eager, TorchScript and
+`cnnkit.images.decode_image` to uint8 (C, H, W), grayscale (`color` "L", C = 1) or RGB ("RGB",
+C = 3), converted and resized by the record's rule (`resize`), and fed to the model as a uint8 tensor
+of shape (N, C, H, W). The scaling to [0, 1] happens *inside* the model graph, so eager, TorchScript and
 ONNX models all see the same numbers and there is no preprocessing to get wrong at serving time.
 """
 
@@ -29,6 +30,9 @@ EXTRA_FILE = "cnnkit.json"  # TorchScript / pt2 extra file name
 OUTPUT_LOGITS = "logits"  # (N, K) raw scores; softmax gives probabilities
 OUTPUT_SIGMOID = "sigmoid"  # (N, 1) probability of classes[1] (the lecture's two-class model)
 
+COLOR_CHANNELS = {"L": 1, "RGB": 3}  # the input's color mode -> channels (C of input_shape)
+RESIZE_BILINEAR = "bilinear"  # stretch to (H, W), Pillow's bilinear filter (`cnnkit.images.convert_pixels`)
+
 # Bounds on a record, which may come from an untrusted file: without them a few bytes of metadata can
 # ask for a K x K table or an (H, W) batch that exhausts memory, or nest deeper than Python recurses.
 # Documented in docs/export.md.
@@ -48,9 +52,11 @@ class ModelMeta:
         classes: class names, in output order.
         input_shape: (C, H, W) of one image.
         output: `logits` or `sigmoid`.
-        color: color mode of the input (`L`: 8-bit grayscale).
+        color: color mode of the input: `L` (8-bit grayscale, C = 1) or `RGB` (C = 3).
         input_dtype: dtype the model takes (`uint8`).
         scaling: what the model does to its input before the first layer (documentation only).
+        resize: how an image of another size becomes (H, W): `bilinear` (stretched; records written
+            before the field existed mean the same).
         versions: library versions that produced the artifact.
         extra: free-form plain data (exporter, opset, training data root, ...).
     """
@@ -62,6 +68,7 @@ class ModelMeta:
     color: str = "L"
     input_dtype: str = "uint8"
     scaling: str = "x / 255 inside the model"
+    resize: str = RESIZE_BILINEAR
     versions: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -103,6 +110,7 @@ class ModelMeta:
                 color=str(d.get("color", "L")),
                 input_dtype=str(d.get("input_dtype", "uint8")),
                 scaling=str(d.get("scaling", "")),
+                resize=str(d.get("resize", RESIZE_BILINEAR)),
                 versions={str(k): str(v) for k, v in dict(d.get("versions", {})).items()},
                 extra=dict(d.get("extra", {})),
             )
@@ -131,10 +139,15 @@ class ModelMeta:
         if len(self.input_shape) != 3 or min(self.input_shape) < 1 or max(self.input_shape[1:]) > MAX_SIDE:
             raise ModelError(
                 f"model record has a bad input_shape {self.input_shape} "
-                f"(expected [1, H, W], H and W from 1 to {MAX_SIDE})"
+                f"(expected [C, H, W], H and W from 1 to {MAX_SIDE})"
             )
-        if self.input_shape[0] != 1 or self.color != "L" or self.input_dtype != "uint8":
-            raise ModelError("cnnkit models take 1-channel uint8 grayscale input")
+        if COLOR_CHANNELS.get(self.color) != self.input_shape[0] or self.input_dtype != "uint8":
+            raise ModelError(
+                f"model record has color {self.color!r} with {self.input_shape[0]} channel(s) of {self.input_dtype}; "
+                "cnnkit models take uint8 L (1 channel) or RGB (3 channels)"
+            )
+        if self.resize != RESIZE_BILINEAR:
+            raise ModelError(f"model record has an unknown resize rule {self.resize!r} (this cnnkit knows bilinear)")
         if self.output not in (OUTPUT_LOGITS, OUTPUT_SIGMOID):
             raise ModelError(f"model record has an unknown output kind {self.output!r}")
         if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):

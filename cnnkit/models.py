@@ -1,6 +1,7 @@
 """The architectures cnnkit trains.
 
-Every model takes the shared input contract (`cnnkit.meta`): a uint8 tensor (N, 1, H, W). The scaling
+Every model takes the shared input contract (`cnnkit.meta`): a uint8 tensor (N, C, H, W), C = 1
+(grayscale) or 3 (RGB). The scaling
 to [0, 1] is the model's first step (`ToFloat`), so the exported graph carries its own preprocessing.
 """
 
@@ -60,8 +61,9 @@ class FlattenLinear(nn.Linear):
         return F.linear(x.flatten(1), self.weight, self.bias)
 
 
-def lecture(num_classes: int, height: int, width: int) -> tuple[nn.Sequential, str]:
-    """The lecture's network: Conv2d(1,16,(5,5)) -> ReLU -> MaxPool2d((2,2)) -> Flatten -> Linear.
+def lecture(num_classes: int, height: int, width: int, in_channels: int = 1) -> tuple[nn.Sequential, str]:
+    """The lecture's network: Conv2d(1,16,(5,5)) -> ReLU -> MaxPool2d((2,2)) -> Flatten -> Linear
+    (Conv2d(3, 16, ...) for RGB input).
 
     Two classes: Linear(2304, 1) + Sigmoid, trained with BCELoss (exactly the lecture's).
     K > 2 classes: Linear(2304, K) giving logits, trained with cross-entropy.
@@ -77,7 +79,7 @@ def lecture(num_classes: int, height: int, width: int) -> tuple[nn.Sequential, s
         output = OUTPUT_SIGMOID
     else:
         head, output = [FlattenLinear((16, hp, wp), num_classes)], OUTPUT_LOGITS
-    net = nn.Sequential(nn.Conv2d(1, 16, (5, 5)), nn.MaxPool2d((2, 2)), nn.ReLU(), *head)
+    net = nn.Sequential(nn.Conv2d(in_channels, 16, (5, 5)), nn.MaxPool2d((2, 2)), nn.ReLU(), *head)
     return net, output
 
 
@@ -89,7 +91,7 @@ def _block(cin: int, cout: int, pool: bool = True) -> list[nn.Module]:
 
 
 def small(
-    num_classes: int, height: int, width: int, widths: tuple[int, int, int] = (16, 48, 96)
+    num_classes: int, height: int, width: int, in_channels: int = 1, widths: tuple[int, int, int] = (16, 48, 96)
 ) -> tuple[nn.Sequential, str]:
     """cnnkit's default: two blocks of 3x3 conv -> 2x2 max-pool -> BatchNorm -> ReLU, a third 3x3 conv
     -> BatchNorm -> ReLU at 7 x 7, then a linear head on the flattened map.
@@ -104,7 +106,7 @@ def small(
         raise ModelError(f"arch 'small' needs images of at least 4 x 4, got {height} x {width}")
     c1, c2, c3 = widths
     net = nn.Sequential(
-        *_block(1, c1),  # 28 -> 14
+        *_block(in_channels, c1),  # 28 -> 14
         *_block(c1, c2),  # 14 -> 7
         *_block(c2, c3, pool=False),  # stays 7 x 7
         FlattenLinear((c3, h, w), num_classes),
@@ -112,13 +114,13 @@ def small(
     return net, OUTPUT_LOGITS
 
 
-def wide(num_classes: int, height: int, width: int) -> tuple[nn.Sequential, str]:
+def wide(num_classes: int, height: int, width: int, in_channels: int = 1) -> tuple[nn.Sequential, str]:
     """`small` with twice the channels in the first two stages and 4/3 in the third (32-64-128):
     155,626 parameters for 10 classes, about twice the compute. A candidate for longer training."""
-    return small(num_classes, height, width, widths=(32, 64, 128))
+    return small(num_classes, height, width, in_channels, widths=(32, 64, 128))
 
 
-ARCHS: dict[str, Callable[[int, int, int], tuple[nn.Sequential, str]]] = {
+ARCHS: dict[str, Callable[[int, int, int, int], tuple[nn.Sequential, str]]] = {
     "small": small,
     "wide": wide,
     "lecture": lecture,
@@ -154,8 +156,8 @@ RECIPES = {
 }
 
 
-def build_model(arch: str, num_classes: int, height: int, width: int) -> tuple[Classifier, str]:
-    """Build an architecture by name.
+def build_model(arch: str, num_classes: int, height: int, width: int, in_channels: int = 1) -> tuple[Classifier, str]:
+    """Build an architecture by name, for (in_channels, height, width) uint8 input.
 
     Returns:
         (model, output kind: `logits` or `sigmoid`).
@@ -164,7 +166,7 @@ def build_model(arch: str, num_classes: int, height: int, width: int) -> tuple[C
         raise ModelError(f"unknown arch {arch!r}; choose one of: {', '.join(ARCHS)}")
     if num_classes < 2:
         raise ModelError(f"a classifier needs at least two classes, got {num_classes}")
-    net, output = ARCHS[arch](num_classes, height, width)
+    net, output = ARCHS[arch](num_classes, height, width, in_channels)
     return Classifier(net), output
 
 

@@ -78,7 +78,8 @@ def _eager_model(onnx_path: str, checkpoint: str | None):
         model, _, _ = model_from_checkpoint(checkpoint)
         return model, "checkpoint"
     meta = read_meta(onnx_path)
-    model, _ = build_model(meta.arch, meta.num_classes, *meta.input_shape[1:])
+    c, h, w = meta.input_shape
+    model, _ = build_model(meta.arch, meta.num_classes, h, w, c)
     return model.eval(), "random init"
 
 

@@ -60,6 +60,7 @@ def test_train_json_has_the_contract_keys(run_in):
     assert out["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")  # the default is auto
 
 
+@pytest.mark.slow
 def test_export_and_infer_with_defaults_agree(run_in, tiny_tree, monkeypatch):
     cwd, trained = run_in
     monkeypatch.chdir(cwd)
@@ -86,7 +87,7 @@ def test_export_and_infer_with_defaults_agree(run_in, tiny_tree, monkeypatch):
     rows = list(csv.DictReader(open(res["output"], newline="")))
     files = list_pngs(testing).files
     assert [r["path"] for r in rows] == files
-    x = np.stack([read_image(os.path.join(testing, f), (28, 28))[0] for f in files])[:, None]
+    x = np.stack([read_image(os.path.join(testing, f), (1, 28, 28))[0] for f in files])
     with torch.no_grad():
         ts_pred = module(torch.from_numpy(x)).argmax(1).numpy()
     assert [r["predicted"] for r in rows] == [meta.classes[i] for i in ts_pred]

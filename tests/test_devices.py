@@ -105,7 +105,7 @@ def test_a_resumed_optimizer_lives_with_its_parameters(tmp_path, tiny_tree):
     state = load_checkpoint(os.path.join(run.run_dir, CHECKPOINT_NAME))
     cfg = TrainConfig(arch="small", lr=1e-3)
     meta = torch.device("meta")
-    net, opt, _ = build_for_training(cfg, 3, 28, 28, meta, state)
+    net, opt, _ = build_for_training(cfg, 3, (1, 28, 28), meta, state)
     params = list(net.parameters())
     assert params and all(p.device.type == "meta" for p in params)
     moments = 0

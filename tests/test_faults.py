@@ -337,8 +337,6 @@ def _tree(root, split: str, images: np.ndarray, labels: list[int], names: list[s
         "empty",
         "empty_classes",
         "one_class",
-        "mixed_sizes",
-        "mixed_modes",
         "testing_classes_differ",
         "no_valid_image",
     ],
@@ -354,12 +352,6 @@ def test_train_on_bad_data_is_one_line_and_leaves_no_run(tmp_path, monkeypatch, 
         (data / "training" / "b").mkdir(parents=True)
     elif case == "one_class":
         _tree(data, "training", z, [0, 0, 0, 0], ["a"])
-    elif case == "mixed_sizes":
-        _tree(data, "training", z, [0, 0, 1, 1], ["a", "b"])
-        (data / "training" / "b" / "big.png").write_bytes(encode_png(np.zeros((32, 32), np.uint8)))
-    elif case == "mixed_modes":
-        _tree(data, "training", z, [0, 0, 1, 1], ["a", "b"])
-        (data / "training" / "b" / "rgb.png").write_bytes(pillow_png(np.zeros((28, 28, 3), np.uint8)))
     elif case == "testing_classes_differ":
         _tree(data, "training", z, [0, 0, 1, 1], ["a", "b"])
         _tree(data, "testing", z, [0, 0, 1, 1], ["a", "c"])

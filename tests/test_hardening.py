@@ -158,6 +158,7 @@ def test_model_paths_say_what_is_there_without_opening_it(odd_paths, kind):
             load(path)
 
 
+@pytest.mark.slow
 def test_infer_and_export_cli_on_a_fifo_exit_2_at_once(odd_paths, tmp_path):
     import subprocess
     import sys

@@ -17,10 +17,24 @@ from hypothesis import strategies as st
 from pngfiles import DEPTHS, chunk, chunks, encode, expected_gray, fix_crcs, pillow_png, random_png
 
 from cnnkit import images
-from cnnkit.images import MAX_PIXELS, ImageError, decode_image, read_image
+from cnnkit.images import MAX_PIXELS, ImageError
 from cnnkit.listing import describe_ignored, list_pngs
 
 SIZE = (28, 28)
+
+
+def decode_image(data: bytes, size: tuple[int, int]) -> tuple[np.ndarray, bool]:
+    """`images.decode_image` for a grayscale model of `size`: (uint8 (H, W), converted)."""
+    img, converted = images.decode_image(data, (1, *size))
+    assert img.shape == (1, *size)
+    return img[0], converted
+
+
+def read_image(path: str, size: tuple[int, int]) -> tuple[np.ndarray, bool]:
+    img, converted = images.read_image(path, (1, *size))
+    return img[0], converted
+
+
 FORMS = [(color, depth) for color, depths in DEPTHS.items() for depth in depths]
 
 
@@ -203,7 +217,7 @@ pages = int(open("/proc/self/statm").read().split()[0])
 resource.setrlimit(resource.RLIMIT_AS, (pages * 4096 + (1 << 30), resource.RLIM_INFINITY))
 for name in sorted(os.listdir({str(tmp_path)!r})):
     try:
-        read_image(os.path.join({str(tmp_path)!r}, name), (28, 28))
+        read_image(os.path.join({str(tmp_path)!r}, name), (1, 28, 28))
         print("DECODED", name)
     except ImageError as e:
         print("refused:", e)

@@ -103,8 +103,8 @@ def _reference(model: str, root: str, rels: list[str]) -> dict[str, tuple[str, f
     sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     out = {}
     for rel in rels:
-        img, _ = read_image(os.path.join(root, rel), meta.input_shape[1:])
-        logits = sess.run(None, {"images": img[None, None]})[0]
+        img, _ = read_image(os.path.join(root, rel), meta.input_shape)
+        logits = sess.run(None, {"images": img[None]})[0]
         idx, prob = predict(logits, meta.output)
         out[rel] = (meta.classes[int(idx[0])], float(prob[0]))
     return out

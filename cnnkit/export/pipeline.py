@@ -623,10 +623,10 @@ def sample_images(root: str, meta: ModelMeta, n_images: int) -> np.ndarray:
         uint8 (n, C, H, W).
     """
     _, h, w = meta.input_shape
-    sample = sample_folder(root, (h, w), meta.classes, n_images)
+    sample = sample_folder(root, meta.input_shape, meta.classes, n_images)
     if sample.n_failed or sample.n_converted:
         log(
             f"export: parity images: {sample.n_failed} unreadable skipped, "
-            f"{sample.n_converted} converted to {h}x{w} grayscale"
+            f"{sample.n_converted} converted to {h}x{w} {'grayscale' if meta.color == 'L' else meta.color}"
         )
     return sample.images

@@ -104,7 +104,7 @@ class InferResult:
         classes: the model's class names.
         n_images: images predicted (rows in the CSV).
         n_failed: files that could not be read or decoded (not in the CSV).
-        n_converted: images converted to 8-bit grayscale of the model's size.
+        n_converted: images converted to the model's color mode or size (`cnnkit.images.convert_pixels`).
         seconds: wall time of the whole call, listing included.
         accuracy: fraction predicted right, when every file sits under a class-named folder; else None.
         confusion: counts [true][predicted] in class order, when `accuracy` is set and the model has at
@@ -296,7 +296,7 @@ def _plan(job: _Job, workers: int | None, threads: int | None, min_files_for_wor
     picker = ShardFilter(walk, job.shard) if job.shard is not None else None
     selected = iter(picker if picker is not None else walk)
     workers = default_workers() if workers is None else max(0, workers)
-    image_bytes = job.meta.input_shape[1] * job.meta.input_shape[2]
+    image_bytes = int(np.prod(job.meta.input_shape))
     largest = _task_files(1 << 40, workers, job.batch_size, image_bytes)
     ahead = 1 + max(LOOKAHEAD_FILES, min_files_for_workers, TASKS_PER_WORKER * max(1, workers) * largest)
     head = list(itertools.islice(selected, ahead))
@@ -334,7 +334,7 @@ def _stream(job: _Job, plan: _Plan, device: str, progress: bool) -> tuple[Sessio
     """Decode the files, run the model and write the CSV and failure list, a decoded batch at a time."""
     in_flight: deque[list[str]] = deque()  # the files of the chunks being decoded, in order
     chunks = _chunked(plan.files, plan.task, in_flight)
-    batches = decode_batches(job.folder, (), job.meta.input_shape[1:], plan.task, workers=plan.workers, chunks=chunks)
+    batches = decode_batches(job.folder, (), job.meta.input_shape, plan.task, workers=plan.workers, chunks=chunks)
     counts = _Counts(Confusion(len(job.classes)))
     with contextlib.closing(batches):
         # Fork the decoders (first batch) before onnxruntime starts its threads.

@@ -1,4 +1,8 @@
-"""Loading a PNG tree into memory as uint8 arrays, with the same decoder `cnnkit infer` uses."""
+"""Loading an image tree into memory as uint8 arrays, with the same decoder `cnnkit infer` uses.
+
+The input shape a run trains on (`input_shape`): the color mode and size asked for, or, for `auto`,
+what the training images are, read from the headers of up to `PROBED` files spread over the split.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +14,13 @@ import numpy as np
 from cnnkit.batches import decode_batches
 from cnnkit.console import Progress, log, printable
 from cnnkit.errors import DataError
-from cnnkit.images import ImageError, png_size
+from cnnkit.images import ImageError, probe, read_head
 from cnnkit.listing import class_of, describe_ignored, list_pngs
 
 SKIPPED_PRINTED = 5  # files named in the warning; all are counted
 SKIPPED_KEPT = 1000  # files listed in metrics.json and `cnnkit train --json`
+PROBED = 64  # training files whose headers decide `--color auto` and the default size
+DEFAULT_SIZE = (28, 28)  # when the training images differ in size and no --size is given: MNIST's
 
 
 @dataclass
@@ -23,7 +29,7 @@ class LoadedSplit:
 
     Attributes:
         folder: where it came from.
-        images: uint8 (N, 1, H, W).
+        images: uint8 (N, C, H, W).
         labels: int64 (N,), indices into `classes`.
         classes: class names (folder names), in label order.
         paths: file paths relative to `folder`, in the same order as `images`.
@@ -41,6 +47,7 @@ class LoadedSplit:
     paths: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     ignored: dict[str, int] = field(default_factory=dict)
+    n_converted: int = 0  # images converted to the run's color mode or size (`cnnkit.images.convert_pixels`)
 
 
 def class_names(folder: str) -> list[str]:
@@ -54,16 +61,16 @@ def class_names(folder: str) -> list[str]:
 
 
 def _decode_all(
-    folder: str, files: list[str], size: tuple[int, int], workers: int | None, desc: str, progress: bool
+    folder: str, files: list[str], shape: tuple[int, int, int], workers: int | None, desc: str, progress: bool
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]], int]:
-    """Decode `files` into one (N, 1, H, W) array: (images, which decoded, failures, how many converted)."""
-    images = np.empty((len(files), 1, *size), dtype=np.uint8)
+    """Decode `files` into one (N, C, H, W) array: (images, which decoded, failures, how many converted)."""
+    images = np.empty((len(files), *shape), dtype=np.uint8)
     keep = np.zeros(len(files), dtype=bool)
     failures: list[tuple[int, str]] = []
     converted = 0
     with Progress(len(files), desc, unit="img", enabled=progress) as bar:
-        for batch in decode_batches(folder, files, size, batch_size=1024, workers=workers):
-            images[batch.positions, 0] = batch.images
+        for batch in decode_batches(folder, files, shape, batch_size=1024, workers=workers):
+            images[batch.positions] = batch.images
             keep[batch.positions] = True
             failures.extend(batch.failures)
             converted += batch.converted
@@ -74,6 +81,8 @@ def _decode_all(
 def load_split(
     folder: str,
     classes: tuple[str, ...],
+    shape: tuple[int, int, int] | None = None,
+    color: str = "auto",
     size: tuple[int, int] | None = None,
     workers: int | None = None,
     desc: str = "loading",
@@ -85,12 +94,14 @@ def load_split(
     Args:
         folder: a folder of class subfolders.
         classes: the class names to load, in label order (subfolders not listed are ignored).
-        size: (H, W) all images must have; None takes the first image's size.
+        shape: (C, H, W) the images are decoded to (converted and resized as `cnnkit infer` does);
+            None: `input_shape(folder, files, color, size)`.
+        color, size: `--color` and `--size` (used when `shape` is None).
         workers: decoder processes (None: one per core).
         shard: (k, n): load only every n-th file starting at the k-th (a distributed rank's share).
 
     Raises:
-        DataError: a class folder is missing or empty, or images are not uniform 8-bit grayscale.
+        DataError: a class folder is missing or empty, or no image is readable.
     """
     listing = list_pngs(folder)
     wanted = {c: i for i, c in enumerate(classes)}
@@ -105,23 +116,23 @@ def load_split(
     if (counts == 0).any():
         empty = [c for c, n in zip(classes, counts, strict=True) if n == 0]
         raise DataError(f"{folder}: no PNG images for class(es) {', '.join(empty)}")
-    if size is None:
-        size = _first_size(folder, files)  # before sharding, so every rank agrees
+    if shape is None:
+        shape = input_shape(folder, files, color, size)  # before sharding, so every rank agrees
     files = files[shard[0] :: shard[1]]
-    images, keep, failures, converted = _decode_all(folder, files, size, workers, desc, progress)
-    if converted:
-        raise DataError(
-            f"{folder}: {converted} image(s) are not 8-bit grayscale {size[0]}x{size[1]} like the first one; "
-            "training needs images of one size and mode"
-        )
+    images, keep, failures, converted = _decode_all(folder, files, shape, workers, desc, progress)
     skipped = sorted(unusable[shard[0] :: shard[1]] + [(files[pos], reason) for pos, reason in failures])
     _warn_skipped(folder, skipped)
+    if converted and shard[0] == 0:
+        mode = "grayscale" if shape[0] == 1 else "RGB"
+        log(
+            f"note: {folder}: {converted:,} image(s) converted to {mode} {shape[1]}x{shape[2]} (the rule: docs/data.md)"
+        )
     ignored = {kind: n for kind, n in listing.ignored.items() if n}
     if ignored and shard[0] == 0:  # the same on every rank: said once
         log(f"note: {folder}: ignored {describe_ignored(ignored)}")
     labels = np.array([wanted[class_of(f)] for f in files], dtype=np.int64)
     paths = [f for f, k in zip(files, keep, strict=True) if k]
-    return LoadedSplit(folder, images[keep], labels[keep], tuple(classes), paths, skipped, ignored)
+    return LoadedSplit(folder, images[keep], labels[keep], tuple(classes), paths, skipped, ignored, converted)
 
 
 def _warn_skipped(folder: str, skipped: list[tuple[str, str]]) -> None:
@@ -135,15 +146,41 @@ def _warn_skipped(folder: str, skipped: list[tuple[str, str]]) -> None:
         log(f"  ... and {len(skipped) - SKIPPED_PRINTED:,} more (the run's metrics.json lists up to {SKIPPED_KEPT:,})")
 
 
-def _first_size(folder: str, files: list[str]) -> tuple[int, int]:
-    """The (H, W) of the first readable image: what the whole split must match."""
-    for rel in files[:100]:
+def input_shape(
+    folder: str, files: list[str], color: str = "auto", size: tuple[int, int] | None = None
+) -> tuple[int, int, int]:
+    """The (C, H, W) a run trains on, from `--color` and `--size`, reading headers where they say auto.
+
+    color: `gray` (C = 1), `rgb` (C = 3), or `auto`: RGB when any probed image is in color (RGB,
+    RGBA, palette; a JPEG with three components), else grayscale. size: (H, W), or None: the probed
+    images' common size, else `DEFAULT_SIZE` with a note (pass --size for photos).
+    """
+    if color not in ("auto", "gray", "rgb"):
+        raise DataError(f"unknown --color {color!r}; choose one of: auto, gray, rgb")
+    heads = _probe(folder, files) if color == "auto" or size is None else []
+    if color == "auto":
+        color = "rgb" if any(c == 3 for _, _, c in heads) else "gray"
+    if size is None:
+        sizes = sorted({(h, w) for h, w, _ in heads})
+        size = sizes[0] if len(sizes) == 1 else DEFAULT_SIZE
+        if len(sizes) > 1:
+            seen = ", ".join(f"{h}x{w}" for h, w in sizes[:3])
+            log(f"note: {folder}: images differ in size ({seen}, ...): all resized to {size[0]}x{size[1]}; see --size")
+    return (3 if color == "rgb" else 1, *size)
+
+
+def _probe(folder: str, files: list[str]) -> list[tuple[int, int, int]]:
+    """(H, W, channels) of up to `PROBED` readable images spread evenly over `files`."""
+    picks = np.unique(np.linspace(0, len(files) - 1, num=min(PROBED, len(files))).round().astype(np.int64))
+    heads = []
+    for i in picks.tolist():
         try:
-            with open(os.path.join(folder, rel), "rb") as f:
-                return png_size(f.read(64))
-        except (ImageError, OSError):
+            heads.append(probe(read_head(os.path.join(folder, files[i]))))
+        except ImageError:
             continue
-    raise DataError(f"{folder}: none of the first images is a readable PNG")
+    if not heads:
+        raise DataError(f"{folder}: none of {len(picks)} probed images is readable")
+    return heads
 
 
 def split_validation(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -44,7 +44,8 @@ class TrainConfig:
     selects the checkpoint; 0 trains on all of it and keeps the last epoch. `testing/` never takes
     part in training or selection: it is evaluated once, at the end, on the selected weights.
     `augment="flip"` mirrors a random half of each batch left-right (right for clothes, wrong for
-    digits: off by default).
+    digits: off by default). `color` (`auto`, `gray`, `rgb`) and `size` ((H, W), None: auto) set the
+    input the model takes (`cnnkit.trainer.data.input_shape`); testing is decoded to the same.
     """
 
     data: str | None = None
@@ -61,6 +62,8 @@ class TrainConfig:
     seed: int = 0
     workers: int | None = None
     runs_dir: str = RUNS_DIR
+    color: str = "auto"
+    size: tuple[int, int] | None = None
 
     def resolved(self) -> TrainConfig:
         """This config with the arch's recipe filled in where a value was left as None."""
@@ -72,6 +75,11 @@ class TrainConfig:
             raise DataError(f"--val-split must be at least 0 and below 1, got {self.val_split}")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise DataError(f"--lr must be a positive number, got {self.lr}")
+        if self.color not in ("auto", "gray", "rgb"):
+            raise DataError(f"unknown --color {self.color!r}; choose one of: auto, gray, rgb")
+        size = tuple(self.size) if self.size is not None else None  # a list, from a checkpoint's JSON-like config
+        if size is not None and (len(size) != 2 or not all(1 <= v <= meta_mod.MAX_SIDE for v in size)):
+            raise DataError(f"--size must be HxW with sides from 1 to {meta_mod.MAX_SIDE}, got {self.size}")
         r = RECIPES[self.arch]
         return replace(
             self,
@@ -79,6 +87,7 @@ class TrainConfig:
             batch_size=self.batch_size if self.batch_size is not None else r.batch_size,
             lr=self.lr if self.lr is not None else r.lr,
             augment=self.augment if self.augment is not None else r.augment,
+            size=size,
         )
 
 
@@ -131,6 +140,8 @@ class TrainResult:
     n_skipped: int = 0  # files of the splits that could not be used (all processes)
     skipped: list[dict[str, str]] = field(default_factory=list)  # {split, path, reason}, this process's first
     ignored: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> kind -> count (non-PNG, hidden, ...)
+    input_shape: list[int] = field(default_factory=list)  # (C, H, W) the model takes
+    color: str = "L"  # its input mode: L (C = 1) or RGB (C = 3)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -218,7 +229,7 @@ def _load_data(cfg: TrainConfig, d: Dist) -> tuple[LoadedSplit, LoadedSplit | No
             "supports; pick some with --classes"
         )
     kw = {"workers": cfg.workers, "shard": (d.rank, d.world), "progress": d.main}
-    train = load_split(train_dir, classes, desc="loading training", **kw)
+    train = load_split(train_dir, classes, color=cfg.color, size=cfg.size, desc="loading training", **kw)
     test = None
     if test_dir is not None:
         test_classes = class_names(test_dir)
@@ -226,8 +237,7 @@ def _load_data(cfg: TrainConfig, d: Dist) -> tuple[LoadedSplit, LoadedSplit | No
             raise DataError(
                 f"{test_dir}: classes {', '.join(test_classes)} differ from training's {', '.join(classes)}"
             )
-        size = (train.images.shape[2], train.images.shape[3])
-        test = load_split(test_dir, classes, size=size, desc="loading testing", **kw)
+        test = load_split(test_dir, classes, shape=train.images.shape[1:], desc="loading testing", **kw)
     n_loaded = len(train.labels) + (len(test.labels) if test is not None else 0)
     skipped = [
         {"split": name, "path": path, "reason": reason}
@@ -482,16 +492,17 @@ def _build_model(
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer, ModelMeta]:
     """(model, optimizer, the model's record), both restored from `state` when resuming."""
     classes = train_split.classes
-    _, _, h, w = train_split.images.shape
+    _, c, h, w = train_split.images.shape
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     if state is not None and (state["meta"]["classes"] != list(classes) or state["meta"]["arch"] != cfg.arch):
         raise ModelError(f"{resume}: the data's classes or the arch no longer match the checkpoint")
-    net, opt, output = build_for_training(cfg, len(classes), h, w, device, state)
+    net, opt, output = build_for_training(cfg, len(classes), (c, h, w), device, state)
     meta = ModelMeta(
         arch=cfg.arch,
         classes=classes,
-        input_shape=(1, h, w),
+        input_shape=(c, h, w),
         output=output,
+        color="RGB" if c == 3 else "L",
         versions={"cnnkit": __version__, "torch": str(torch.__version__)},
         extra={"data": data_info},
     )
@@ -674,6 +685,8 @@ def _finish(run: _Run, so_far: _SoFar) -> TrainResult:
         world_size=d.world,
         rank=d.rank,
         **run.skipped_info,
+        input_shape=list(run.meta.input_shape),
+        color=run.meta.color,
     )
 
 
@@ -725,7 +738,11 @@ def _final_evaluation(net, sigmoid, d, device, x_train, y_train, x_val, y_val, t
 
 
 def build_for_training(
-    cfg: TrainConfig, num_classes: int, h: int, w: int, device: torch.device, state: dict[str, Any] | None = None
+    cfg: TrainConfig,
+    num_classes: int,
+    shape: tuple[int, int, int],
+    device: torch.device,
+    state: dict[str, Any] | None = None,
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer, str]:
     """(model, optimizer, output kind), the model on `device` in channels_last, and for a resume both
     restored from the checkpoint `state`.
@@ -735,7 +752,8 @@ def build_for_training(
     Moving a module after its optimizer was built leaves that state behind: on a GPU the first step
     after a resume would mix devices.
     """
-    net, output = build_model(cfg.arch, num_classes, h, w)
+    c, h, w = shape
+    net, output = build_model(cfg.arch, num_classes, h, w, c)
     if state is not None:
         net.load_state_dict(state["model"])
     # NHWC lets oneDNN (CPU) and cuDNN (GPU) pick faster convolution kernels.
