@@ -637,30 +637,7 @@ def _finish(run: _Run, so_far: _SoFar) -> TrainResult:
         run.net, run.sigmoid, d, run.device, run.x_train, run.y_train, run.x_val, run.y_val, run.test_split
     )
     n_test = int(d.all_sum(len(run.test_split.labels) if run.test_split is not None else 0)[0])
-    plots: list[str] = []
-    if d.main:
-        from cnnkit.trainer.plots import write_plots
-
-        scores = {name: out for name, (out, _) in report.items()}
-        labels = {name: lab for name, (_, lab) in report.items()}
-        plots = write_plots(
-            run.run_dir, so_far.history, scores, labels, run.meta.classes, run.sigmoid, selected_epoch=so_far.best_epoch
-        )
-        write_json(
-            os.path.join(run.run_dir, "metrics.json"),
-            {
-                "config": _plain_config(cfg),
-                "history": so_far.history,
-                "selection": selection,
-                "best_epoch": so_far.best_epoch,
-                "val_accuracy": selection["val_accuracy"],
-                "test_accuracy": test_accuracy,
-                "test_loss": test_loss,
-                "test_images": n_test,
-                "world_size": d.world,
-                **run.skipped_info,
-            },
-        )
+    plots = _write_reports(run, so_far, report, selection, test_loss, test_accuracy, n_test) if d.main else []
     d.barrier()  # rank 0's files exist before anyone returns
     total_images = sum(r["images_per_second"] * r["seconds"] for r in so_far.history)
     return TrainResult(
@@ -688,6 +665,39 @@ def _finish(run: _Run, so_far: _SoFar) -> TrainResult:
         input_shape=list(run.meta.input_shape),
         color=run.meta.color,
     )
+
+
+def _write_reports(
+    run: _Run,
+    so_far: _SoFar,
+    report: dict[str, Any],
+    selection: dict[str, Any],
+    test_loss: float | None,
+    test_accuracy: float | None,
+    n_test: int,
+) -> list[str]:
+    """Rank 0's files of a finished run: the plots and metrics.json; returns the plots' paths."""
+    from cnnkit.trainer.plots import write_plots
+
+    scores = {name: out for name, (out, _) in report.items()}
+    labels = {name: lab for name, (_, lab) in report.items()}
+    plots = write_plots(
+        run.run_dir, so_far.history, scores, labels, run.meta.classes, run.sigmoid, selected_epoch=so_far.best_epoch
+    )
+    metrics = {
+        "config": _plain_config(run.cfg),
+        "history": so_far.history,
+        "selection": selection,
+        "best_epoch": so_far.best_epoch,
+        "val_accuracy": selection["val_accuracy"],
+        "test_accuracy": test_accuracy,
+        "test_loss": test_loss,
+        "test_images": n_test,
+        "world_size": run.d.world,
+        **run.skipped_info,
+    }
+    write_json(os.path.join(run.run_dir, "metrics.json"), metrics)
+    return plots
 
 
 def _selection(cfg: TrainConfig, history: list[dict[str, Any]], best_epoch: int, n_val: int, d: Dist) -> dict:
