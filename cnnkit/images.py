@@ -36,12 +36,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from cnnkit.errors import DataError
+from cnnkit.errors import ImageError
+from cnnkit.formats import MAX_PIXELS
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# 16.7M pixels (4096 x 4096): far above any input of a small CNN. The largest decoded buffer is then
-# 50 MB (8-bit RGB) per decoder process; a bomb's header is refused before any of it is allocated.
-MAX_PIXELS = 1 << 24
 MAX_FILE_BYTES = 256 << 20
 _IHDR_HEAD = b"\x00\x00\x00\x0dIHDR"  # length 13, type IHDR: always bytes 8..16 of a PNG
 _IEND_CHUNK = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the whole IEND chunk, CRC included
@@ -63,10 +61,6 @@ _MAGIC = (
     (b"%PDF", "PDF"),
     (b"PK\x03\x04", "zip"),
 )
-
-
-class ImageError(DataError):
-    """One image that cannot be used; the message is the one-line reason."""
 
 
 def _not_png(data: bytes) -> ImageError:
