@@ -290,7 +290,9 @@ def test_walk_lists_counts_or_reports_every_odd_entry(tmp_path):
     }
     assert listing.ignored == {"other_files": 2, "hidden": 2, "symlinked_folders": 2}
     assert listing.png_folders == ["folder.png"]
-    assert describe_ignored(listing.ignored) == ("2 non-PNG files, 2 hidden entries, 2 symlinked folders (not entered)")
+    assert describe_ignored(listing.ignored) == (
+        "2 non-image files, 2 hidden entries, 2 symlinked folders (not entered)"
+    )
     img, _ = read_image(os.path.join(str(root), bad), SIZE)  # the surrogate-escaped name opens
     assert img.shape == SIZE
 
