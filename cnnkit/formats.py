@@ -230,8 +230,9 @@ def _simplejpeg():
 def _decode_jpeg(data: bytes) -> tuple[np.ndarray, int]:
     """(pixels, orientation): libjpeg-turbo through simplejpeg for 8-bit gray and YCbCr/RGB files, else Pillow.
 
-    simplejpeg runs strict: a libjpeg warning (premature end, corrupt data) is an error, never a
-    zero-filled or smeared image. Any refusal but truncation goes to Pillow, whose own checks apply.
+    simplejpeg runs strict: a libjpeg warning (premature end, corrupt data) is a refusal, never a
+    zero-filled or smeared image. Its other refusals (a layout libjpeg-turbo's TurboJPEG API does not
+    take, e.g. an unusual subsampling) go to Pillow.
     """
     height, width, components, precision, orient = _jpeg_header(data)
     _check_size(height, width)
@@ -240,9 +241,11 @@ def _decode_jpeg(data: bytes) -> tuple[np.ndarray, int]:
         return _decode_pillow("jpeg", data, orient)
     try:
         arr = simplejpeg.decode_jpeg(data, "GRAY" if components == 1 else "RGB", strict=True)
-    except ValueError as e:
+    except ValueError as e:  # libjpeg's warnings (strict) are damage; anything else, a file it does not support
         if "Premature end" in str(e):
             raise ImageError("truncated JPEG") from None
+        if str(e).startswith("Corrupt JPEG data: "):
+            raise ImageError(f"corrupt JPEG: {str(e)[19:]}") from None
         return _decode_pillow("jpeg", data, orient)
     return (arr[:, :, 0] if components == 1 else arr), orient
 
@@ -291,9 +294,12 @@ def _open_pillow(kind: str, data: bytes) -> Image.Image:
 
 
 def _pillow_header(kind: str, data: bytes) -> tuple[int, int, int, int]:
-    """(height, width, channels, orientation) through Pillow's lazy open."""
+    """(height, width, channels, orientation) through Pillow's lazy open: the size as stored."""
     with _pillow(kind, data), _open_pillow(kind, data) as im:
-        return im.size[1], im.size[0], 1 if im.mode in _GRAY_MODES else 3, _pillow_orientation(im)
+        width, height = im.size
+        if kind == "tiff":  # newer Pillow reports (and loads) a TIFF already oriented: take the stored size
+            width, height = im.tag_v2.get(256, width), im.tag_v2.get(257, height)
+        return height, width, 1 if im.mode in _GRAY_MODES else 3, _pillow_orientation(im)
 
 
 def _pillow_orientation(im: Image.Image) -> int:
@@ -305,10 +311,9 @@ def _decode_pillow(kind: str, data: bytes, orient: int | None = None) -> tuple[n
     """(pixels, orientation) through Pillow; `orient` when the caller has read it already (JPEG)."""
     with _pillow(kind, data), _open_pillow(kind, data) as im:
         _check_size(im.size[1], im.size[0])  # before load: nothing allocated yet
-        if orient is None:
-            orient = _pillow_orientation(im)
         im.load()  # the first frame or page only
-        return _pixels(im, _NAMES[kind]), orient
+        # Read after load: Pillow's libtiff path applies a TIFF's orientation itself and drops the tag.
+        return _pixels(im, _NAMES[kind]), _pillow_orientation(im) if orient is None else orient
 
 
 def _pixels(im: Image.Image, name: str) -> np.ndarray:
