@@ -17,6 +17,10 @@ class DataError(CnnkitError):
     """A data folder, archive or image that cannot be used as asked."""
 
 
+class ImageError(DataError):
+    """One image that cannot be used; the message is the one-line reason."""
+
+
 # `cnnkit infer`: the run finished but some input files could not be used (they are listed), or
 # `--strict` stopped it at the first such file.
 EXIT_FILES_FAILED = 4

@@ -19,11 +19,14 @@ Each such image is counted as "converted". PNG specifics (libspng does the per-p
     the palette looked up, 16-bit samples reduced to their high byte (v >> 8), an alpha channel or a
     tRNS transparency entry dropped (the color values are kept as they are);
   - interlaced (Adam7) images decode like any other.
+Other formats (JPEG, WebP, BMP, TIFF, GIF), told by their bytes, not their names, are decoded by
+`cnnkit.formats.decode_other` (EXIF orientation applied, CMYK and 16-bit converted) and then go
+through the same `convert_pixels`.
 
 Integrity policy ("never a silent wrong answer"): pyspng runs libspng with every checksum turned
 off, so a flipped bit in a stored IDAT block decodes to wrong pixels without a word. `decode_image`
 therefore walks the chunks itself first and refuses, with a one-line reason (`ImageError`): an empty
-file, a wrong signature ("not a PNG"), a chunk that runs past the end of the file or a missing IEND
+file, a chunk that runs past the end of the file or a missing IEND
 ("truncated"), any chunk whose CRC does not match ("bad CRC", critical and ancillary chunks alike),
 an IDAT stream that ends before the last row (libspng: "IDAT stream too short"; never zero-filled),
 and a header that declares more than `MAX_PIXELS` pixels ("too large", before anything is
@@ -39,12 +42,11 @@ from collections.abc import Callable
 
 import numpy as np
 
-from cnnkit.errors import DataError
+from cnnkit.errors import ImageError
+from cnnkit.formats import MAX_PIXELS, decode_other
+from cnnkit.formats import probe as probe_other
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# 16.7M pixels (4096 x 4096): far above any input of a small CNN. The largest decoded buffer is then
-# 50 MB (8-bit RGB) per decoder process; a bomb's header is refused before any of it is allocated.
-MAX_PIXELS = 1 << 24
 MAX_FILE_BYTES = 256 << 20
 _IHDR_HEAD = b"\x00\x00\x00\x0dIHDR"  # length 13, type IHDR: always bytes 8..16 of a PNG
 _IEND_CHUNK = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the whole IEND chunk, CRC included
@@ -55,32 +57,14 @@ _IHDR = struct.Struct(">IIBBBBB")
 _GRAY, _RGB, _GRAY_ALPHA = 0, 2, 4
 _COLOR_TYPES = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
 _HEADERS: dict[bytes, tuple[int, int, int, int]] = {}  # see `_ihdr`
-# What a non-PNG file usually is, for the failure reason.
-_MAGIC = (
-    (b"\xff\xd8\xff", "JPEG"),
-    (b"GIF8", "GIF"),
-    (b"BM", "BMP"),
-    (b"RIFF", "RIFF/WebP"),
-    (b"II*\x00", "TIFF"),
-    (b"MM\x00*", "TIFF"),
-    (b"%PDF", "PDF"),
-    (b"PK\x03\x04", "zip"),
-)
-
-
-class ImageError(DataError):
-    """One image that cannot be used; the message is the one-line reason."""
 
 
 def _not_png(data: bytes) -> ImageError:
+    """The reason for bytes that start like a PNG signature but stop inside it (other bytes are not
+    sent here: `decode_image` hands them to `cnnkit.formats`)."""
     if len(data) == 0:
         return ImageError("empty file")
-    if PNG_SIGNATURE.startswith(data[:8]):
-        return ImageError(f"truncated PNG ({len(data)} bytes, ends inside the signature)")
-    kind = next((name for magic, name in _MAGIC if data.startswith(magic)), None)
-    if kind is None and data[:64].isascii():
-        kind = "text"
-    return ImageError(f"not a PNG (bad signature{', looks like ' + kind if kind else ''})")
+    return ImageError(f"truncated PNG ({len(data)} bytes, ends inside the signature)")
 
 
 def _chunk_name(kind: bytes) -> str:
@@ -115,20 +99,14 @@ def _ihdr(data: bytes) -> tuple[int, int, int, int]:
     return height, width, depth, color
 
 
-def png_size(data: bytes) -> tuple[int, int]:
-    """(height, width) from the IHDR chunk, validated before any pixel is decoded.
-
-    `data` may be the file's first 33 bytes only.
-    """
-    return _ihdr(data)[:2]
-
-
 def probe(data: bytes) -> tuple[int, int, int]:
     """(height, width, channels: 1 for grayscale, 3 for color) from the header, no pixel decoded.
 
     `data` may be the file's first bytes only (33 for a PNG). Gray with or without alpha is 1
-    channel; RGB, RGBA and palette images are 3.
+    channel; RGB, RGBA and palette images are 3. Other formats: `cnnkit.formats.probe`.
     """
+    if data[:8] != PNG_SIGNATURE and not PNG_SIGNATURE.startswith(data[:8]):
+        return probe_other(data)
     height, width, _, color = _ihdr(data)
     return height, width, 1 if color in (_GRAY, _GRAY_ALPHA) else 3
 
@@ -262,6 +240,8 @@ def decode_image(data: bytes, shape: tuple[int, int, int]) -> tuple[np.ndarray, 
     Raises:
         ImageError: the bytes are not a usable image (the message is the reason).
     """
+    if data[:8] != PNG_SIGNATURE and not PNG_SIGNATURE.startswith(data[:8]):  # JPEG, WebP, ... by content
+        return convert_pixels(decode_other(data), shape)
     _, _, depth, color = _ihdr(data)
     _check_chunks(data)
     gray = color == _GRAY and depth <= 8

@@ -337,7 +337,7 @@ def test_find_splits_layouts(tmp_path):
         (["loose.png"], "the data folder has no class subfolders"),
         (["training/x.png"], "training/ has no class subfolders"),
         (["testing/a/1.png"], "has testing/ but no training/"),
-        (["a/readme.txt", "b/"], "no .png files"),
+        (["a/readme.txt", "b/"], "no image files"),
         (["training/a/1.png", "testing/a/1.png", "testing/zebra/2.png"], r"\['zebra'\] are not in training/"),
         (["training/a/1.png", "testing/"], "testing/ has no class subfolders"),
     ],

@@ -110,7 +110,7 @@ def build_corpus(root: str) -> tuple[dict[str, tuple[str, object]], dict[str, in
     flipped = bytearray(gray)
     flipped[60] ^= 0x01  # inside the IDAT's data: libspng alone would decode a wrong image
     put("bee/bad_crc.png", bytes(flipped), failed("bad CRC in IDAT chunk"))
-    put("bee/text.png", b"not an image\n", failed("not a PNG (bad signature, looks like text)"))
+    put("bee/text.png", b"not an image\n", failed("not an image (bad signature, looks like text)"))
     jpeg = io.BytesIO()
     from PIL import Image
 
@@ -136,7 +136,7 @@ def build_corpus(root: str) -> tuple[dict[str, tuple[str, object]], dict[str, in
     expect["bee/loop.png"] = failed("symlink loop")
     os.mkfifo(os.path.join(root, "bee", "fifo.png"))
     expect["bee/fifo.png"] = failed("not a regular file (a FIFO)")
-    # Ignored, and counted: hidden entries, non-PNG files, symlinked folders.
+    # Ignored, and counted: hidden entries, non-image files, symlinked folders.
     for rel in ("ant/.hidden.png", ".thumbs/x.png", "notes.txt", "ant/readme.md"):
         os.makedirs(os.path.dirname(os.path.join(root, rel)) or root, exist_ok=True)
         with open(os.path.join(root, rel), "wb") as f:
@@ -198,7 +198,7 @@ def test_every_png_named_entry_ends_up_in_exactly_one_place(model, corpus, tmp_p
     assert res.failures_output == failures_path(out)
     text = infer_mod.format_summary(res)
     assert f"{res.n_failed} failed" in text and f"{res.n_converted} converted" in text
-    assert "3 non-PNG files, 2 hidden entries, 2 symlinked folders (not entered)" in text
+    assert "3 non-image files, 2 hidden entries, 2 symlinked folders (not entered)" in text
     assert "folder.png" in text and failures_path(out) in text
     assert no_temp_files(str(tmp_path))
 
@@ -267,7 +267,7 @@ def test_folder_without_pngs_says_what_it_found(model, tmp_path):
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'd'}: no PNG files found (searched recursively for *.png; 1 unusable: "
-        "dangling.png: dangling symlink, 1 non-PNG file, 1 hidden entry)"
+        "dangling.png: dangling symlink, 1 non-image file, 1 hidden entry)"
     ]
 
 

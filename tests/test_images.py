@@ -168,9 +168,10 @@ def test_bytes_after_iend_are_ignored_and_chunks_may_split():
     "data, reason",
     [
         (b"", "empty file"),
-        (b"hello, this is text\n", "not a PNG (bad signature, looks like text)"),
-        (b"\xff\xd8\xff\xe0\x00\x10JFIF", "looks like JPEG"),
-        (b"GIF89a\x01\x00", "looks like GIF"),
+        (b"hello, this is text\n", "not an image (bad signature, looks like text)"),
+        (b"\xff\xd8\xff\xe0\x00\x10JFIF", "truncated JPEG"),  # told by its bytes, decoded as JPEG
+        (b"GIF89a\x01\x00", "corrupt GIF"),
+        (b"%PDF-1.4", "not an image (bad signature, looks like PDF)"),
         (b"\x89PNG\r\n", "truncated PNG"),
         (b"\x89PNG\r\n\x1a\n", "truncated PNG (no IHDR chunk)"),
         (encode(np.zeros((2, 2), int), 8, 0)[:40], "truncated PNG"),
@@ -304,7 +305,9 @@ def test_walk_lists_counts_or_reports_every_odd_entry(tmp_path):
     }
     assert listing.ignored == {"other_files": 2, "hidden": 2, "symlinked_folders": 2}
     assert listing.png_folders == ["folder.png"]
-    assert describe_ignored(listing.ignored) == ("2 non-PNG files, 2 hidden entries, 2 symlinked folders (not entered)")
+    assert describe_ignored(listing.ignored) == (
+        "2 non-image files, 2 hidden entries, 2 symlinked folders (not entered)"
+    )
     img, _ = read_image(os.path.join(str(root), bad), SIZE)  # the surrogate-escaped name opens
     assert img.shape == SIZE
 

@@ -21,6 +21,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "cnnkit.files",
             "cnnkit.meta",
             "cnnkit.listing",
+            "cnnkit.formats",
             "cnnkit.images",
             "cnnkit.batches",
             "cnnkit.csvcells",

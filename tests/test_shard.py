@@ -460,7 +460,7 @@ def test_formula_like_names_are_escaped_in_every_csv_and_merge_recovers_them(tmp
     paths = {r[0]: unescape(r[0]) for r in rows}
     assert paths["'=SUM(A1)/0.png"] == "=SUM(A1)/0.png" and paths["''quoted/0.png"] == "'quoted/0.png"
     assert list(paths.values()) == [f for f in list_pngs(root).files if f != "=bad.png"]  # exact, in order
-    assert _csv_rows(full + ".failures.csv")[1] == ["'=bad.png", "not a PNG (bad signature, looks like text)"]
+    assert _csv_rows(full + ".failures.csv")[1] == ["'=bad.png", "not an image (bad signature, looks like text)"]
     # Merging shards reads the cells back to the exact names: in order, checked against the folder.
     shards = []
     for k in range(2):
@@ -471,7 +471,7 @@ def test_formula_like_names_are_escaped_in_every_csv_and_merge_recovers_them(tmp
     for a, b in ((full, merged.output), (full + ".failures.csv", merged.failures_output)):
         with open(a, "rb") as fa, open(b, "rb") as fb:
             assert fa.read() == fb.read()
-    assert merged.failures == [("=bad.png", "not a PNG (bad signature, looks like text)")]
+    assert merged.failures == [("=bad.png", "not an image (bad signature, looks like text)")]
     # On the terminal (confusion tables, `error:` lines), the class names' control characters are escaped.
     res = infer(labeled, model, device="cpu", output=str(tmp_path / "l.csv"), progress=False, shard="0/1")
     assert res.confusion is not None

@@ -300,7 +300,7 @@ def test_unusable_training_files_are_reported_not_dropped(tmp_path, tiny_tree, c
     (root / "training" / "2" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     os.symlink("gone.png", root / "testing" / "1" / "=gone\x1b.png")
     os.mkfifo(root / "training" / "elsewhere.png")  # in no class folder: not the split's, not listed
-    (root / "training" / "0" / "notes.txt").write_text("a non-PNG file: counted as ignored")
+    (root / "training" / "0" / "notes.txt").write_text("a non-image file: counted as ignored")
     result = train(_cfg(tmp_path, os.fspath(root)))
     expected = [
         {"split": "training", "path": "0/dangling.png", "reason": "dangling symlink"},
@@ -314,6 +314,6 @@ def test_unusable_training_files_are_reported_not_dropped(tmp_path, tiny_tree, c
     assert metrics["ignored"] == result.ignored == {"training": {"other_files": 1}}
     err = capsys.readouterr().err
     assert f"warning: skipped 3 file(s) under {root / 'training'} that could not be used" in err
-    assert f"note: {root / 'training'}: ignored 1 non-PNG file" in err
+    assert f"note: {root / 'training'}: ignored 1 non-image file" in err
     assert "  1/fifo.png: not a regular file (a FIFO)" in err and "  1/=gone\\x1b.png: dangling symlink" in err
     assert "skipped 4 file(s) that could not be used" in loop.format_summary(result)

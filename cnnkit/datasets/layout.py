@@ -28,7 +28,7 @@ import numpy as np
 from cnnkit.console import Progress
 from cnnkit.errors import DataError
 from cnnkit.images import PNG_SIGNATURE
-from cnnkit.listing import is_png_name
+from cnnkit.listing import is_image_name
 
 SAMPLE_DIR = "data/mnist-sample"
 MNIST_DIR = "data/mnist_png"
@@ -114,7 +114,7 @@ def make_temp_dir(parent: str, name: str) -> str:
 
 
 def _check_folder_name(name: str, what: str) -> None:
-    # A hidden name would be skipped by `list_pngs`, so such a class would silently vanish.
+    # A hidden name would be skipped by `list_images`, so such a class would silently vanish.
     if not name or name in (".", "..") or name.startswith(".") or any(c in name for c in "/\\\0"):
         raise DataError(f"{what} {name!r} cannot be a folder name; use letters, digits, '_' or '-'")
 
@@ -279,12 +279,12 @@ class Splits:
 
 
 def _class_dirs(folder: str) -> list[str]:
-    # Same rules as `list_pngs`: hidden entries and symlinked folders are not class folders.
+    # Same rules as `list_images`: hidden entries and symlinked folders are not class folders.
     with os.scandir(folder) as it:
         return sorted(e.name for e in it if not e.name.startswith(".") and e.is_dir(follow_symlinks=False))
 
 
-def _has_png(folder: str) -> bool:
+def _has_image(folder: str) -> bool:
     stack = [folder]
     while stack:
         with os.scandir(stack.pop()) as it:
@@ -293,7 +293,7 @@ def _has_png(folder: str) -> bool:
                     continue
                 if e.is_dir(follow_symlinks=False):
                     stack.append(e.path)
-                elif is_png_name(e.name):
+                elif is_image_name(e.name):
                     return True
     return False
 
@@ -302,8 +302,8 @@ def _check_split(folder: str, what: str) -> list[str]:
     classes = _class_dirs(folder)
     if not classes:
         raise DataError(f"{folder}: {what} has no class subfolders; {_LAYOUT}")
-    if not any(_has_png(os.path.join(folder, c)) for c in classes):
-        raise DataError(f"{folder}: no .png files in its class subfolders {classes[:5]}; {_LAYOUT}")
+    if not any(_has_image(os.path.join(folder, c)) for c in classes):
+        raise DataError(f"{folder}: no image files in its class subfolders {classes[:5]}; {_LAYOUT}")
     return classes
 
 
@@ -318,7 +318,7 @@ def find_splits(data: str) -> Splits:
         The split folders (paths that start with `data`).
 
     Raises:
-        DataError: the folder is missing, has no class subfolders or no PNGs, has `testing/`
+        DataError: the folder is missing, has no class subfolders or no images, has `testing/`
             without `training/`, or its test split has classes that training lacks.
     """
     if not os.path.exists(data):

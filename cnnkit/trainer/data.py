@@ -37,7 +37,7 @@ class LoadedSplit:
             used: named like a PNG but a dangling symlink, symlink loop, FIFO, device or unreadable
             (never opened), or a PNG that did not decode; sorted. With `shard`, this rank's share.
         ignored: entries of `folder` left out on purpose, by kind (`cnnkit.listing.Listing.ignored`:
-            non-PNG files, hidden entries, symlinked folders), nonzero counts only.
+            non-image files, hidden entries, symlinked folders), nonzero counts only.
     """
 
     folder: str

@@ -139,7 +139,7 @@ class TrainResult:
     rank: int = 0  # under torchrun, which process this is (only rank 0 reports)
     n_skipped: int = 0  # files of the splits that could not be used (all processes)
     skipped: list[dict[str, str]] = field(default_factory=list)  # {split, path, reason}, this process's first
-    ignored: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> kind -> count (non-PNG, hidden, ...)
+    ignored: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> kind -> count (non-image, hidden, ...)
     input_shape: list[int] = field(default_factory=list)  # (C, H, W) the model takes
     color: str = "L"  # its input mode: L (C = 1) or RGB (C = 3)
 
