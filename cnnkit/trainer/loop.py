@@ -630,7 +630,7 @@ def _finish(run: _Run, so_far: _SoFar) -> TrainResult:
         run.net, run.sigmoid, d, run.device, run.x_train, run.y_train, run.x_val, run.y_val, run.test_split
     )
     n_test = int(d.all_sum(len(run.test_split.labels) if run.test_split is not None else 0)[0])
-    mistakes_info = _mistakes(run, report)
+    reported = {**run.skipped_info, **_mistakes(run, report)}  # in metrics.json and the result
     plots: list[str] = []
     if d.main:
         from cnnkit.trainer.plots import write_plots
@@ -652,8 +652,7 @@ def _finish(run: _Run, so_far: _SoFar) -> TrainResult:
                 "test_loss": test_loss,
                 "test_images": n_test,
                 "world_size": d.world,
-                **run.skipped_info,
-                **mistakes_info,
+                **reported,
             },
         )
     d.barrier()  # rank 0's files exist before anyone returns
@@ -679,8 +678,7 @@ def _finish(run: _Run, so_far: _SoFar) -> TrainResult:
         test_images=n_test,
         world_size=d.world,
         rank=d.rank,
-        **run.skipped_info,
-        **mistakes_info,
+        **reported,
     )
 
 
