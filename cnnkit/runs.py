@@ -5,6 +5,7 @@ runs/<name>/best.pt           the epoch selected on validation (what export read
 runs/<name>/model.onnx        `cnnkit export --format onnx` (model.int8.onnx, model.fp16.onnx: INT8, FP16)
 runs/<name>/model.ts          `cnnkit export --format torchscript`
 runs/<name>/model.pt2         `cnnkit export --format pt2`
+runs/<name>/mistakes.png      `cnnkit train`: the most confident wrong predictions on testing/ (or validation)
 runs/<name>/predictions.csv   `cnnkit infer` without --output
 runs/latest -> <name>         symlink to the newest run
 """
@@ -35,6 +36,7 @@ ARTIFACT_NAMES = {
     "pt2": PT2_NAME,
 }
 PREDICTIONS_NAME = "predictions.csv"
+MISTAKES_NAME = "mistakes.png"  # train's grid of its most confident wrong predictions (`cnnkit.mistakes`)
 REPORT_SUFFIX = ".parity.json"  # `cnnkit export`'s report beside each artifact (stays on this machine)
 
 

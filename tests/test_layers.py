@@ -30,6 +30,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "cnnkit.devices",
             "cnnkit.provenance",
             "cnnkit.runs",
+            "cnnkit.mistakes",
         ),
     ),
     (

@@ -39,8 +39,16 @@ from cnnkit.errors import DataError, FileFailedError
 from cnnkit.files import atomic_path, check_not_an_input, check_writable, remove_stale_temps
 from cnnkit.listing import Listing, describe_ignored, is_listed, iter_pngs
 from cnnkit.meta import ModelMeta, predict
+from cnnkit.mistakes import Mistakes
 from cnnkit.runs import ONNX_NAME, PREDICTIONS_NAME, latest_file
-from cnnkit.runtime.outputs import CSV_COLUMNS, FAILURE_COLUMNS, FAILURES_KEPT, failures_path, summary_path
+from cnnkit.runtime.outputs import (
+    CSV_COLUMNS,
+    FAILURE_COLUMNS,
+    FAILURES_KEPT,
+    failures_path,
+    mistakes_path,
+    summary_path,
+)
 from cnnkit.runtime.session import Session, create_session, external_data_files, read_meta
 from cnnkit.runtime.shard import Shard, ShardFilter, parse_shard, write_shard_summary
 
@@ -117,6 +125,9 @@ class InferResult:
         failures_output: `<output>.failures.csv`, every failed file and its reason; None when none failed.
         ignored: entries of the folder left out on purpose, by kind (`cnnkit.listing.Listing.ignored`).
         png_folders: folders named like a PNG (searched like any folder; the first `FAILURES_KEPT`).
+        mistakes: when `accuracy` is set, the most confident wrong predictions, highest score first
+            ({"path", "true", "predicted", "score"}, `cnnkit.mistakes`); else empty.
+        mistakes_png: `<output>.mistakes.png`, those images drawn as a grid; None when there are none.
     """
 
     model: str
@@ -141,6 +152,8 @@ class InferResult:
     failures_output: str | None = None
     ignored: dict[str, int] = field(default_factory=dict)
     png_folders: list[str] = field(default_factory=list)
+    mistakes: list[dict[str, Any]] = field(default_factory=list)
+    mistakes_png: str | None = None
 
     @property
     def images_per_second(self) -> float:
@@ -170,6 +183,8 @@ class InferResult:
             "failures_output": self.failures_output,
             "ignored": dict(self.ignored),
             "png_folders": list(self.png_folders),
+            "mistakes": list(self.mistakes),
+            "mistakes_png": self.mistakes_png,
         }
 
 
@@ -241,6 +256,7 @@ class _Job:
     shard: Shard | None
     batch_size: int
     strict: bool
+    grid: str | None  # where the mistakes grid goes; None where it would be read as one of the images
 
 
 def _job(
@@ -259,6 +275,7 @@ def _job(
         name = PREDICTIONS_NAME if shard is None else shard.default_output
         output = os.path.join(os.path.dirname(os.path.abspath(model)), name)
     _check_outputs(folder, model, [output, failures_path(output), *([summary_path(output)] if shard else [])])
+    grid = _grid_path(folder, model, output)
     return _Job(
         folder=folder,
         model=model,
@@ -268,7 +285,18 @@ def _job(
         shard=shard,
         batch_size=batch_size,
         strict=strict,
+        grid=grid,
     )
+
+
+def _grid_path(folder: str, model: str, output: str) -> str | None:
+    """`<output>.mistakes.png`, checked like the other outputs; None when it would lie among the images
+    (a CSV may go there, but a PNG would be read as an image by the next run): no grid then."""
+    grid = mistakes_path(output)
+    if is_listed(folder, grid, existing=False):
+        return None
+    _check_outputs(folder, model, [grid])
+    return grid
 
 
 @dataclass(frozen=True)
@@ -328,6 +356,7 @@ class _Counts:
     n_failed: int = 0
     n_converted: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)  # the first FAILURES_KEPT
+    mistakes: Mistakes = field(default_factory=Mistakes)  # fed while `labeled`
 
 
 def _stream(job: _Job, plan: _Plan, device: str, progress: bool) -> tuple[Session, _Counts, _FailureLog]:
@@ -406,6 +435,7 @@ def _predict_batch(
     rows.write(files, positions, pred, prob, true)
     if counts.labeled:
         counts.confusion.add(true, pred)
+        counts.mistakes.add(images, true, pred, prob, files, positions)
     counts.n_images += len(positions)
 
 
@@ -447,6 +477,8 @@ def _result(
     if failures:
         _print_failures(failures, n_failed, failure_log.path)
     labeled, confusion, n_images = counts.labeled, counts.confusion, counts.n_images
+    mistakes = counts.mistakes if labeled else Mistakes()
+    grid = mistakes.write_grid(job.grid, job.classes) if job.grid is not None else None
     result = InferResult(
         model=job.model,
         provider=session.provider,
@@ -469,6 +501,8 @@ def _result(
         failures_output=failure_log.path if failure_log.n else None,
         ignored=dict(plan.listing.ignored),
         png_folders=plan.listing.png_folders[:FAILURES_KEPT],
+        mistakes=mistakes.to_json(job.classes),
+        mistakes_png=grid,
     )
     if job.shard is not None:
         result.summary = write_shard_summary(result, job.folder, job.shard, n_listed)
@@ -562,6 +596,8 @@ def format_summary(result: InferResult) -> str:
     ]
     if result.failures_output is not None:
         lines.append(f"failures  {result.failures_output}")
+    if result.mistakes_png is not None:
+        lines.append(f"mistakes  {result.mistakes_png} (the {len(result.mistakes)} most confident wrong predictions)")
     if describe_ignored(result.ignored):
         lines.append(f"ignored   {describe_ignored(result.ignored)}")
     if result.png_folders:

@@ -29,8 +29,9 @@ from cnnkit.console import Progress, log, table
 from cnnkit.errors import DataError, ModelError
 from cnnkit.files import check_outside, check_writable, write_json
 from cnnkit.meta import OUTPUT_SIGMOID, ModelMeta
+from cnnkit.mistakes import Mistakes
 from cnnkit.models import DEFAULT_ARCH, RECIPES, build_model, count_parameters
-from cnnkit.runs import BEST_NAME, CHECKPOINT_NAME, RUNS_DIR, latest_note, mark_latest, new_run_dir
+from cnnkit.runs import BEST_NAME, CHECKPOINT_NAME, MISTAKES_NAME, RUNS_DIR, latest_note, mark_latest, new_run_dir
 from cnnkit.trainer.data import SKIPPED_KEPT, LoadedSplit, class_names, load_split, split_validation
 from cnnkit.trainer.distributed import Dist, amp_for, setup, teardown
 
@@ -142,6 +143,9 @@ class TrainResult:
     ignored: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> kind -> count (non-image, hidden, ...)
     input_shape: list[int] = field(default_factory=list)  # (C, H, W) the model takes
     color: str = "L"  # its input mode: L (C = 1) or RGB (C = 3)
+    mistakes: list[dict[str, Any]] = field(default_factory=list)  # most confident wrong first (`_mistakes`)
+    mistakes_split: str | None = None  # where they were found: "testing", else "validation", else None
+    mistakes_png: str | None = None  # <run>/mistakes.png, None when there were none
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -637,7 +641,10 @@ def _finish(run: _Run, so_far: _SoFar) -> TrainResult:
         run.net, run.sigmoid, d, run.device, run.x_train, run.y_train, run.x_val, run.y_val, run.test_split
     )
     n_test = int(d.all_sum(len(run.test_split.labels) if run.test_split is not None else 0)[0])
-    plots = _write_reports(run, so_far, report, selection, test_loss, test_accuracy, n_test) if d.main else []
+    reported = {**run.skipped_info, **_mistakes(run, report)}  # in metrics.json and the result
+    plots = (
+        _write_reports(run, so_far, report, selection, (test_loss, test_accuracy, n_test), reported) if d.main else []
+    )
     d.barrier()  # rank 0's files exist before anyone returns
     total_images = sum(r["images_per_second"] * r["seconds"] for r in so_far.history)
     return TrainResult(
@@ -661,7 +668,7 @@ def _finish(run: _Run, so_far: _SoFar) -> TrainResult:
         test_images=n_test,
         world_size=d.world,
         rank=d.rank,
-        **run.skipped_info,
+        **reported,
         input_shape=list(run.meta.input_shape),
         color=run.meta.color,
     )
@@ -672,13 +679,14 @@ def _write_reports(
     so_far: _SoFar,
     report: dict[str, Any],
     selection: dict[str, Any],
-    test_loss: float | None,
-    test_accuracy: float | None,
-    n_test: int,
+    test: tuple[float | None, float | None, int],
+    reported: dict[str, Any],
 ) -> list[str]:
-    """Rank 0's files of a finished run: the plots and metrics.json; returns the plots' paths."""
+    """Rank 0's files of a finished run: the plots and metrics.json (with `reported`: skipped files and
+    mistakes); returns the plots' paths. `test`: (loss, accuracy, images) on testing/."""
     from cnnkit.trainer.plots import write_plots
 
+    test_loss, test_accuracy, n_test = test
     scores = {name: out for name, (out, _) in report.items()}
     labels = {name: lab for name, (_, lab) in report.items()}
     plots = write_plots(
@@ -694,7 +702,7 @@ def _write_reports(
         "test_loss": test_loss,
         "test_images": n_test,
         "world_size": run.d.world,
-        **run.skipped_info,
+        **reported,
     }
     write_json(os.path.join(run.run_dir, "metrics.json"), metrics)
     return plots
@@ -745,6 +753,42 @@ def _final_evaluation(net, sigmoid, d, device, x_train, y_train, x_val, y_val, t
         gathered = d.gather((out, y.cpu().numpy()))
         report[name] = (torch.cat([o for o, _ in gathered]), np.concatenate([lab for _, lab in gathered]))
     return report, test
+
+
+def _mistakes(run: _Run, report: dict[str, Any]) -> dict[str, Any]:
+    """The most confident wrong predictions of the final evaluation, on testing/ (else validation), from
+    every rank; rank 0 draws them into mistakes.png. Every rank calls it (it gathers); only rank 0's
+    answer lists them."""
+    split = "testing" if run.test_split is not None else "validation" if run.x_val is not None else None
+    if split is None:  # --val-split 0 and no testing/: nothing was evaluated
+        return {"mistakes": [], "mistakes_split": None, "mistakes_png": None}
+    mine = _rank_mistakes(run, split, report[split][0])
+    kept = Mistakes(key=mine.key)
+    for part in run.d.gather(mine):
+        kept.merge(part)
+    if not run.d.main:
+        return {"mistakes": [], "mistakes_split": split, "mistakes_png": None}
+    png = kept.write_grid(os.path.join(run.run_dir, MISTAKES_NAME), run.meta.classes)
+    if png is not None:
+        log(f"mistakes: {png} (the {len(kept)} most confident wrong predictions on {split})")
+    return {"mistakes": kept.to_json(run.meta.classes), "mistakes_split": split, "mistakes_png": png}
+
+
+def _rank_mistakes(run: _Run, split: str, gathered: torch.Tensor) -> Mistakes:
+    """This rank's mistakes on `split`, its outputs taken from `gathered` (every rank's, in rank order).
+    testing/'s are named by their path under it; validation's (which keeps no paths) by their index."""
+    if split == "testing":
+        assert run.test_split is not None
+        images, labels, paths = run.test_split.images, run.test_split.labels, run.test_split.paths
+    else:
+        assert run.x_val is not None and run.y_val is not None
+        images, labels, paths = run.x_val.cpu().numpy(), run.y_val.cpu().numpy(), []
+    start = sum(run.d.gather(len(labels))[: run.d.rank])
+    pred, prob = meta_mod.predict(gathered[start : start + len(labels)].numpy(), run.meta.output)
+    mistakes = Mistakes(key="path" if len(paths) == len(labels) else "index")
+    ids = paths if len(paths) == len(labels) else range(start, start + len(labels))
+    mistakes.add(images, labels, pred, prob, ids)
+    return mistakes
 
 
 def build_for_training(
