@@ -115,7 +115,8 @@ def build_corpus(root: str) -> tuple[dict[str, tuple[str, object]], dict[str, in
     from PIL import Image
 
     Image.fromarray(rgb).save(jpeg, format="JPEG")
-    put("bee/photo.png", jpeg.getvalue(), failed("looks like JPEG"))
+    put("bee/photo.png", jpeg.getvalue(), CONVERTED)  # a color JPEG, whatever its name: decoded by its bytes
+    put("bee/cut.jpg", jpeg.getvalue()[:-300], failed("truncated JPEG"))
     put("bee/bomb.png", _bomb(100_000, 100_000), failed("too large: 100000x100000 pixels"))
     rows = b"".join(b"\x00" + bytes(28) for _ in range(10))
     put(
