@@ -17,7 +17,7 @@ import numpy as np
 
 from cnnkit.console import log
 from cnnkit.errors import DataError
-from cnnkit.images import ImageError, decode_image, read_bytes, read_image
+from cnnkit.images import ImageError, decode_image, probe, read_bytes, read_head, read_image
 from cnnkit.listing import class_of, list_pngs
 from cnnkit.meta import ModelMeta
 
@@ -283,3 +283,57 @@ def load_images(root: str, meta: ModelMeta, limit: int | None = LOAD_LIMIT, comm
     if sample.n_failed:
         log(f"{command}: {sample.n_failed} of {sample.n_files} PNGs under {root} could not be decoded; skipped")
     return sample
+
+
+# --------------------------------------------------------------------------------------------
+# The input shape a folder of images asks for (training; `cnnkit.export.export_module`)
+
+PROBED = 64  # files whose headers decide `--color auto` and the default size
+DEFAULT_SIZE = (28, 28)  # when the images differ in size and no --size is given: MNIST's
+
+
+def class_names(folder: str) -> list[str]:
+    """The class subfolders of `folder`, sorted (hidden folders ignored)."""
+    if not os.path.isdir(folder):
+        raise DataError(f"{folder}: no such folder")
+    names = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    if not names:
+        raise DataError(f"{folder}: no class subfolders; expected {folder}/<class>/*.png")
+    return names
+
+
+def input_shape(
+    folder: str, files: list[str], color: str = "auto", size: tuple[int, int] | None = None
+) -> tuple[int, int, int]:
+    """The (C, H, W) a run trains on, from `--color` and `--size`, reading headers where they say auto.
+
+    color: `gray` (C = 1), `rgb` (C = 3), or `auto`: RGB when any probed image is in color (RGB,
+    RGBA, palette; a JPEG with three components), else grayscale. size: (H, W), or None: the probed
+    images' common size, else `DEFAULT_SIZE` with a note (pass --size for photos).
+    """
+    if color not in ("auto", "gray", "rgb"):
+        raise DataError(f"unknown --color {color!r}; choose one of: auto, gray, rgb")
+    heads = _probe(folder, files) if color == "auto" or size is None else []
+    if color == "auto":
+        color = "rgb" if any(c == 3 for _, _, c in heads) else "gray"
+    if size is None:
+        sizes = sorted({(h, w) for h, w, _ in heads})
+        size = sizes[0] if len(sizes) == 1 else DEFAULT_SIZE
+        if len(sizes) > 1:
+            seen = ", ".join(f"{h}x{w}" for h, w in sizes[:3])
+            log(f"note: {folder}: images differ in size ({seen}, ...): all resized to {size[0]}x{size[1]}; see --size")
+    return (3 if color == "rgb" else 1, *size)
+
+
+def _probe(folder: str, files: list[str]) -> list[tuple[int, int, int]]:
+    """(H, W, channels) of up to `PROBED` readable images spread evenly over `files`."""
+    picks = np.unique(np.linspace(0, len(files) - 1, num=min(PROBED, len(files))).round().astype(np.int64))
+    heads = []
+    for i in picks.tolist():
+        try:
+            heads.append(probe(read_head(os.path.join(folder, files[i]))))
+        except ImageError:
+            continue
+    if not heads:
+        raise DataError(f"{folder}: none of {len(picks)} probed images is readable")
+    return heads

@@ -40,7 +40,7 @@ from cnnkit.console import log, table
 from cnnkit.devices import DeviceSpec, parse_device
 from cnnkit.errors import DataError, DeviceError, ModelError
 from cnnkit.files import path_kind
-from cnnkit.meta import ModelMeta, predict
+from cnnkit.meta import ModelMeta, is_user_arch, predict
 from cnnkit.provenance import read_proven
 from cnnkit.runs import ARTIFACT_NAMES, BEST_NAME, REPORT_SUFFIX, latest_run
 
@@ -223,10 +223,16 @@ def _onnx_cuda_works(path: str, device: str = "cuda") -> tuple[bool, str]:
 
 
 def _load(
-    artifact: str, path: str, device: str, threads: int | None = DEFAULT_THREADS, data: bytes | None = None
+    artifact: str,
+    path: str,
+    device: str,
+    threads: int | None = DEFAULT_THREADS,
+    data: bytes | None = None,
+    trust_arch: str | None = None,
 ) -> tuple[Runner, str]:
     """(runner: uint8 batch -> float32 outputs, runtime description); torch's threads are set by `bench`.
-    `data`: a TorchScript or pt2 file's checked bytes, loaded instead of `path`."""
+    `data`: a TorchScript or pt2 file's checked bytes, loaded instead of `path`; `trust_arch`: the user
+    arch the eager checkpoint may name (`cnnkit.checkpoint.model_from_checkpoint`)."""
     if artifact.startswith("onnx"):
         from cnnkit.runtime.session import create_session
 
@@ -238,7 +244,7 @@ def _load(
     if artifact == "eager":
         from cnnkit.checkpoint import model_from_checkpoint
 
-        module = model_from_checkpoint(path)[0].to(dev).eval()
+        module = model_from_checkpoint(path, trust_arch)[0].to(dev).eval()
     elif artifact == "torchscript":
         from cnnkit.export.torchscript import load_torchscript
 
@@ -358,6 +364,7 @@ def bench(
     limit: int | None = LOAD_LIMIT,
     threads: int = DEFAULT_THREADS,
     trust_model: bool = False,
+    trust_arch: str | None = None,
 ) -> BenchResult:
     """Benchmark every artifact of a run on every usable device.
 
@@ -366,6 +373,8 @@ def bench(
         run: the run folder; default `runs/latest`.
         trust_model: load `.ts` / `.pt2` files (which can run code) even when cnnkit cannot prove it
             wrote them (`cnnkit.provenance`); by default those are skipped with a note.
+        trust_arch: the eager reference of a user arch (`module.path:ClassName`) is rebuilt only when this
+            is the run's import string (importing the module runs its code); otherwise skipped with a note.
         device: `auto` (every device that works here), `cpu`, or `cuda[:N]` (an error if it does not work).
         batch_size: batch size of the throughput column.
         limit: at most this many images (spread over the folder); None for all.
@@ -389,10 +398,11 @@ def bench(
     folder, images, labels = _images(data, meta, run_dir, found, limit)
     torch_ok = _have_torch()
     found, notes, proven = _loadable(found, trust_model, torch_ok)  # proven: checked bytes of .ts / .pt2
+    _drop_untrusted_arch(found, meta.arch, trust_arch, notes)
     torch_devices, ort_devices = _devices(found, spec, gpu, torch_ok, notes)
     plan = _plan(found, torch_devices, ort_devices, gpu, notes)
     with _torch_threads(threads) if torch_ok else contextlib.nullcontext():
-        rows, reference = _run_plan(plan, found, images, labels, meta, batch_size, threads, proven)
+        rows, reference = _run_plan(plan, found, images, labels, meta, batch_size, threads, proven, trust_arch)
     if reference is None and rows:
         notes.append("no eager reference (torch missing or no best.pt in the run): diff columns empty")
     if not rows:
@@ -435,6 +445,17 @@ def _artifacts(run: str | None) -> tuple[str, dict[str, str]]:
     return run_dir, {
         kind: os.path.join(run_dir, name) for kind, name, _ in ARTIFACTS if os.path.isfile(os.path.join(run_dir, name))
     }
+
+
+def _drop_untrusted_arch(found: dict[str, str], arch: str, trust_arch: str | None, notes: list[str]) -> None:
+    """Leave out the eager checkpoint of a user arch the caller did not name (`--trust-arch`), with a note;
+    `cnnkit.checkpoint.model_from_checkpoint` refuses it anyway, this says so once instead of per row."""
+    if "eager" in found and is_user_arch(arch) and trust_arch != arch:
+        del found["eager"]
+        notes.append(
+            f"eager: the run's arch {arch!r} is a user arch; rebuilding it imports module "
+            f"{arch.partition(':')[0]!r}, which runs its code: pass --trust-arch {arch} if you trust it"
+        )
 
 
 def _loadable(
@@ -517,13 +538,14 @@ def _run_plan(
     batch_size: int,
     threads: int,
     proven: dict[str, bytes],
+    trust_arch: str | None = None,
 ) -> tuple[list[BenchRow], np.ndarray | None]:
     """Measure each (artifact, path, device) of the plan; the eager CPU run is the reference."""
     reference: np.ndarray | None = None
     ref_acc: float | None = None
     if "eager" in found and ("eager", found["eager"], "cpu") not in plan:
         # --device cuda: the reference still runs in float32 on the CPU
-        ref_run, _ = _load("eager", found["eager"], "cpu", threads)
+        ref_run, _ = _load("eager", found["eager"], "cpu", threads, trust_arch=trust_arch)
         reference = np.concatenate([ref_run(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
         ref_acc = None if labels is None else top1(reference, labels, meta.output)
     rows: list[BenchRow] = []
@@ -531,7 +553,7 @@ def _run_plan(
         row = BenchRow(artifact=kind, path=path, device=dev, runtime="", bytes=os.path.getsize(path))
         try:
             t = time.perf_counter()
-            runner, row.runtime = _load(kind, path, dev, threads, data=proven.get(kind))
+            runner, row.runtime = _load(kind, path, dev, threads, data=proven.get(kind), trust_arch=trust_arch)
             row.load_ms = round((time.perf_counter() - t) * 1e3, 2)
             outputs, cold, p50, ips = _measure(runner, images, batch_size)
         except Exception as e:  # a row that fails is reported, the others still run

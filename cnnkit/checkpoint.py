@@ -28,7 +28,7 @@ import torch
 from cnnkit.errors import ModelError
 from cnnkit.files import atomic_path, check_model_file
 from cnnkit.meta import ModelMeta
-from cnnkit.models import Classifier, build_model
+from cnnkit.models import Classifier, build_model, check_arch_trusted
 
 FORMAT = "cnnkit.checkpoint/1"
 
@@ -119,14 +119,24 @@ def _unresumable(path: str, key: str) -> ModelError:
     )
 
 
-def model_from_checkpoint(path: str) -> tuple[Classifier, ModelMeta, dict[str, Any]]:
+def model_from_checkpoint(
+    path: str, trust_arch: str | None = None, how: str = "--trust-arch"
+) -> tuple[Classifier, ModelMeta, dict[str, Any]]:
     """Rebuild the eval-mode model a checkpoint describes.
+
+    A checkpoint of a user arch (`module.path:ClassName`) is rebuilt only when `trust_arch` is that same
+    import string: importing the module runs its code, and the checkpoint may come from anyone
+    (`cnnkit.models.check_arch_trusted`; `how` names the option that allows it, for the error).
 
     Returns:
         (model on the CPU in eval mode, its metadata record, the raw checkpoint dict).
+
+    Raises:
+        ModelError: `load_checkpoint`'s errors, an untrusted user arch, weights that do not fit the arch.
     """
     ckpt = load_checkpoint(path)
     meta = ModelMeta.from_dict(ckpt["meta"])
+    check_arch_trusted(meta.arch, trust_arch, path, how)
     c, h, w = meta.input_shape
     model, _ = build_model(meta.arch, meta.num_classes, h, w, c)
     try:

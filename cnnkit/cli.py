@@ -193,7 +193,12 @@ TrainBatchSize = Annotated[
     int | None, typer.Option(min=1, max=MAX_BATCH, help="Global batch. Default: small 256, lecture 128.")
 ]
 TrainArch = Annotated[
-    str, typer.Option(help="small (default), wide (small with more channels) or lecture (the lecture's exact network).")
+    str,
+    typer.Option(
+        help="small (default), wide (small with more channels), lecture (the lecture's exact network), or your "
+        "own nn.Module as module.path:ClassName (docs/train.md). With --resume: repeat a run's own "
+        "module.path:ClassName to allow importing it."
+    ),
 ]
 TrainLr = Annotated[
     float | None,
@@ -335,6 +340,15 @@ ExportStrict = Annotated[
         help="--half: fail (exit 3, nothing written) unless the fp16 file was verified on the CUDA provider.",
     ),
 ]
+TrustArch = Annotated[
+    str | None,
+    typer.Option(
+        "--trust-arch",
+        metavar="MODULE:CLASS",
+        help="Rebuild a checkpoint of this user arch (importing its module runs its code); it must be the "
+        "checkpoint's own import string (docs/train.md).",
+    ),
+]
 ExportKeepPaths = Annotated[
     bool,
     typer.Option(
@@ -361,6 +375,7 @@ def export(
     device: ExportDevice = "auto",
     strict: ExportStrict = False,
     keep_paths: ExportKeepPaths = False,
+    trust_arch: TrustArch = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Export a checkpoint to ONNX (fp32, int8, fp16), TorchScript or pt2; keep it only if it passes its gate."""
@@ -384,6 +399,7 @@ def export(
         device=device,
         strict=strict,
         keep_paths=keep_paths,
+        trust_arch=trust_arch,
         **kwargs,
     )
     _emit(result.to_dict(), as_json)  # the library has logged each step, its warnings and gates, once
@@ -505,6 +521,7 @@ def bench(
             help=("Also load .ts / .pt2 files that cnnkit cannot prove it wrote (loading them can run code)."),
         ),
     ] = False,
+    trust_arch: TrustArch = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Benchmark every artifact of a run on every usable device: size, accuracy, parity, latency, speed."""
@@ -519,6 +536,7 @@ def bench(
         limit=limit,
         threads=threads,
         trust_model=trust_model,
+        trust_arch=trust_arch,
     )
     _emit(result.to_dict(), as_json, format_table(result))
 

@@ -298,7 +298,8 @@ def _pillow_header(kind: str, data: bytes) -> tuple[int, int, int, int]:
     with _pillow(kind, data), _open_pillow(kind, data) as im:
         width, height = im.size
         if kind == "tiff":  # newer Pillow reports (and loads) a TIFF already oriented: take the stored size
-            width, height = im.tag_v2.get(256, width), im.tag_v2.get(257, height)
+            tags = getattr(im, "tag_v2", {})  # TiffImageFile's
+            width, height = tags.get(256, width), tags.get(257, height)
         return height, width, 1 if im.mode in _GRAY_MODES else 3, _pillow_orientation(im)
 
 

@@ -43,12 +43,18 @@ MAX_RECORD_DEPTH = 32  # cnnkit's own records nest 4 deep
 _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 
 
+def is_user_arch(arch: str) -> bool:
+    """Whether a record's `arch` names a user's class (`module.path:ClassName`, `cnnkit train --arch`)
+    rather than a built-in arch: rebuilding one imports that module, which runs its code."""
+    return ":" in arch
+
+
 @dataclass(frozen=True)
 class ModelMeta:
     """What a model expects and what its output means.
 
     Attributes:
-        arch: architecture name (`cnnkit.models.ARCHS`).
+        arch: architecture name (`cnnkit.models.ARCHS`), or a user's import string `module.path:ClassName`.
         classes: class names, in output order.
         input_shape: (C, H, W) of one image.
         output: `logits` or `sigmoid`.

@@ -1,12 +1,17 @@
-"""The architectures cnnkit trains.
+"""The architectures cnnkit trains: the built-in ones (`ARCHS`) and a user's own (`module.path:ClassName`).
 
 Every model takes the shared input contract (`cnnkit.meta`): a uint8 tensor (N, C, H, W), C = 1
-(grayscale) or 3 (RGB). The scaling
-to [0, 1] is the model's first step (`ToFloat`), so the exported graph carries its own preprocessing.
+(grayscale) or 3 (RGB). The scaling to [0, 1] is the model's first step (`ToFloat`, in `Classifier`),
+so the exported graph carries its own preprocessing; a user's network sees float32 in [0, 1].
+
+A user arch is imported by name, which runs the module's code: `check_arch_trusted` is the rule for
+archs named by a file (a checkpoint) rather than by the caller (SECURITY.md).
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnkit.errors import ModelError
-from cnnkit.meta import OUTPUT_LOGITS, OUTPUT_SIGMOID
+from cnnkit.meta import OUTPUT_LOGITS, OUTPUT_SIGMOID, is_user_arch
 
 
 class ToFloat(nn.Module):
@@ -29,7 +34,7 @@ class ToFloat(nn.Module):
 class Classifier(nn.Module):
     """`ToFloat` followed by the network proper (`net`), so state_dict keys read `net.0.weight`."""
 
-    def __init__(self, net: nn.Sequential):
+    def __init__(self, net: nn.Module):
         super().__init__()
         self.prep = ToFloat()
         self.net = net
@@ -156,16 +161,147 @@ RECIPES = {
 }
 
 
+USER_RECIPE = Recipe(epochs=10, batch_size=128, lr=1e-3, schedule="constant")
+"""A user arch's defaults: the lecture's (Adam 1e-3 constant, batch 128, no augmentation), 10 epochs."""
+
+
+def recipe_for(arch: str) -> Recipe:
+    """The default training settings of `arch`: its `RECIPES` entry, or `USER_RECIPE` for a user arch.
+
+    Raises:
+        ModelError: neither a built-in arch nor a well-formed `module.path:ClassName`.
+    """
+    if is_user_arch(arch):
+        _split_arch(arch)
+        return USER_RECIPE
+    if arch not in RECIPES:
+        raise ModelError(f"unknown arch {arch!r}; choose one of: {', '.join(RECIPES)}, or module.path:ClassName")
+    return RECIPES[arch]
+
+
+def _split_arch(arch: str) -> tuple[str, str]:
+    """(module path, class name) of `module.path:ClassName`; a ModelError if it is not that shape."""
+    module, _, name = arch.partition(":")
+    if not all(p.isidentifier() for p in module.split(".")) or not all(p.isidentifier() for p in name.split(".")):
+        raise ModelError(f"arch {arch!r}: expected a built-in name or an import string module.path:ClassName")
+    return module, name
+
+
+def load_arch(arch: str) -> type[nn.Module]:
+    """Import the class a user arch names (this runs the module's code: see `check_arch_trusted`).
+
+    Raises:
+        ModelError: the module does not import, has no such attribute, or it is not an nn.Module subclass.
+    """
+    module_name, name = _split_arch(arch)
+    try:
+        obj: object = importlib.import_module(module_name)
+    except Exception as e:  # ImportError, or whatever the module's own code raises
+        raise ModelError(f"arch {arch!r}: cannot import module {module_name!r} ({_one_line(e)})") from None
+    for part in name.split("."):
+        if not hasattr(obj, part):
+            raise ModelError(f"arch {arch!r}: module {module_name!r} has no attribute {name!r}")
+        obj = getattr(obj, part)
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+        raise ModelError(f"arch {arch!r}: {name} is not an nn.Module subclass (got {type(obj).__name__})")
+    return obj
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def user_net(arch: str, num_classes: int, height: int, width: int, in_channels: int) -> nn.Module:
+    """Build a user arch: `Class(in_channels=C, num_classes=K)`, plus `height=H` and `width=W` for each
+    of the two the constructor names as a parameter (found with `inspect.signature`; `**kwargs` does
+    not count, so a constructor that forwards them elsewhere is not handed sizes it did not ask for).
+
+    Raises:
+        ModelError: `load_arch`'s errors, or the constructor refuses these arguments.
+    """
+    cls = load_arch(arch)
+    kwargs = {"in_channels": in_channels, "num_classes": num_classes}
+    try:
+        params = inspect.signature(cls).parameters.values()
+        named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    except (TypeError, ValueError):  # no signature to read (a C extension): pass the two required ones
+        named = set()
+    kwargs.update({k: v for k, v in (("height", height), ("width", width)) if k in named})
+    try:
+        return cls(**kwargs)
+    except Exception as e:
+        args = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+        raise ModelError(
+            f"arch {arch!r}: {cls.__name__}({args}) failed ({_one_line(e)}); its constructor must take the "
+            "keyword arguments in_channels and num_classes (and may take height and width)"
+        ) from None
+
+
+def checked_classifier(net: nn.Module, arch: str, num_classes: int, input_shape: tuple[int, int, int]) -> Classifier:
+    """`Classifier(net)` once a probe batch (`example_batch`) shows that `net` maps float32 (N, C, H, W)
+    in [0, 1] to logits (N, num_classes): a wrong network fails here in one line, not in the first
+    training step or inside an exporter. The probe runs in eval mode without gradients, so BatchNorm
+    statistics are untouched; the module's train/eval mode is restored after.
+
+    Raises:
+        ModelError: the forward pass fails or returns anything but a float tensor of that shape.
+    """
+    model, probe = Classifier(net), example_batch(input_shape)
+    training = model.training
+    try:
+        with torch.no_grad():
+            out = model.eval()(probe)
+    except Exception as e:
+        raise ModelError(
+            f"arch {arch!r}: the forward pass fails on a probe batch {tuple(probe.shape)} ({_one_line(e)})"
+        ) from None
+    finally:
+        model.train(training)
+    want = (len(probe), num_classes)
+    got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    if got != want or not out.is_floating_point():
+        raise ModelError(
+            f"arch {arch!r}: on a probe batch of shape {tuple(probe.shape)} (float32 in [0, 1]) it returns {got}, "
+            f"expected float logits of shape {want}"
+        )
+    return model
+
+
+def check_arch_trusted(arch: str, trusted: str | None, source: str, how: str = "--trust-arch") -> None:
+    """Refuse to rebuild a user arch named by `source` (a checkpoint) unless the caller named the same
+    import string (`trusted`): importing a module runs its code, and a file from someone else could name
+    any installed module. A built-in arch needs nothing. `how` says, in the error, how to allow it.
+
+    Raises:
+        ModelError: `arch` is a user arch and `trusted` is not the same string, or `trusted` names
+            another user arch than the one `source` records.
+    """
+    if trusted is not None and is_user_arch(trusted) and trusted != arch:
+        raise ModelError(f"{source}: records arch {arch!r}, not {trusted!r}")
+    if is_user_arch(arch) and trusted != arch:
+        raise ModelError(
+            f"{source}: names the user arch {arch!r}; rebuilding it imports module {arch.partition(':')[0]!r}, "
+            f"which runs its code: if you trust it, pass {how} {arch}"
+        )
+
+
 def build_model(arch: str, num_classes: int, height: int, width: int, in_channels: int = 1) -> tuple[Classifier, str]:
-    """Build an architecture by name, for (in_channels, height, width) uint8 input.
+    """Build an architecture by name, for (in_channels, height, width) uint8 input: a built-in arch
+    (`ARCHS`), or a user's `module.path:ClassName` (`user_net`, checked on a probe batch), whose output
+    kind is always `logits`. The name comes from the caller: an arch read from a file must pass
+    `check_arch_trusted` first.
 
     Returns:
         (model, output kind: `logits` or `sigmoid`).
     """
-    if arch not in ARCHS:
-        raise ModelError(f"unknown arch {arch!r}; choose one of: {', '.join(ARCHS)}")
+    if arch not in ARCHS and not is_user_arch(arch):
+        raise ModelError(f"unknown arch {arch!r}; choose one of: {', '.join(ARCHS)}, or module.path:ClassName")
     if num_classes < 2:
         raise ModelError(f"a classifier needs at least two classes, got {num_classes}")
+    if is_user_arch(arch):
+        net = user_net(arch, num_classes, height, width, in_channels)
+        return checked_classifier(net, arch, num_classes, (in_channels, height, width)), OUTPUT_LOGITS
     net, output = ARCHS[arch](num_classes, height, width, in_channels)
     return Classifier(net), output
 

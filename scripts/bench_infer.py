@@ -69,6 +69,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _eager_model(onnx_path: str, checkpoint: str | None):
+    from cnnkit.meta import is_user_arch
     from cnnkit.models import build_model
     from cnnkit.runtime.session import read_meta
 
@@ -78,6 +79,8 @@ def _eager_model(onnx_path: str, checkpoint: str | None):
         model, _, _ = model_from_checkpoint(checkpoint)
         return model, "checkpoint"
     meta = read_meta(onnx_path)
+    if is_user_arch(meta.arch):  # building it would import a module the file names: never done unasked
+        raise SystemExit(f"{onnx_path}: user arch {meta.arch!r}; this script rebuilds built-in archs only")
     c, h, w = meta.input_shape
     model, _ = build_model(meta.arch, meta.num_classes, h, w, c)
     return model.eval(), "random init"

@@ -1,4 +1,4 @@
-"""Export a checkpoint to ONNX (fp32, INT8, FP16), TorchScript or torch.export (pt2), behind a gate.
+"""Export a checkpoint or a trained module to ONNX (fp32, INT8, FP16), TorchScript or pt2, behind a gate.
 
 `export()` writes the artifact to a temporary file next to its destination, loads *that file* back
 (onnxruntime / torch.jit.load / torch.export.load) and compares it with the eager model on real
@@ -21,6 +21,9 @@ The gate depends on the precision (`cnnkit.export.parity.TIERS`):
 
 The eager reference always runs in float32 on the CPU, so no gate depends on a GPU's TF32 setting.
 
+`export_module(module, data=..., out=...)` exports an already-trained `nn.Module` (no checkpoint)
+through the same gates, with the classes and input shape taken from a folder of class folders.
+
 The CLI calls `export(...)` and prints `result.to_dict()` as JSON; everything for humans goes to stderr.
 """
 
@@ -31,6 +34,7 @@ from cnnkit.export.pipeline import (
     FORMATS,
     ExportResult,
     export,
+    export_module,
     sample_images,
     shipped_meta,
     shipped_path,
@@ -44,6 +48,7 @@ __all__ = [
     "ExportResult",
     "ParityReport",
     "export",
+    "export_module",
     "sample_images",
     "shipped_meta",
     "shipped_path",

@@ -1,5 +1,7 @@
-"""The export pipeline behind `cnnkit.export.export`: check the options, load the checkpoint, write
-the artifact to a temporary file, gate that file, and only then put it and its report in place.
+"""The export pipeline behind `cnnkit.export.export` and `export_module`: check the options, get the
+model and its record (from a checkpoint, or from a trained module and a folder of images), write the
+artifact to a temporary file, gate that file, and only then put it and its report in place. Both
+entry points share everything after "model and record are known" (`_export_loaded`).
 
 The package docstring (`cnnkit.export`) describes the gates; the per-format writers are
 `cnnkit.export.onnx`, `.torchscript`, `.pt2` and `.quantize`, and the gate itself is `.parity`.
@@ -18,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from cnnkit.batches import load_images, sample_folder
+from cnnkit import __version__
+from cnnkit.batches import class_names, input_shape, load_images, sample_folder
 from cnnkit.console import log
 from cnnkit.devices import DeviceSpec, parse_device
 from cnnkit.errors import CnnkitError, DataError, DeviceError, ModelError, ParityError
@@ -26,7 +29,8 @@ from cnnkit.export.onnx import DEFAULT_EXPORTER, check_options
 from cnnkit.export.parity import TIERS, ParityReport, run_parity
 from cnnkit.export.quantize import DEFAULT_CALIBRATION_SIZE, DEFAULT_EVAL_LIMIT, DEFAULT_MAX_ACCURACY_DROP
 from cnnkit.files import atomic_path, check_not_an_input, check_outside, check_writable, write_json
-from cnnkit.meta import ModelMeta
+from cnnkit.listing import class_of, list_pngs
+from cnnkit.meta import OUTPUT_LOGITS, ModelMeta
 from cnnkit.provenance import check_key, record
 from cnnkit.runs import ARTIFACT_NAMES, BEST_NAME, CHECKPOINT_NAME, REPORT_SUFFIX, latest_file
 from cnnkit.runtime.session import read_meta
@@ -126,6 +130,7 @@ def export(
     device: str = "auto",
     strict: bool = False,
     keep_paths: bool = False,
+    trust_arch: str | None = None,
 ) -> ExportResult:
     """Export a checkpoint and gate the artifact against the eager model.
 
@@ -151,12 +156,15 @@ def export(
         strict: FP16: refuse to write a file that was not verified on the CUDA provider.
         keep_paths: record the training machine's full data paths in the artifact; by default it gets
             only folder names (`shipped_meta`). The report beside it keeps full paths either way.
+        trust_arch: a checkpoint of a user arch (`module.path:ClassName`) is exported only when this is
+            the same import string: rebuilding it imports that module, which runs its code (SECURITY.md).
 
     Returns:
         The result; `result.to_dict()` is the JSON the CLI prints.
 
     Raises:
-        ModelError: missing/foreign/truncated checkpoint, weights not matching the arch, bad options.
+        ModelError: missing/foreign/truncated checkpoint, weights not matching the arch, bad options, a
+            user arch not named by `trust_arch`.
         DataError: no usable parity, calibration or labeled testing images.
         ParityError: the artifact does not answer like the eager model, INT8 loses more accuracy
             than allowed, or (strict) FP16 was not verified on CUDA; nothing was written.
@@ -170,31 +178,175 @@ def export(
         from cnnkit.export.quantize import check_options as check_int8
 
         check_int8(calibration_size, max_accuracy_drop, eval_limit)
-    checkpoint, model, meta = _load_checkpoint(checkpoint)
+    settings = _Settings(
+        fmt,
+        precision,
+        spec,
+        tol,
+        opset,
+        exporter,
+        n_images,
+        strict=strict,
+        keep_paths=keep_paths,
+        calibration=calibration,
+        calibration_size=calibration_size,
+        max_accuracy_drop=max_accuracy_drop,
+        eval_limit=eval_limit,
+    )
+    checkpoint, model, meta = _load_checkpoint(checkpoint, trust_arch)
     out = _resolve_out(out, checkpoint, fmt if precision == "fp32" else f"onnx-{precision}")
-    data_dir = _data_for(data, meta, checkpoint, out)
-    images = sample_images(data_dir, meta, n_images)
+    return _export_loaded(model, meta, checkpoint, checkpoint, out, data, settings, t0)
+
+
+def export_module(
+    module: Any,
+    *,
+    data: str,
+    out: str,
+    formats: tuple[str, ...] | list[str] = ("onnx",),
+    classes: tuple[str, ...] | list[str] | None = None,
+    color: str = "auto",
+    size: tuple[int, int] | None = None,
+    exporter: str = DEFAULT_EXPORTER,
+    opset: int | None = None,
+    max_abs_tol: float | None = None,
+    n_images: int = 512,
+    keep_paths: bool = False,
+) -> list[ExportResult]:
+    """Export an already-trained `nn.Module` without a cnnkit checkpoint, through the same gates.
+
+    `module` maps float32 (N, C, H, W) in [0, 1] to logits (N, K), like a `--arch module.path:ClassName`
+    network; cnnkit wraps a copy of it (in eval mode, float32, on the CPU; `module` itself is left alone)
+    in `cnnkit.models.Classifier`, so the artifact takes uint8 as every cnnkit model does. A
+    `Classifier` is taken as it is. The record gets `arch` = the network's import string
+    (`type(net).__module__:type(net).__qualname__`), output `logits`, and the data folder's name.
+
+    Args:
+        module: the trained network (or a `Classifier`).
+        data: a folder of class folders (`DIR/<class>/*.png`): the classes, the input shape, and the
+            parity gate's real images come from it.
+        out: the folder the artifacts go into, named `ARTIFACT_NAMES` (`model.onnx`, `model.ts`, ...).
+        formats: any of `FORMATS` (fp32; INT8 and FP16 need `export` and a checkpoint).
+        classes: class names in output order (default: `data`'s class folders, sorted).
+        color, size: the input mode and size, as `cnnkit train --color/--size`: `auto` / None probe up
+            to 64 images of `data` (`cnnkit.batches.input_shape`).
+        exporter, opset, max_abs_tol, n_images, keep_paths: as for `export`.
+
+    Returns:
+        One `ExportResult` per format, in the order given (`checkpoint` is "").
+
+    Raises:
+        ModelError: not an nn.Module, fewer than two classes, wrong output on a probe batch, bad options.
+        DataError: no such folder, no PNGs in its class folders.
+        ParityError: an artifact does not answer like the module; that one was not written.
+    """
+    checked = {fmt: _check_options(fmt, None, False, "cpu", exporter, opset, max_abs_tol) for fmt in formats}
+    if n_images < 1 or not checked:
+        raise CnnkitError(f"export_module needs n_images >= 1 and a format, got {n_images} and {list(formats)}")
+    outs = {fmt: _resolve_out(os.path.join(out, ""), "", fmt) for fmt in checked}
+    model, meta = _module_record(module, data, classes, color, size)
+    results = []
+    for fmt, (precision, spec, tol, fmt_opset) in checked.items():
+        settings = _Settings(fmt, precision, spec, tol, fmt_opset, exporter, n_images, keep_paths=keep_paths)
+        source = f"module {meta.arch}"
+        results.append(_export_loaded(model, meta, "", source, outs[fmt], data, settings, time.perf_counter()))
+    return results
+
+
+def _module_record(
+    module: Any, data: str, classes: Any, color: str, size: tuple[int, int] | None
+) -> tuple[Any, ModelMeta]:
+    """(the eval-mode `Classifier` to export, its record) for `export_module`, the input shape probed
+    from `data` as training probes it, the network checked on a probe batch (`checked_classifier`)."""
+    import copy
+
+    import torch
+
+    from cnnkit.models import Classifier, checked_classifier
+
+    if not isinstance(module, torch.nn.Module):
+        raise ModelError(f"export_module takes a torch.nn.Module, got {type(module).__name__}")
+    net = module.net if isinstance(module, Classifier) else module
+    arch = f"{type(net).__module__}:{type(net).__qualname__}"
+    names = tuple(classes) if classes else tuple(class_names(data))
+    if len(names) < 2:
+        raise ModelError(f"a classifier needs at least two classes, got {len(names)} ({', '.join(names)})")
+    files = [f for f in list_pngs(data).files if class_of(f) in set(names)]
+    if not files:
+        raise DataError(
+            f"{data}: no PNG images in the class folders {', '.join(names[:5])}; expected {data}/<class>/*.png"
+        )
+    shape = input_shape(data, files, color, size)
+    model = checked_classifier(copy.deepcopy(net).float().cpu(), arch, len(names), shape).eval()
+    meta = ModelMeta(
+        arch=arch,
+        classes=names,
+        input_shape=shape,
+        output=OUTPUT_LOGITS,
+        color="RGB" if shape[0] == 3 else "L",
+        versions={"cnnkit": __version__, "torch": str(torch.__version__)},
+        extra={"data": {"root": data}},
+    )
+    meta.validate()
+    log(f"export: module {arch}: {len(names)} classes, input {'x'.join(map(str, shape))}, logits output")
+    return model, meta
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """An export's options, checked (`_check_options`): what `_export_loaded` needs beside the model."""
+
+    fmt: str
+    precision: str
+    spec: DeviceSpec
+    tol: float
+    opset: int | None
+    exporter: str
+    n_images: int
+    strict: bool = False
+    keep_paths: bool = False
+    calibration: str | None = None  # INT8 only, from here on
+    calibration_size: int = DEFAULT_CALIBRATION_SIZE
+    max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP
+    eval_limit: int = DEFAULT_EVAL_LIMIT
+
+
+def _export_loaded(
+    model: Any, meta: ModelMeta, checkpoint: str, source: str, out: str, data: str | None, s: _Settings, t0: float
+) -> ExportResult:
+    """The path `export` and `export_module` share once the eager model and its record are known: read
+    the gate's images, write the artifact and gate it, record it in the manifest and write its report.
+
+    `checkpoint`: the file exported ("" for a module); `source`: what the messages call it.
+    """
+    data_dir = _data_for(data, meta, source, out)
+    images = sample_images(data_dir, meta, s.n_images)
     # INT8 inputs are read before any export work: a missing folder fails in a second, not a minute.
-    int8_inputs = _int8_inputs(data, calibration, calibration_size, eval_limit, meta, checkpoint) if quantize else None
+    int8_inputs = (
+        _int8_inputs(data, s.calibration, s.calibration_size, s.eval_limit, meta, source)
+        if s.precision == "int8"
+        else None
+    )
 
     from cnnkit.export.parity import torch_runner
 
-    shipped, ship = _shipping(meta, keep_paths)  # what the artifact may tell about this machine
+    shipped, ship = _shipping(meta, s.keep_paths)  # what the artifact may tell about this machine
     job = _Job(
         checkpoint=checkpoint,
-        fmt=fmt,
-        precision=precision,
+        source=source,
+        fmt=s.fmt,
+        precision=s.precision,
         model=model,
         meta=shipped,
         reference=torch_runner(model),
         images=images,
-        exporter=exporter,
-        opset=opset,
-        tol=tol,
-        spec=spec,
-        strict=strict,
+        exporter=s.exporter,
+        opset=s.opset,
+        tol=s.tol,
+        spec=s.spec,
+        strict=s.strict,
         int8_inputs=int8_inputs,
-        max_accuracy_drop=max_accuracy_drop,
+        max_accuracy_drop=s.max_accuracy_drop,
         ship=ship,
     )
     gated = _write_and_gate(job, out)
@@ -205,7 +357,8 @@ def export(
 class _Job:
     """One export, its options checked and its inputs loaded (what `_write_and_gate` needs)."""
 
-    checkpoint: str
+    checkpoint: str  # the checkpoint exported; "" for `export_module`
+    source: str  # what messages call the model: the checkpoint's path, or `module <arch>`
     fmt: str
     precision: str
     model: Any  # the eager model, float32 on the CPU
@@ -251,13 +404,14 @@ def _check_options(
     return precision, spec, tol, opset
 
 
-def _load_checkpoint(checkpoint: str | None) -> tuple[str, Any, ModelMeta]:
-    """(the checkpoint's path, its eager model, its record); `runs/latest/best.pt` by default."""
+def _load_checkpoint(checkpoint: str | None, trust_arch: str | None = None) -> tuple[str, Any, ModelMeta]:
+    """(the checkpoint's path, its eager model, its record); `runs/latest/best.pt` by default. A user
+    arch is rebuilt only when `trust_arch` names it (`cnnkit.checkpoint.model_from_checkpoint`)."""
     from cnnkit.checkpoint import model_from_checkpoint  # imports torch: not at module level
 
     if checkpoint is None:
         checkpoint = latest_file(BEST_NAME, hint="train a model first (`cnnkit train`) or pass --checkpoint PATH")
-    model, meta, _ = model_from_checkpoint(checkpoint)
+    model, meta, _ = model_from_checkpoint(checkpoint, trust_arch)
     c, h, w = meta.input_shape
     log(f"export: {checkpoint}: arch {meta.arch}, {meta.num_classes} classes, input {c}x{h}x{w}, {meta.output} output")
     return checkpoint, model, meta
@@ -289,7 +443,7 @@ def _export_fp32(job: _Job, tmp: str) -> _Gated:
     report = run_parity(job.reference, candidate, job.images, job.meta.output, job.tol)
     log(f"export: {report.summary()}")
     if not report.passed:  # atomic_path removes the temporary file
-        raise ParityError(f"{job.fmt} export of {job.checkpoint} ({how}): {report.summary()}; nothing was written")
+        raise ParityError(f"{job.fmt} export of {job.source} ({how}): {report.summary()}; nothing was written")
     return _Gated(info, report, used_exporter)
 
 
@@ -299,22 +453,22 @@ def _export_from_fp32_graph(job: _Job, tmp: str) -> _Gated:
         fp32 = os.path.join(work, "model.fp32.onnx")
         base_tol = job.tol if job.precision == "int8" else TIERS["fp32"].max_abs
         base_info, base = _fp32_base(
-            fp32, job.model, job.meta, job.exporter, job.opset, job.images, base_tol, job.checkpoint
+            fp32, job.model, job.meta, job.exporter, job.opset, job.images, base_tol, job.source
         )
         used_exporter = base_info["exporter"]
         if job.precision == "int8":
             assert job.int8_inputs is not None
             info, accuracy = _int8(
-                fp32, tmp, job.meta, job.checkpoint, *job.int8_inputs, job.max_accuracy_drop, ship=job.ship
+                fp32, tmp, job.meta, job.source, *job.int8_inputs, job.max_accuracy_drop, ship=job.ship
             )
             gated = _Gated(info, base, used_exporter, accuracy=accuracy)
         else:
             info, report, notes, verified_on = _fp16(
-                fp32, tmp, job.meta, job.checkpoint, job.reference, job.images, job.tol, job.spec
+                fp32, tmp, job.meta, job.source, job.reference, job.images, job.tol, job.spec
             )
             if job.strict and not (verified_on or "").startswith("cuda"):
                 raise ParityError(
-                    f"fp16 export of {job.checkpoint}: {NOT_ON_TARGET} and --strict is set; "
+                    f"fp16 export of {job.source}: {NOT_ON_TARGET} and --strict is set; "
                     f"nothing was written ({'; '.join(notes)})"
                 )
             gated = _Gated(info, report, used_exporter, notes=notes, verified_on=verified_on)
@@ -578,12 +732,14 @@ def _resolve_out(out: str | None, checkpoint: str, kind: str) -> str:
 
 def _check_out(out: str, checkpoint: str) -> None:
     """Refuse, before any work, an artifact path that is a checkpoint (the source, its run's other
-    one, any cnnkit checkpoint) or that cannot be written; likewise its report."""
+    one, any cnnkit checkpoint) or that cannot be written; likewise its report. `checkpoint` is ""
+    for `export_module`."""
     from cnnkit.checkpoint import is_checkpoint
 
     run = os.path.dirname(checkpoint)
     outputs = [out, out + REPORT_SUFFIX]
-    check_not_an_input(outputs, [checkpoint, os.path.join(run, BEST_NAME), os.path.join(run, CHECKPOINT_NAME)])
+    inputs = [checkpoint, os.path.join(run, BEST_NAME), os.path.join(run, CHECKPOINT_NAME)] if checkpoint else []
+    check_not_an_input(outputs, inputs)
     for path in outputs:
         if is_checkpoint(path):
             raise ModelError(f"{path}: is a cnnkit checkpoint; exporting there would destroy it (pass another --out)")

@@ -1,7 +1,7 @@
 """Loading an image tree into memory as uint8 arrays, with the same decoder `cnnkit infer` uses.
 
-The input shape a run trains on (`input_shape`): the color mode and size asked for, or, for `auto`,
-what the training images are, read from the headers of up to `PROBED` files spread over the split.
+The input shape a run trains on is `cnnkit.batches.input_shape` (shared with `cnnkit.export.export_module`,
+which probes a folder the same way), imported here under its old name.
 """
 
 from __future__ import annotations
@@ -11,16 +11,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cnnkit.batches import decode_batches
+from cnnkit.batches import class_names, decode_batches, input_shape
 from cnnkit.console import Progress, log, printable
 from cnnkit.errors import DataError
-from cnnkit.images import ImageError, probe, read_head
 from cnnkit.listing import class_of, describe_ignored, list_pngs
 
 SKIPPED_PRINTED = 5  # files named in the warning; all are counted
 SKIPPED_KEPT = 1000  # files listed in metrics.json and `cnnkit train --json`
-PROBED = 64  # training files whose headers decide `--color auto` and the default size
-DEFAULT_SIZE = (28, 28)  # when the training images differ in size and no --size is given: MNIST's
 
 
 @dataclass
@@ -48,16 +45,6 @@ class LoadedSplit:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     ignored: dict[str, int] = field(default_factory=dict)
     n_converted: int = 0  # images converted to the run's color mode or size (`cnnkit.images.convert_pixels`)
-
-
-def class_names(folder: str) -> list[str]:
-    """The class subfolders of `folder`, sorted (hidden folders ignored)."""
-    if not os.path.isdir(folder):
-        raise DataError(f"{folder}: no such folder")
-    names = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
-    if not names:
-        raise DataError(f"{folder}: no class subfolders; expected {folder}/<class>/*.png")
-    return names
 
 
 def _decode_all(
@@ -144,43 +131,6 @@ def _warn_skipped(folder: str, skipped: list[tuple[str, str]]) -> None:
         log(f"  {printable(path)}: {reason}")
     if len(skipped) > SKIPPED_PRINTED:
         log(f"  ... and {len(skipped) - SKIPPED_PRINTED:,} more (the run's metrics.json lists up to {SKIPPED_KEPT:,})")
-
-
-def input_shape(
-    folder: str, files: list[str], color: str = "auto", size: tuple[int, int] | None = None
-) -> tuple[int, int, int]:
-    """The (C, H, W) a run trains on, from `--color` and `--size`, reading headers where they say auto.
-
-    color: `gray` (C = 1), `rgb` (C = 3), or `auto`: RGB when any probed image is in color (RGB,
-    RGBA, palette; a JPEG with three components), else grayscale. size: (H, W), or None: the probed
-    images' common size, else `DEFAULT_SIZE` with a note (pass --size for photos).
-    """
-    if color not in ("auto", "gray", "rgb"):
-        raise DataError(f"unknown --color {color!r}; choose one of: auto, gray, rgb")
-    heads = _probe(folder, files) if color == "auto" or size is None else []
-    if color == "auto":
-        color = "rgb" if any(c == 3 for _, _, c in heads) else "gray"
-    if size is None:
-        sizes = sorted({(h, w) for h, w, _ in heads})
-        size = sizes[0] if len(sizes) == 1 else DEFAULT_SIZE
-        if len(sizes) > 1:
-            seen = ", ".join(f"{h}x{w}" for h, w in sizes[:3])
-            log(f"note: {folder}: images differ in size ({seen}, ...): all resized to {size[0]}x{size[1]}; see --size")
-    return (3 if color == "rgb" else 1, *size)
-
-
-def _probe(folder: str, files: list[str]) -> list[tuple[int, int, int]]:
-    """(H, W, channels) of up to `PROBED` readable images spread evenly over `files`."""
-    picks = np.unique(np.linspace(0, len(files) - 1, num=min(PROBED, len(files))).round().astype(np.int64))
-    heads = []
-    for i in picks.tolist():
-        try:
-            heads.append(probe(read_head(os.path.join(folder, files[i]))))
-        except ImageError:
-            continue
-    if not heads:
-        raise DataError(f"{folder}: none of {len(picks)} probed images is readable")
-    return heads
 
 
 def split_validation(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

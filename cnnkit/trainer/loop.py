@@ -30,7 +30,7 @@ from cnnkit.errors import DataError, ModelError
 from cnnkit.files import check_outside, check_writable, write_json
 from cnnkit.meta import OUTPUT_SIGMOID, ModelMeta
 from cnnkit.mistakes import Mistakes
-from cnnkit.models import DEFAULT_ARCH, RECIPES, build_model, count_parameters
+from cnnkit.models import DEFAULT_ARCH, build_model, check_arch_trusted, count_parameters, recipe_for
 from cnnkit.runs import BEST_NAME, CHECKPOINT_NAME, MISTAKES_NAME, RUNS_DIR, latest_note, mark_latest, new_run_dir
 from cnnkit.trainer.data import SKIPPED_KEPT, LoadedSplit, class_names, load_split, split_validation
 from cnnkit.trainer.distributed import Dist, amp_for, setup, teardown
@@ -40,7 +40,7 @@ from cnnkit.trainer.distributed import Dist, amp_for, setup, teardown
 class TrainConfig:
     """Everything a run depends on. Stored in the checkpoint; `--resume` reuses it.
 
-    `epochs`, `batch_size`, `lr` and `augment` left as None take the arch's recipe (`models.RECIPES`).
+    `epochs`, `batch_size`, `lr` and `augment` left as None take the arch's recipe (`models.recipe_for`).
     `val_split` is the stratified, seeded fraction of training held out for validation, which alone
     selects the checkpoint; 0 trains on all of it and keeps the last epoch. `testing/` never takes
     part in training or selection: it is evaluated once, at the end, on the selected weights.
@@ -68,8 +68,7 @@ class TrainConfig:
 
     def resolved(self) -> TrainConfig:
         """This config with the arch's recipe filled in where a value was left as None."""
-        if self.arch not in RECIPES:
-            raise ModelError(f"unknown arch {self.arch!r}; choose one of: {', '.join(RECIPES)}")
+        r = recipe_for(self.arch)  # a ModelError for an unknown arch
         if self.augment is not None and self.augment not in AUGMENTS:
             raise DataError(f"unknown --augment {self.augment!r}; choose one of: {', '.join(AUGMENTS)}")
         if self.val_split is None or not 0.0 <= self.val_split < 1.0:  # also refuses NaN
@@ -81,7 +80,6 @@ class TrainConfig:
         size = tuple(self.size) if self.size is not None else None  # a list, from a checkpoint's JSON-like config
         if size is not None and (len(size) != 2 or not all(1 <= v <= meta_mod.MAX_SIDE for v in size)):
             raise DataError(f"--size must be HxW with sides from 1 to {meta_mod.MAX_SIDE}, got {self.size}")
-        r = RECIPES[self.arch]
         return replace(
             self,
             epochs=self.epochs if self.epochs is not None else r.epochs,
@@ -376,6 +374,7 @@ def _resolve_config(cfg: TrainConfig, resume: str | None, d: Dist) -> tuple[Trai
         state = load_checkpoint(os.path.join(resume, CHECKPOINT_NAME))
         check_resumable(state, os.path.join(resume, CHECKPOINT_NAME))
         saved = _saved_config(state["config"], resume)
+        check_arch_trusted(str(saved.get("arch")), cfg.arch, resume, how="--arch")  # a user arch runs code
         epochs = cfg.epochs if cfg.epochs is not None else saved["epochs"]
         cfg = TrainConfig(**{**saved, "epochs": epochs, "device": cfg.device, "workers": cfg.workers})
         if len(state["rng"]["batches"]) != d.world:
@@ -419,7 +418,7 @@ def _set_up_run(
     per_rank = cfg.batch_size // d.world
     steps_per_epoch = math.ceil(n_max / per_rank)
     if recipe_epochs:
-        cfg = replace(cfg, epochs=RECIPES[cfg.arch].epochs_for(steps_per_epoch))
+        cfg = replace(cfg, epochs=recipe_for(cfg.arch).epochs_for(steps_per_epoch))
     x_train, y_train = _on_device(train_split, device)
     x_val, y_val = _on_device(val_split, device) if val_split is not None else (None, None)
     run = _Run(
@@ -539,7 +538,7 @@ def _restore_progress(
 def train_one_epoch(run: _Run, epoch: int) -> dict[str, Any]:
     """One pass over this rank's shard; the epoch's record (training numbers, no validation yet)."""
     cfg, d, device = run.cfg, run.d, run.device
-    constant_lr = RECIPES[cfg.arch].schedule == "constant"
+    constant_lr = recipe_for(cfg.arch).schedule == "constant"
     n_local = len(run.x_train)
     t0 = time.perf_counter()
     perm = torch.randperm(n_local, generator=run.gen).to(device)
