@@ -207,7 +207,7 @@ class DecodePool:
             initargs=(os.getpid(),),
         )
         with _forking_quietly():  # the first submit forks every worker (fork) or starts one (spawn)
-            self.executor.submit(os.getpid).result()
+            self.executor.submit(os.getpid)  # not waited for: the caller goes on while they start
 
     def decode(
         self, root: str, chunks: Iterable[tuple[int, Sequence[str]]], shape: tuple[int, int, int]
