@@ -7,8 +7,10 @@ Each image goes through `cnnkit.images.decode_image`, the one decoder.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import sys
+from collections import deque
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +36,8 @@ class DecodedBatch:
         images: uint8 (n, C, H, W), the files that decoded, in order.
         positions: int64 (n,), each image's position in the list.
         failures: (position, reason) for files that did not decode.
-        converted: how many images were converted by the policy above.
+        converted: how many images were converted to the model's mode or size.
+        converted_mask: bool (n,), which ones (`cnnkit.runtime.predictor` reports it per image).
     """
 
     start: int
@@ -42,27 +45,29 @@ class DecodedBatch:
     positions: np.ndarray
     failures: list[tuple[int, str]]
     converted: int
+    converted_mask: np.ndarray
 
 
 def _decode_chunk(root: str, files: Sequence[str], start: int, shape: tuple[int, int, int]) -> DecodedBatch:
     # The hot loop of `cnnkit infer` (~25 us per 28 x 28 image: ~12 us of it is libspng + zlib).
     out = np.empty((len(files), *shape), dtype=np.uint8)
     ok = np.empty(len(files), dtype=np.int64)
+    mask = np.zeros(len(files), dtype=bool)
     failures: list[tuple[int, str]] = []
-    n = converted = 0
-    prefix = os.path.join(root, "")
+    n = 0
+    prefix = os.path.join(root, "")  # "" for a root of "": the files are paths as they stand
     for i, rel in enumerate(files):
         try:
-            out[n], conv = decode_image(read_bytes(prefix + rel), shape)
+            out[n], mask[n] = decode_image(read_bytes(prefix + rel), shape)
         except ImageError as e:
             failures.append((start + i, str(e)))
             continue
         ok[n] = start + i
-        converted += conv
         n += 1
+    converted = int(mask[:n].sum())
     if n < len(files):  # copy, so that pickling the batch does not drag the unused rows along
-        return DecodedBatch(start, out[:n].copy(), ok[:n].copy(), failures, converted)
-    return DecodedBatch(start, out, ok, failures, converted)
+        return DecodedBatch(start, out[:n].copy(), ok[:n].copy(), failures, converted, mask[:n].copy())
+    return DecodedBatch(start, out, ok, failures, converted, mask)
 
 
 _STOP_SIGNALS = {2, 15}  # SIGINT, SIGTERM (their numbers on every POSIX system)
@@ -172,36 +177,61 @@ def decode_batches(
 def _decode_in_pool(
     root: str, chunks: Iterable[tuple[int, Sequence[str]]], shape: tuple[int, int, int], workers: int
 ) -> Iterator[DecodedBatch]:
-    """`decode_batches` in `workers` processes, at most `2 * workers` batches in flight, in order."""
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
+    """`decode_batches` in `workers` processes started for this call, ended with it."""
+    pool = DecodePool(workers)
+    with pool.executor:
+        try:
+            yield from pool.decode(root, chunks, shape)
+        except BaseException:  # KeyboardInterrupt (SIGINT, SIGTERM), GeneratorExit, an error
+            _stop_workers(pool.executor)
+            raise
 
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    pool_kw: dict[str, Any] = {"initializer": _init_worker, "initargs": (os.getpid(),)}
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method), **pool_kw) as pool:
-        pending: list[Any] = []  # futures of DecodedBatch, in file order
+
+class DecodePool:
+    """Decoder processes, all forked when this is created: for one `decode_batches` call, or kept for
+    many calls (`cnnkit.runtime.predictor.Predictor`, which creates it before its onnxruntime session).
+
+    `decode` may be called from several threads at once: each call waits only on its own tasks.
+    """
+
+    def __init__(self, workers: int):
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.workers = workers
+        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        self.executor = ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=mp.get_context(method),
+            initializer=_init_worker,
+            initargs=(os.getpid(),),
+        )
+        with _forking_quietly():  # the first submit forks every worker (fork) or starts one (spawn)
+            self.executor.submit(os.getpid)  # not waited for: the caller goes on while they start
+
+    def decode(
+        self, root: str, chunks: Iterable[tuple[int, Sequence[str]]], shape: tuple[int, int, int]
+    ) -> Iterator[DecodedBatch]:
+        """The chunks' `DecodedBatch`es in order, at most `2 * workers` in flight; leaving early
+        cancels this call's queued tasks and leaves the processes running."""
+        pending: deque[Any] = deque()  # futures of DecodedBatch, in file order
         it = iter(chunks)
         try:
-            for s, chunk in it:
-                if pending:
-                    pending.append(pool.submit(_decode_chunk, root, chunk, s, shape))
-                else:
-                    with _forking_quietly():  # the first submit forks every worker
-                        pending.append(pool.submit(_decode_chunk, root, chunk, s, shape))
-                if len(pending) >= 2 * workers:
-                    break
+            for s, chunk in itertools.islice(it, 2 * self.workers):
+                pending.append(self.executor.submit(_decode_chunk, root, chunk, s, shape))
             while pending:
-                batch = pending.pop(0).result()
+                batch = pending.popleft().result()
                 nxt = next(it, None)
                 if nxt is not None:
-                    pending.append(pool.submit(_decode_chunk, root, nxt[1], nxt[0], shape))
+                    pending.append(self.executor.submit(_decode_chunk, root, nxt[1], nxt[0], shape))
                 yield batch
-        except BaseException:  # KeyboardInterrupt (SIGINT, SIGTERM), GeneratorExit, an error
-            _stop_workers(pool)
-            raise
         finally:
             for f in pending:
                 f.cancel()
+
+    def close(self) -> None:
+        """End the processes (queued tasks are cancelled)."""
+        self.executor.shutdown(wait=True, cancel_futures=True)
 
 
 # --------------------------------------------------------------------------------------------

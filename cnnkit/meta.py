@@ -196,8 +196,26 @@ def _check_size(d: dict[str, Any]) -> None:
         ]
 
 
+def probabilities(outputs: np.ndarray, output_kind: str) -> np.ndarray:
+    """Raw model outputs -> float32 (N, K) probabilities of every class.
+
+    Args:
+        outputs: (N, K) logits (softmax) or (N, 1) sigmoid probabilities p of class 1 ([1 - p, p]).
+        output_kind: `logits` or `sigmoid`.
+    """
+    outputs = np.asarray(outputs, dtype=np.float32)
+    if output_kind == OUTPUT_SIGMOID:
+        p1 = outputs.reshape(-1)
+        return np.stack([1.0 - p1, p1], axis=1)
+    e = np.exp(outputs - outputs.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
 def predict(outputs: np.ndarray, output_kind: str) -> tuple[np.ndarray, np.ndarray]:
     """Turn raw model outputs into (class index, probability of that class).
+
+    The class is the largest logit, or class 1 when the sigmoid's p >= 0.5; its probability is its
+    entry of `probabilities`.
 
     Args:
         outputs: (N, K) logits or (N, 1) sigmoid probabilities.
@@ -206,13 +224,15 @@ def predict(outputs: np.ndarray, output_kind: str) -> tuple[np.ndarray, np.ndarr
     Returns:
         int64 class indices and float32 probabilities, both of shape (N,).
     """
+    prob, idx = predict_all(outputs, output_kind)
+    return idx, np.take_along_axis(prob, idx[:, None], axis=1)[:, 0]
+
+
+def predict_all(outputs: np.ndarray, output_kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 (N, K) `probabilities`, int64 (N,) predicted class): `predict` before it picks."""
     outputs = np.asarray(outputs, dtype=np.float32)
     if output_kind == OUTPUT_SIGMOID:
-        p1 = outputs.reshape(-1)
-        idx = (p1 >= 0.5).astype(np.int64)
-        return idx, np.where(idx == 1, p1, 1.0 - p1).astype(np.float32)
-    idx = outputs.argmax(axis=1)
-    z = outputs - outputs.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    prob = np.take_along_axis(e, idx[:, None], axis=1)[:, 0] / e.sum(axis=1)
-    return idx.astype(np.int64), prob.astype(np.float32)
+        idx = (outputs.reshape(-1) >= 0.5).astype(np.int64)
+    else:
+        idx = outputs.argmax(axis=1).astype(np.int64)
+    return probabilities(outputs, output_kind), idx

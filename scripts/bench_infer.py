@@ -18,6 +18,10 @@ import and session; wall: the whole process, interpreter start to exit):
     ort+pillow     Pillow decode loop + onnxruntime CPU session (default options), batches of 256
     cnnkit         cnnkit.runtime.infer.infer(): 2 pyspng decode processes + onnxruntime (1 thread,
                    runs of 64) in the main process, predictions CSV written
+    predictor      cnnkit.Predictor(model).predict(list of paths): the same decoding and session, from
+                   Python; its images/s counts the listing, creating the Predictor (onnxruntime's import,
+                   the session, the decoder processes) and predict, as cnnkit's counts its own steps;
+                   `predict_seconds` is predict alone (a Predictor already made)
 The torch peers run the checkpoint's weights (`--checkpoint`, default runs/latest/best.pt); without
 one they run random weights, and the results file says `"trained": false`.
 
@@ -42,7 +46,8 @@ Whole process (`python -c "...infer(folder, model)"`, same machine and model, qu
 
 Usage:
     python scripts/bench_infer.py FOLDER --model M.onnx [--device cpu|cuda] [--repeat 2]
-        [--checkpoint best.pt] [--methods lecture,imagefolder,ort+pillow,cnnkit] [--wait-quiet] [--json]
+        [--checkpoint best.pt] [--methods lecture,imagefolder,ort+pillow,cnnkit,predictor] [--wait-quiet]
+        [--json]
         [--results docs/results/infer-<model>.json]
 """
 
@@ -59,7 +64,7 @@ import tempfile
 import threading
 import time
 
-METHODS = ("lecture", "imagefolder", "ort+pillow", "cnnkit")
+METHODS = ("lecture", "imagefolder", "ort+pillow", "cnnkit", "predictor")
 BATCH = 256
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -165,6 +170,20 @@ def run_cnnkit(a: argparse.Namespace) -> dict:
     }
 
 
+def run_predictor(a: argparse.Namespace) -> dict:
+    from cnnkit import Predictor
+    from cnnkit.listing import list_pngs
+
+    t0 = time.perf_counter()
+    paths = [os.path.join(a.folder, f) for f in list_pngs(a.folder).files]
+    with Predictor(a.model, device=a.device) as p:
+        t1 = time.perf_counter()
+        n = len(p.predict(paths))
+        t2 = time.perf_counter()
+        provider = p.provider
+    return {"n": n, "seconds": t2 - t0, "predict_seconds": t2 - t1, "provider": provider}
+
+
 def run_models(a: argparse.Namespace) -> dict:
     """Model-only throughput at a large batch on the CPU: eager torch, TorchScript (traced), onnxruntime."""
     import warnings
@@ -211,6 +230,7 @@ RUNNERS = {
     "imagefolder": run_imagefolder,
     "ort+pillow": run_ort_pillow,
     "cnnkit": run_cnnkit,
+    "predictor": run_predictor,
     "models": run_models,
 }
 
@@ -387,7 +407,14 @@ def main() -> None:
             }
             for m, r in zip(methods, rows, strict=True)
         }
-        _write_results(a, {"summary": summary, "runs": runs, "models": models, "files": len(files)})
+        body = {"summary": summary, "runs": runs, "models": models, "files": len(files)}
+        if "predictor" in summary and "cnnkit" in summary:  # the Python API's target: within 10% of the CLI
+            predict_only = [x["n"] / x["predict_seconds"] for x in runs if x["method"] == "predictor"]
+            body["predictor_predict_only_median_ips"] = round(statistics.median(predict_only))
+            body["predictor_vs_cnnkit_median"] = round(
+                summary["predictor"]["median_ips"] / summary["cnnkit"]["median_ips"], 3
+            )
+        _write_results(a, body)
 
 
 def describe_model(onnx_path: str, checkpoint: str | None) -> dict:

@@ -16,7 +16,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     (
         "core",
         (
-            "cnnkit",
+            "cnnkit.version",
             "cnnkit.errors",
             "cnnkit.files",
             "cnnkit.meta",
@@ -51,6 +51,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "cnnkit.runtime.outputs",
             "cnnkit.runtime.shard",
             "cnnkit.runtime.infer",
+            "cnnkit.runtime.predictor",
         ),
     ),
     ("models", ("cnnkit.models", "cnnkit.checkpoint")),
@@ -76,7 +77,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "cnnkit.trainer.plots",
         ),
     ),
-    ("apps", ("cnnkit.bench", "cnnkit.doctor", "cnnkit.cli", "cnnkit.__main__")),
+    # `cnnkit` itself is the public facade: its names come from the layers below, imported on first use.
+    ("apps", ("cnnkit", "cnnkit.api", "cnnkit.bench", "cnnkit.doctor", "cnnkit.cli", "cnnkit.__main__")),
 ]
 LEVEL = {mod: i for i, (_, mods) in enumerate(LAYERS) for mod in mods}
 TORCH_FREE = ("core", "datasets", "runtime")  # the Raspberry Pi install: numpy + onnxruntime

@@ -21,11 +21,11 @@ import urllib.parse
 import urllib.request
 import zlib
 
-from cnnkit import __version__
 from cnnkit.console import Progress, log
 from cnnkit.datasets.layout import MNIST_DIR, TEST_SPLIT, TRAIN_SPLIT, Splits, find_splits, make_temp_dir
 from cnnkit.errors import DataError, DownloadError
 from cnnkit.files import default_cache_dir
+from cnnkit.version import __version__
 
 MNIST_URL = "https://s3.amazonaws.com/fast-ai-imageclas/mnist_png.tgz"
 MNIST_SIZE = 15_683_414

@@ -71,7 +71,7 @@ MIN_FILES_FOR_WORKERS = 4096
 LOOKAHEAD_FILES = 1 << 16
 
 
-def _task_files(n_files: int, workers: int, batch_size: int, image_bytes: int) -> int:
+def task_files(n_files: int, workers: int, batch_size: int, image_bytes: int) -> int:
     """Files per decode task: a whole number of session batches, clamped as above."""
     most = max(1, min(MAX_TASK_FILES, MAX_TASK_BYTES // image_bytes))
     want = min(most, max(MIN_TASK_FILES, -(-n_files // (TASKS_PER_WORKER * max(1, workers)))))
@@ -188,7 +188,7 @@ class InferResult:
         }
 
 
-def _threads_for(workers: int) -> int:
+def threads_for(workers: int) -> int:
     # Measured on 2 cores (bench_infer.py): with decode workers busy on every core, one onnxruntime
     # thread is best; more threads only preempt the decoders. Without workers this process does
     # everything in turn, so the model may use every core.
@@ -325,12 +325,12 @@ def _plan(job: _Job, workers: int | None, threads: int | None, min_files_for_wor
     selected = iter(picker if picker is not None else walk)
     workers = default_workers() if workers is None else max(0, workers)
     image_bytes = int(np.prod(job.meta.input_shape))
-    largest = _task_files(1 << 40, workers, job.batch_size, image_bytes)
+    largest = task_files(1 << 40, workers, job.batch_size, image_bytes)
     ahead = 1 + max(LOOKAHEAD_FILES, min_files_for_workers, TASKS_PER_WORKER * max(1, workers) * largest)
     head = list(itertools.islice(selected, ahead))
     if not head and (picker is None or picker.n_seen == 0):
         raise DataError(f"{job.folder}: no PNG files found (searched recursively for *.png{_what_else(listing)})")
-    task = _task_files(len(head), workers, job.batch_size, image_bytes)
+    task = task_files(len(head), workers, job.batch_size, image_bytes)
     if len(head) < min_files_for_workers or len(head) <= task:
         workers = 0  # what decode_batches does: a small folder is not worth starting processes
     streaming = len(head) == ahead
@@ -342,7 +342,7 @@ def _plan(job: _Job, workers: int | None, threads: int | None, min_files_for_wor
         streaming=streaming,
         task=task,
         workers=workers,
-        threads=_threads_for(workers) if threads is None else threads,
+        threads=threads_for(workers) if threads is None else threads,
     )
 
 

@@ -22,8 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cnnkit import __version__
-from cnnkit import meta as meta_mod
+import cnnkit.meta as meta_mod
 from cnnkit.checkpoint import check_resumable, load_checkpoint, save_checkpoint
 from cnnkit.console import Progress, log, table
 from cnnkit.errors import DataError, ModelError
@@ -34,6 +33,7 @@ from cnnkit.models import DEFAULT_ARCH, build_model, check_arch_trusted, count_p
 from cnnkit.runs import BEST_NAME, CHECKPOINT_NAME, MISTAKES_NAME, RUNS_DIR, latest_note, mark_latest, new_run_dir
 from cnnkit.trainer.data import SKIPPED_KEPT, LoadedSplit, class_names, load_split, split_validation
 from cnnkit.trainer.distributed import Dist, amp_for, setup, teardown
+from cnnkit.version import __version__
 
 
 @dataclass(frozen=True)
