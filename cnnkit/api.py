@@ -27,18 +27,19 @@ def train(
     size: tuple[int, int] | None = None,
     resume: str | None = None,
 ) -> dict[str, Any]:
-    """Train a CNN on a folder of PNGs, as `cnnkit train` does (docs/train.md: options and defaults).
+    """Train a CNN on a folder of images, as `cnnkit train` does (docs/train.md: options and defaults).
 
     Args:
         data: a folder with training/ (and testing/), or of class folders; default the bundled digits.
         out: the run folder; default runs/train-<time>.
-        arch: small, wide or lecture.
+        arch: small, wide or lecture, or your own network as an import string `module:Class`
+            (docs/train.md: the constructor and forward contract).
         epochs, batch_size, lr, augment: None takes the arch's recipe; augment is none, flip or shift.
         classes: the class folder names to train on; default every folder.
         val_split: the fraction of training held out for validation (which selects the checkpoint).
         device: auto, cpu, cuda or cuda:N.
         seed: the run's seed.
-        workers: PNG decoder processes; default one per core.
+        workers: image decoder processes; default one per core.
         color: auto, gray or rgb: the model's input mode.
         size: (H, W) every image is resized to; default the training images' common size.
         resume: a run folder to continue.
@@ -85,7 +86,7 @@ def infer(
     strict: bool = False,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Classify every PNG under `folder` and write the predictions CSV, as `cnnkit infer` does.
+    """Classify every image under `folder` and write the predictions CSV, as `cnnkit infer` does.
 
     Args:
         folder: the images, searched recursively; files under class-named folders give accuracy.
@@ -93,7 +94,7 @@ def infer(
         device: auto, cpu, cuda or cuda:N.
         batch_size: images per model call.
         output: the CSV; default predictions.csv next to the model.
-        workers: PNG decoder processes; default one per core.
+        workers: image decoder processes; default one per core.
         shard: "K/N" to keep shard K of N (docs/infer.md).
         strict: stop at the first file that cannot be used (`FileFailedError`, nothing written).
         progress: draw a progress bar on stderr.

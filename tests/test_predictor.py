@@ -178,7 +178,7 @@ def test_files_that_cannot_be_used_raise_or_are_reported(gray, tmp_path, monkeyp
     with Predictor(model, device="cpu", batch_size=4, workers=workers) as p:
         with pytest.raises(ImageError, match=f"^{re.escape(str(bad))}: .*truncated"):
             p.predict(inputs)
-        with pytest.raises(ImageError, match=r"^input 1 \(bytes\): not a PNG"):
+        with pytest.raises(ImageError, match=r"^input 1 \(bytes\): corrupt GIF"):
             p.predict([open(good[0], "rb").read(), b"GIF89a..."])
         out = p.predict(inputs, errors="report")
         want = p.predict(good)
@@ -238,3 +238,23 @@ def test_infer_function_returns_what_the_cli_prints(gray, tmp_path):
     want = run_infer(folder, model, output=str(tmp_path / "a.csv"), workers=0, progress=False).to_dict()
     assert got.keys() == want.keys() and got["n_images"] == want["n_images"] == 60
     assert got["accuracy"] == want["accuracy"] and got["confusion"] == want["confusion"]
+
+
+def test_color_jpegs_by_path_and_bytes_answer_as_cnnkit_infer(rgb, tmp_path):
+    """A color JPEG (any size, EXIF-rotated) goes through the same decoder and conversion as in `cnnkit infer`."""
+    _, model = rgb
+    folder = tmp_path / "photos"
+    rng = np.random.default_rng(1)
+    for i, (h, w) in enumerate([(12, 12), (30, 20), (7, 9)]):
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        exif = Image.Exif()
+        exif[0x0112] = 6 if i == 1 else 1  # orientation: rotate 90 degrees
+        os.makedirs(folder / "red", exist_ok=True)
+        Image.fromarray(pixels).save(folder / "red" / f"{i}.jpg", quality=90, exif=exif)
+    want, n_converted = _cli_answers(str(folder), model, tmp_path)
+    files = sorted(want)
+    paths = [os.path.join(folder, f) for f in files]
+    with Predictor(model, device="cpu", workers=0) as p:
+        _check(p.predict(paths), files, want)
+        _check(p.predict([open(x, "rb").read() for x in paths]), files, want)
+    assert len(files) == 3 and n_converted == 2  # the two not 12 x 12

@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 
-from cnnkit import __version__
 from cnnkit.batches import class_names, input_shape, load_images, sample_folder
 from cnnkit.console import log
 from cnnkit.devices import DeviceSpec, parse_device
@@ -34,6 +33,7 @@ from cnnkit.meta import OUTPUT_LOGITS, ModelMeta
 from cnnkit.provenance import check_key, record
 from cnnkit.runs import ARTIFACT_NAMES, BEST_NAME, CHECKPOINT_NAME, REPORT_SUFFIX, latest_file
 from cnnkit.runtime.session import read_meta
+from cnnkit.version import __version__
 
 FORMATS = ("onnx", "torchscript", "pt2")
 QUANTIZE = ("int8",)
