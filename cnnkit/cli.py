@@ -405,6 +405,39 @@ def export(
     _emit(result.to_dict(), as_json)  # the library has logged each step, its warnings and gates, once
 
 
+@app.command()
+@_reports_errors
+def diff(
+    checkpoint: Annotated[Path, typer.Argument(help="The checkpoint the artifact was exported from (best.pt).")],
+    artifact: Annotated[
+        Path, typer.Argument(help="model.onnx, model.int8.onnx, model.fp16.onnx, model.ts or model.pt2.")
+    ],
+    data: Annotated[
+        Path | None, typer.Option(help="Folder of PNGs to run. Default: the testing split the model was trained with.")
+    ] = None,
+    images: Annotated[int, typer.Option(min=1, max=MAX_BATCH, help="How many images (spread over the folder).")] = 64,
+    trust_model: Annotated[
+        bool,
+        typer.Option("--trust-model", help="Also load a .ts / .pt2 cnnkit cannot prove it wrote (it can run code)."),
+    ] = False,
+    trust_arch: TrustArch = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Compare an artifact with its eager model layer by layer and name the first layer out of tolerance."""
+    from cnnkit.export.diff import diff as run_diff
+    from cnnkit.export.diff import format_table
+
+    result = run_diff(
+        str(checkpoint),
+        str(artifact),
+        str(data) if data else None,
+        images,
+        trust_arch=trust_arch,
+        trust_model=trust_model,
+    )
+    _emit(result.to_dict(), as_json, format_table(result))
+
+
 # --------------------------------------------------------------------------------------------
 # infer
 

@@ -41,9 +41,11 @@ class DeviceError(CnnkitError):
 
 
 class ParityError(CnnkitError):
-    """An exported artifact that does not answer like the eager model."""
+    """An exported artifact that does not answer like the eager model. `diff`: the layer-by-layer
+    comparison (`cnnkit.export.diff.DiffResult.to_dict()`) when the export gate ran one, else None."""
 
     exit_code = 3
+    diff: dict | None = None
 
 
 class DownloadError(CnnkitError):

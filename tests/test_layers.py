@@ -61,6 +61,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "cnnkit.export",
             "cnnkit.export.onnx",
             "cnnkit.export.parity",
+            "cnnkit.export.diff",
             "cnnkit.export.pipeline",
             "cnnkit.export.pt2",
             "cnnkit.export.quantize",

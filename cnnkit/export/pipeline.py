@@ -429,7 +429,12 @@ def _write_and_gate(job: _Job, out: str) -> _Gated:
     passes is renamed onto `out` (`atomic_path` removes the others)."""
     try:
         with atomic_path(out) as tmp:
-            return _export_fp32(job, tmp) if job.precision == "fp32" else _export_from_fp32_graph(job, tmp)
+            try:
+                return _export_fp32(job, tmp) if job.precision == "fp32" else _export_from_fp32_graph(job, tmp)
+            except ParityError as e:
+                if job.fmt != "onnx" or e.diff is not None or not (os.path.isfile(tmp) and os.path.getsize(tmp)):
+                    raise
+                raise located(e, job.model, tmp, job.images) from None
     except PermissionError as e:  # an exporter's own write (atomic_path reports the rest)
         raise ModelError(f"cannot write {out}: {e.strerror or e}; pass another --out") from None
 
@@ -552,8 +557,13 @@ def _fp32_base(
     report = run_parity(parity.torch_runner(model), parity.onnx_runner(path), images, meta.output, tol)
     log(f"export: fp32 graph ({info['exporter']}, opset {info['opset']}): {report.summary()}")
     if not report.passed:
-        raise ParityError(
-            f"onnx export of {checkpoint}: the fp32 graph fails parity: {report.summary()}; nothing was written"
+        raise located(
+            ParityError(
+                f"onnx export of {checkpoint}: the fp32 graph fails parity: {report.summary()}; nothing was written"
+            ),
+            model,
+            path,
+            images,
         )
     return info, report
 
@@ -712,6 +722,28 @@ def _read_once(path: str, info: dict[str, Any]) -> bytes:
         data = f.read()
     info["sha256"] = hashlib.sha256(data).hexdigest()
     return data
+
+
+def located(error: ParityError, model: Any, path: str, images: np.ndarray) -> ParityError:
+    """`error` with the layer where the ONNX file at `path` leaves tolerance (`cnnkit.export.diff`) named
+    in its one line, the layer table logged before it, and the diff's numbers in `error.diff`. A diff that
+    cannot run leaves the error as it was (and says why): it explains a failure, it must not replace it."""
+    from cnnkit.export.diff import diff_file, format_table
+
+    try:
+        result = diff_file(model, path, images)
+    except Exception as e:
+        log(f"export: diff: could not compare layers ({type(e).__name__}: {str(e)[:200]})")
+        return error
+    log(format_table(result))
+    where = (
+        f"first layer out of tolerance: {result.first_bad} (`cnnkit diff` shows the table)"
+        if result.first_bad
+        else "no layer is out of tolerance on its own (`cnnkit diff` shows the table)"
+    )
+    out = ParityError(f"{error}; {where}")
+    out.diff = result.to_dict()
+    return out
 
 
 def _check_record(record: ModelMeta, meta: ModelMeta, path: str) -> None:
