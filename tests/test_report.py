@@ -8,6 +8,8 @@ import html
 import json
 import os
 import shutil
+import subprocess
+import sys
 from html.parser import HTMLParser
 
 import pytest
@@ -232,3 +234,21 @@ def test_cli_saved_bench_no_bench_and_absent_mistakes(run_dir, written, tmp_path
         report(str(bare), run_bench=False)
     res = runner.invoke(app, ["report", str(bare), "--bench", written.bench, "--no-bench"])
     assert res.exit_code != 0 and "contradict" in res.stderr
+
+
+def test_rendering_needs_no_torch(run_dir, written, tmp_path) -> None:
+    """The card renders from JSON and PNG bytes: with torch unimportable, the same page as with it."""
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out, ignore=shutil.ignore_patterns("report.*", "bench.json"))
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from cnnkit.report import report\n"
+        f"report({str(out)!r}, bench_file={written.bench!r})\n"
+        "assert sys.modules.get('torch') is None and 'onnx' not in sys.modules\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    with open(written.html, encoding="utf-8") as f:
+        mine = f.read()
+    theirs = (out / "report.html").read_text()
+    assert theirs.replace(str(out), run_dir) == mine.replace(os.path.basename(str(out)), os.path.basename(run_dir))
