@@ -567,7 +567,8 @@ def report(
     if bench_file is None and run_bench:
         outputs.append(os.path.join(run_dir, BENCH_NAME))
     metrics_path = os.path.join(run_dir, METRICS_NAME)
-    inputs = [metrics_path, *(os.path.join(run_dir, n) for n in os.listdir(run_dir) if not n.startswith("report."))]
+    mine = {HTML_NAME, MARKDOWN_NAME, BENCH_NAME}  # what an earlier report wrote: replaced, not read
+    inputs = [metrics_path, *(os.path.join(run_dir, n) for n in os.listdir(run_dir) if n not in mine)]
     check_not_an_input(outputs, [*inputs, *([bench_file] if bench_file else [])])
     for out in outputs:
         check_writable(out)

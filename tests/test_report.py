@@ -210,6 +210,8 @@ def test_markdown_twin_has_the_same_tables(written) -> None:
 
 
 def test_cli_saved_bench_no_bench_and_absent_mistakes(run_dir, written, tmp_path) -> None:
+    with pytest.raises(DataError, match="is an input"):  # --bench FILE is read, never written over
+        report(run_dir, bench_file=os.path.join(run_dir, "report.md"))
     res = runner.invoke(app, ["report", run_dir, "--bench", written.bench, "--json"])
     assert res.exit_code == 0, res.output
     d = json.loads(res.stdout)
@@ -252,3 +254,10 @@ def test_rendering_needs_no_torch(run_dir, written, tmp_path) -> None:
         mine = f.read()
     theirs = (out / "report.html").read_text()
     assert theirs.replace(str(out), run_dir) == mine.replace(os.path.basename(str(out)), os.path.basename(run_dir))
+
+
+def test_report_runs_again_over_its_own_files(run_dir, written) -> None:
+    again = report(run_dir, bench_options={**FAST_BENCH, "cold_starts": 0})
+    assert again.html == written.html and again.bench == os.path.join(run_dir, "bench.json")
+    with open(again.bench, encoding="utf-8") as f:
+        assert json.load(f)["cold_starts"] == 0
