@@ -9,8 +9,14 @@ device it can run on here (onnxruntime's CPU / CUDA providers through `cnnkit.ru
     eager model, in points;
   - max |output - eager output| and argmax agreement with the eager model on every image (the eager
     reference runs in float32 on the CPU, so GPU rows show what TF32 / fp16 do to the numbers);
-  - load time, then the first call at batch 1 right after loading (cold), the median of warm calls at
-    batch 1 (p50), and images/s at `batch_size` (the fastest of a few passes over all images).
+  - load time, then the first call at batch 1 right after loading (cold); after `LATENCY_WARMUP` more
+    calls, `latency_calls` timed single-image calls give p50 / p95 / p99; images/s at `batch_size` (the
+    fastest of a few passes over all images) and at each of `throughput_batches`, the best of them kept
+    with its batch size;
+  - for ONNX rows, cold start: a fresh `python -c` process that imports cnnkit's runtime, opens the
+    model as `cnnkit.Predictor` and classifies one image file, timed from the spawn to its answer
+    (the median of `cold_starts` processes), and that process's peak resident memory (its
+    `ru_maxrss` from `os.wait4`: native memory included, which tracemalloc would not see).
 
 Every runtime gets the same number of intra-op threads (`threads`, default 1: how `cnnkit infer` runs
 the model beside its decoder processes). One thread also keeps the table honest on a shared machine:
@@ -27,7 +33,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import statistics
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -40,6 +48,7 @@ from cnnkit.console import log, table
 from cnnkit.devices import DeviceSpec, parse_device
 from cnnkit.errors import DataError, DeviceError, ModelError
 from cnnkit.files import path_kind
+from cnnkit.listing import iter_images
 from cnnkit.meta import ModelMeta, is_user_arch, predict
 from cnnkit.provenance import read_proven
 from cnnkit.runs import ARTIFACT_NAMES, BEST_NAME, REPORT_SUFFIX, latest_run
@@ -47,9 +56,13 @@ from cnnkit.runs import ARTIFACT_NAMES, BEST_NAME, REPORT_SUFFIX, latest_run
 DEFAULT_BATCH = 256  # `cnnkit infer`'s default
 DEFAULT_THREADS = 1
 MAX_REPORT_BYTES = 16 << 20  # an export report holds one model record (at most 4 MiB, `cnnkit.meta`)
-P50_CALLS = 200  # batch-1 calls for the median (fewer when they take more than P50_SECONDS)
-P50_SECONDS = 2.0
+LATENCY_CALLS = 200  # timed batch-1 calls behind p50 / p95 / p99
+LATENCY_WARMUP = 10  # untimed batch-1 calls before them
+THROUGHPUT_BATCHES = (32,)  # batch sizes tried beside `batch_size` for the best-batch column
 THROUGHPUT_PASSES = 3
+SWEEP_PASSES = 2  # passes at each of `throughput_batches`
+COLD_STARTS = 1  # fresh processes timed per ONNX row (0: none)
+COLD_TIMEOUT = 120.0  # seconds before a cold-start process is killed
 THROUGHPUT_SECONDS = 3.0  # stop adding passes after this long
 # Artifact kind -> (file name, runtime): the checkpoint run eagerly, then what `cnnkit export` writes.
 ARTIFACTS = (
@@ -59,6 +72,8 @@ ARTIFACTS = (
         for kind, name in ARTIFACT_NAMES.items()
     ),
 )
+
+PRECISIONS = {"onnx-int8": "int8", "onnx-fp16": "fp16"}  # every other artifact is float32
 
 # Loading these runs code from the file: only ones cnnkit can prove it wrote, or with trust_model.
 CODE_BEARING = ("torchscript", "pt2")
@@ -91,9 +106,17 @@ class BenchRow:
         argmax_agreement: share (0..1) of images predicted as the eager model does, None without eager.
         load_ms: loading the file / creating the session.
         cold_ms: the first call (batch 1) right after loading.
-        p50_ms: median warm call at batch 1.
+        p50_ms: median warm call at batch 1 (over `latency_calls` calls after `LATENCY_WARMUP` untimed ones).
         images_per_second: at `batch_size`.
         error: why the row could not run (the other numbers are then None).
+        precision: `fp32`, `int8` or `fp16`.
+        p95_ms, p99_ms: 95th and 99th percentile of the same batch-1 calls (numpy's linear interpolation).
+        latency_calls: how many batch-1 calls the three percentiles are over.
+        best_batch: the batch size, of `batch_size` and `throughput_batches`, with the most images/s;
+            best_images_per_second: that speed.
+        cold_start_ms: ONNX rows: a fresh process, spawn to first prediction (median of `cold_starts`).
+        peak_rss_mb: that process's peak resident memory, MiB (largest of the `cold_starts` processes).
+        cold_start_error: why the cold-start process gave no answer (the two columns are then None).
     """
 
     artifact: str
@@ -110,6 +133,15 @@ class BenchRow:
     p50_ms: float | None = None
     images_per_second: float | None = None
     error: str | None = None
+    precision: str = "fp32"
+    p95_ms: float | None = None
+    p99_ms: float | None = None
+    latency_calls: int | None = None
+    best_batch: int | None = None
+    best_images_per_second: float | None = None
+    cold_start_ms: float | None = None
+    peak_rss_mb: float | None = None
+    cold_start_error: str | None = None
 
 
 @dataclass
@@ -126,6 +158,9 @@ class BenchResult:
         rows: one per artifact x device.
         notes: artifacts or devices skipped, and why.
         versions: library versions; seconds: wall time.
+        latency_calls, latency_warmup: timed and untimed batch-1 calls per row.
+        throughput_batches: the batch sizes tried for the best-batch column (`batch_size` among them).
+        cold_starts: fresh processes timed per ONNX row.
     """
 
     run_dir: str
@@ -139,6 +174,10 @@ class BenchResult:
     threads: int = DEFAULT_THREADS
     versions: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    latency_calls: int = LATENCY_CALLS
+    latency_warmup: int = LATENCY_WARMUP
+    throughput_batches: list[int] = field(default_factory=list)
+    cold_starts: int = COLD_STARTS
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -156,6 +195,12 @@ TABLE_HEADERS = (
     "cold ms",
     "p50 ms b1",
     "img/s",
+    "p95 ms b1",
+    "p99 ms b1",
+    "best batch",
+    "best img/s",
+    "cold start ms",
+    "peak MiB",
 )
 
 
@@ -168,7 +213,9 @@ def format_table(result: BenchResult) -> str:
     rows = []
     for r in result.rows:
         if r.error:
-            rows.append([r.artifact, r.device, round(r.bytes / 1024), f"error: {r.error}", *[""] * 7])
+            rows.append(
+                [r.artifact, r.device, round(r.bytes / 1024), f"error: {r.error}", *[""] * (len(TABLE_HEADERS) - 4)]
+            )
             continue
         rows.append(
             [
@@ -183,11 +230,20 @@ def format_table(result: BenchResult) -> str:
                 num(r.cold_ms, ".2f"),
                 num(r.p50_ms, ".3f"),
                 num(r.images_per_second, ",.0f"),
+                num(r.p95_ms, ".3f"),
+                num(r.p99_ms, ".3f"),
+                num(r.best_batch, "d"),
+                num(r.best_images_per_second, ",.0f"),
+                num(r.cold_start_ms, ",.0f"),
+                num(r.peak_rss_mb, ".0f"),
             ]
         )
     head = (
         f"bench: {result.run_dir} on {result.n_images:,} images from {result.data}; "
-        f"{result.threads} thread(s); throughput at batch {result.batch_size}; diffs against {result.reference}"
+        f"{result.threads} thread(s); throughput at batch {result.batch_size} (best of "
+        f"{', '.join(map(str, result.throughput_batches))}); latency over {result.latency_calls} batch-1 calls after "
+        f"{result.latency_warmup} warm-up; cold start: spawn to first prediction, median of {result.cold_starts} "
+        f"process(es); diffs against {result.reference}"
     )
     lines = [head, table(TABLE_HEADERS, rows)]
     lines += [f"note: {n}" for n in result.notes]
@@ -261,24 +317,37 @@ def _load(
     return run, f"torch {torch.__version__}"
 
 
-def _measure(run: Runner, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, float, float, float]:
-    """(outputs over all images, cold ms, p50 ms at batch 1, images/s at batch_size)."""
-    t = time.perf_counter()
-    run(images[:1])
-    cold = (time.perf_counter() - t) * 1e3
-    times: list[float] = []
-    t_end = time.perf_counter() + P50_SECONDS
-    for i in range(P50_CALLS):
+@dataclass
+class _Timings:
+    """What `_measure` found for one runner."""
+
+    outputs: np.ndarray  # over all images, at `batch_size`
+    cold_ms: float
+    latencies_ms: np.ndarray  # the timed batch-1 calls
+    images_per_second: float  # at `batch_size`
+    best_batch: int
+    best_images_per_second: float
+
+
+def _latencies(run: Runner, images: np.ndarray, calls: int) -> np.ndarray:
+    """ms of `calls` single-image calls (cycling through the images) after `LATENCY_WARMUP` untimed ones."""
+    for i in range(LATENCY_WARMUP):
+        run(images[i % len(images)][None])
+    times = np.empty(calls)
+    for i in range(calls):
         x = images[i % len(images)][None]
         t = time.perf_counter()
         run(x)
-        times.append(time.perf_counter() - t)
-        if time.perf_counter() > t_end and len(times) >= 10:
-            break
-    p50 = statistics.median(times) * 1e3
+        times[i] = time.perf_counter() - t
+    return times * 1e3
+
+
+def _throughput(run: Runner, images: np.ndarray, batch_size: int, passes: int) -> tuple[float, np.ndarray]:
+    """(images/s of the fastest of `passes` passes over all images, at most THROUGHPUT_SECONDS of them; the
+    first pass's outputs)."""
     best, outputs = float("inf"), None
     t_end = time.perf_counter() + THROUGHPUT_SECONDS
-    for _ in range(THROUGHPUT_PASSES):
+    for _ in range(passes):
         t = time.perf_counter()
         outs = [run(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
         best = min(best, time.perf_counter() - t)
@@ -287,7 +356,112 @@ def _measure(run: Runner, images: np.ndarray, batch_size: int) -> tuple[np.ndarr
         if time.perf_counter() > t_end:
             break
     assert outputs is not None
-    return outputs, cold, p50, len(images) / best
+    return len(images) / best, outputs
+
+
+def _measure(run: Runner, images: np.ndarray, batch_size: int, latency_calls: int, sweep: tuple[int, ...]) -> _Timings:
+    """The cold call, the batch-1 latencies, and throughput at `batch_size` and at each size of `sweep`."""
+    t = time.perf_counter()
+    run(images[:1])
+    cold = (time.perf_counter() - t) * 1e3
+    latencies = _latencies(run, images, latency_calls)
+    ips, outputs = _throughput(run, images, batch_size, THROUGHPUT_PASSES)
+    speeds = {batch_size: ips}
+    for b in sweep:
+        if b not in speeds:
+            speeds[b] = _throughput(run, images, b, SWEEP_PASSES)[0]
+    best = max(speeds, key=lambda b: speeds[b])
+    return _Timings(outputs, cold, latencies, ips, best, speeds[best])
+
+
+# --------------------------------------------------------------------------------------------
+# Cold start: a fresh process, spawn to first answer
+
+# Run as `python -c COLD_START_CODE MODEL DEVICE THREADS IMAGE`: what a user's first prediction costs.
+COLD_START_CODE = """
+import sys
+from cnnkit.runtime.predictor import Predictor
+p = Predictor(sys.argv[1], sys.argv[2], threads=int(sys.argv[3]), workers=0, batch_size=1)
+index = p.predict([sys.argv[4]])[0].index
+try:
+    hwm = [ln.split()[1] for ln in open("/proc/self/status") if ln.startswith("VmHWM:")][0]
+except (OSError, IndexError):
+    hwm = "-"
+print("cnnkit-cold-start", index, hwm, flush=True)
+"""
+COLD_MARK = "cnnkit-cold-start"
+
+
+def _child_env() -> dict[str, str]:
+    """This environment, with this cnnkit first on the child's path (the one being benchmarked)."""
+    env = dict(os.environ)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([here, *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def cold_start(model: str, device: str, threads: int, image: str) -> tuple[float, float]:
+    """(ms from spawning a fresh Python to its first prediction of `image` with `model`, that process's
+    peak resident memory in MiB). POSIX only (`os.wait4`).
+
+    The memory is the child's own VmHWM (`/proc/self/status`, its address space since exec). Not
+    `ru_maxrss` where /proc exists: Linux carries the high-water mark across exec, and subprocess's
+    vfork shares this process's memory until then, so a child of a torch-loaded process would report
+    this process's size. Without /proc (macOS) it is the child's `ru_maxrss` from `os.wait4`.
+
+    Raises:
+        RuntimeError: the process gave no answer (its last output line says why) or ran over COLD_TIMEOUT.
+    """
+    argv = [sys.executable, "-c", COLD_START_CODE, model, device, str(threads), image]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_child_env(), text=True)
+    timer = threading.Timer(COLD_TIMEOUT, proc.kill)
+    timer.start()
+    try:
+        assert proc.stdout is not None
+        seen, elapsed, hwm_kib = [], None, "-"
+        for line in proc.stdout:
+            if line.startswith(COLD_MARK):
+                elapsed = (time.perf_counter() - t0) * 1e3
+                hwm_kib = line.split()[-1]
+            elif line.strip():
+                seen.append(line.strip())
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    finally:
+        timer.cancel()
+        if proc.returncode is None:
+            proc.kill()
+            proc.wait()
+    if elapsed is None or proc.returncode != 0:
+        raise RuntimeError((seen or [f"exit status {proc.returncode}"])[-1][:200])
+    if hwm_kib.isdigit():
+        return elapsed, int(hwm_kib) / 1024
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB elsewhere
+    return elapsed, usage.ru_maxrss * scale / (1 << 20)
+
+
+def _first_image(folder: str) -> str | None:
+    """The folder's first image file (the one cold starts predict)."""
+    first = next(iter_images(folder), None)
+    return None if first is None else os.path.join(folder, first)
+
+
+def _cold_columns(row: BenchRow, image: str | None, threads: int, runs: int) -> None:
+    """Fill the cold-start columns of an ONNX row from `runs` fresh processes (median time, largest memory)."""
+    if runs < 1 or not row.artifact.startswith("onnx") or row.error:
+        return
+    if image is None or not hasattr(os, "wait4"):
+        row.cold_start_error = "no image file to predict" if image is None else "needs os.wait4 (POSIX)"
+        return
+    try:
+        found = [cold_start(row.path, row.device, threads, image) for _ in range(runs)]
+    except (RuntimeError, OSError) as e:
+        row.cold_start_error = str(e) or type(e).__name__
+        log(f"bench: {row.artifact} on {row.device}: cold start: {row.cold_start_error}")
+        return
+    row.cold_start_ms = round(float(np.median([ms for ms, _ in found])), 1)
+    row.peak_rss_mb = round(max(mb for _, mb in found), 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,6 +539,9 @@ def bench(
     threads: int = DEFAULT_THREADS,
     trust_model: bool = False,
     trust_arch: str | None = None,
+    latency_calls: int = LATENCY_CALLS,
+    throughput_batches: tuple[int, ...] = THROUGHPUT_BATCHES,
+    cold_starts: int = COLD_STARTS,
 ) -> BenchResult:
     """Benchmark every artifact of a run on every usable device.
 
@@ -379,6 +556,9 @@ def bench(
         batch_size: batch size of the throughput column.
         limit: at most this many images (spread over the folder); None for all.
         threads: intra-op threads for every runtime (onnxruntime's CPU provider and torch on the CPU).
+        latency_calls: timed batch-1 calls per row behind p50 / p95 / p99.
+        throughput_batches: batch sizes tried beside `batch_size` for the best-batch column.
+        cold_starts: fresh processes timed per ONNX row (spawn to first prediction, peak memory); 0: none.
 
     Returns:
         A `BenchResult`; `format_table(result)` is the human table, `to_dict()` the JSON.
@@ -391,8 +571,8 @@ def bench(
     t0 = time.perf_counter()
     spec = parse_device(device)
     gpu = "cuda" if spec.index is None else str(spec)  # the name rows, torch and onnxruntime get
-    if batch_size < 1 or threads < 1:
-        raise DataError("batch size and threads must be at least 1")
+    if min(batch_size, threads, latency_calls, *throughput_batches) < 1 or cold_starts < 0:
+        raise DataError("batch sizes, threads and latency calls must be at least 1, cold starts at least 0")
     run_dir, found = _artifacts(run)
     meta = _meta_of(run_dir, found)
     folder, images, labels = _images(data, meta, run_dir, found, limit)
@@ -401,8 +581,9 @@ def bench(
     _drop_untrusted_arch(found, meta.arch, trust_arch, notes)
     torch_devices, ort_devices = _devices(found, spec, gpu, torch_ok, notes)
     plan = _plan(found, torch_devices, ort_devices, gpu, notes)
+    how = _Settings(batch_size, threads, latency_calls, tuple(throughput_batches), cold_starts, _first_image(folder))
     with _torch_threads(threads) if torch_ok else contextlib.nullcontext():
-        rows, reference = _run_plan(plan, found, images, labels, meta, batch_size, threads, proven, trust_arch)
+        rows, reference = _run_plan(plan, found, images, labels, meta, how, proven, trust_arch)
     if reference is None and rows:
         notes.append("no eager reference (torch missing or no best.pt in the run): diff columns empty")
     if not rows:
@@ -419,6 +600,9 @@ def bench(
         threads=threads,
         versions=_versions(),
         seconds=round(time.perf_counter() - t0, 3),
+        latency_calls=latency_calls,
+        throughput_batches=sorted({batch_size, *throughput_batches}),
+        cold_starts=cold_starts,
     )
 
 
@@ -529,14 +713,25 @@ def _torch_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+@dataclass
+class _Settings:
+    """How each row is measured (`bench`'s arguments), and the image file cold starts predict."""
+
+    batch_size: int
+    threads: int
+    latency_calls: int
+    sweep: tuple[int, ...]
+    cold_starts: int
+    image: str | None
+
+
 def _run_plan(
     plan: list[tuple[str, str, str]],
     found: dict[str, str],
     images: np.ndarray,
     labels: np.ndarray | None,
     meta: ModelMeta,
-    batch_size: int,
-    threads: int,
+    how: _Settings,
     proven: dict[str, bytes],
     trust_arch: str | None = None,
 ) -> tuple[list[BenchRow], np.ndarray | None]:
@@ -545,37 +740,64 @@ def _run_plan(
     ref_acc: float | None = None
     if "eager" in found and ("eager", found["eager"], "cpu") not in plan:
         # --device cuda: the reference still runs in float32 on the CPU
-        ref_run, _ = _load("eager", found["eager"], "cpu", threads, trust_arch=trust_arch)
-        reference = np.concatenate([ref_run(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+        ref_run, _ = _load("eager", found["eager"], "cpu", how.threads, trust_arch=trust_arch)
+        b = how.batch_size
+        reference = np.concatenate([ref_run(images[i : i + b]) for i in range(0, len(images), b)])
         ref_acc = None if labels is None else top1(reference, labels, meta.output)
     rows: list[BenchRow] = []
     for kind, path, dev in plan:
-        row = BenchRow(artifact=kind, path=path, device=dev, runtime="", bytes=os.path.getsize(path))
-        try:
-            t = time.perf_counter()
-            runner, row.runtime = _load(kind, path, dev, threads, data=proven.get(kind), trust_arch=trust_arch)
-            row.load_ms = round((time.perf_counter() - t) * 1e3, 2)
-            outputs, cold, p50, ips = _measure(runner, images, batch_size)
-        except Exception as e:  # a row that fails is reported, the others still run
-            row.error = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            log(f"bench: {kind} on {dev}: {row.error}")
-            rows.append(row)
+        row = BenchRow(
+            artifact=kind,
+            path=path,
+            device=dev,
+            runtime="",
+            bytes=os.path.getsize(path),
+            precision=PRECISIONS.get(kind, "fp32"),
+        )
+        rows.append(row)
+        outputs = _measure_row(row, images, how, proven.get(kind), trust_arch)
+        if outputs is None:
             continue
-        row.cold_ms, row.p50_ms, row.images_per_second = round(cold, 3), round(p50, 4), round(ips, 1)
         if labels is not None:
             row.accuracy = top1(outputs, labels, meta.output)
         if kind == "eager" and dev == "cpu":
             reference, ref_acc = outputs, row.accuracy
         if reference is not None:
-            diff = np.abs(outputs.astype(np.float64) - reference)
-            row.max_abs_diff = float("nan") if np.isnan(diff).any() else float(diff.max())
-            same = predict(outputs, meta.output)[0] == predict(reference, meta.output)[0]
-            row.argmax_agreement = float(same.mean())
-            if row.accuracy is not None and ref_acc is not None:
-                row.accuracy_change = round((row.accuracy - ref_acc) * 100, 4)
-        rows.append(row)
+            _compare(row, outputs, reference, ref_acc, meta.output)
+        _cold_columns(row, how.image, how.threads, how.cold_starts)
         log(f"bench: {kind} on {dev}: {row.images_per_second:,.0f} img/s")
     return rows, reference
+
+
+def _measure_row(
+    row: BenchRow, images: np.ndarray, how: _Settings, data: bytes | None, trust_arch: str | None
+) -> np.ndarray | None:
+    """Load the row's artifact and fill its timing columns; its outputs, or None with `row.error` set."""
+    try:
+        t = time.perf_counter()
+        runner, row.runtime = _load(row.artifact, row.path, row.device, how.threads, data=data, trust_arch=trust_arch)
+        row.load_ms = round((time.perf_counter() - t) * 1e3, 2)
+        m = _measure(runner, images, how.batch_size, how.latency_calls, how.sweep)
+    except Exception as e:  # a row that fails is reported, the others still run
+        row.error = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        log(f"bench: {row.artifact} on {row.device}: {row.error}")
+        return None
+    p50, p95, p99 = np.percentile(m.latencies_ms, [50, 95, 99])
+    row.cold_ms, row.images_per_second = round(m.cold_ms, 3), round(m.images_per_second, 1)
+    row.p50_ms, row.p95_ms, row.p99_ms = round(float(p50), 4), round(float(p95), 4), round(float(p99), 4)
+    row.latency_calls = len(m.latencies_ms)
+    row.best_batch, row.best_images_per_second = m.best_batch, round(m.best_images_per_second, 1)
+    return m.outputs
+
+
+def _compare(row: BenchRow, outputs: np.ndarray, reference: np.ndarray, ref_acc: float | None, kind: str) -> None:
+    """Fill the columns that compare a row's outputs with the eager reference's."""
+    diff = np.abs(outputs.astype(np.float64) - reference)
+    row.max_abs_diff = float("nan") if np.isnan(diff).any() else float(diff.max())
+    same = predict(outputs, kind)[0] == predict(reference, kind)[0]
+    row.argmax_agreement = float(same.mean())
+    if row.accuracy is not None and ref_acc is not None:
+        row.accuracy_change = round((row.accuracy - ref_acc) * 100, 4)
 
 
 def _versions() -> dict[str, str]:

@@ -22,7 +22,7 @@ import typer
 
 from cnnkit.console import log, printable
 from cnnkit.devices import DEVICE_HELP, parse_device
-from cnnkit.errors import EXIT_FILES_FAILED, CnnkitError, DeviceError
+from cnnkit.errors import EXIT_FILES_FAILED, CnnkitError, DataError, DeviceError
 
 app = typer.Typer(
     help="Train a small image CNN, export it with a parity gate, and classify folders of PNGs.",
@@ -533,6 +533,31 @@ def merge(
 # bench, doctor
 
 
+LatencyCalls = Annotated[
+    int, typer.Option(min=1, help="Timed batch-1 calls per row behind p50/p95/p99 (after 10 warm-up calls).")
+]
+ThroughputBatches = Annotated[
+    str, typer.Option(help="Batch sizes tried beside --batch-size for the best-batch column, e.g. 8,32,1024.")
+]
+ColdStarts = Annotated[
+    int,
+    typer.Option(
+        min=0, help="Fresh processes per ONNX row timed from spawn to first prediction (and peak memory); 0: none."
+    ),
+]
+
+
+def _parse_batches(text: str) -> tuple[int, ...]:
+    """`8,32,1024` -> (8, 32, 1024); an empty string -> ()."""
+    try:
+        sizes = tuple(int(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise DataError(f"--throughput-batches: expected batch sizes like 8,32,1024, got {text!r}") from None
+    if any(not 1 <= b <= MAX_BATCH for b in sizes):
+        raise DataError(f"--throughput-batches: each batch size must be 1..{MAX_BATCH}, got {text!r}")
+    return sizes
+
+
 @app.command()
 @_reports_errors
 def bench(
@@ -555,6 +580,9 @@ def bench(
         ),
     ] = False,
     trust_arch: TrustArch = None,
+    latency_calls: LatencyCalls = 200,
+    throughput_batches: ThroughputBatches = "32",
+    cold_starts: ColdStarts = 1,
     as_json: JsonOpt = False,
 ) -> None:
     """Benchmark every artifact of a run on every usable device: size, accuracy, parity, latency, speed."""
@@ -570,8 +598,44 @@ def bench(
         threads=threads,
         trust_model=trust_model,
         trust_arch=trust_arch,
+        latency_calls=latency_calls,
+        throughput_batches=_parse_batches(throughput_batches),
+        cold_starts=cold_starts,
     )
     _emit(result.to_dict(), as_json, format_table(result))
+
+
+@app.command()
+@_reports_errors
+def report(
+    run: Annotated[Path | None, typer.Argument(help="Run folder. Default: runs/latest.")] = None,
+    bench_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--bench", help="A saved `cnnkit bench --json` output for the benchmark matrix (else bench runs)."
+        ),
+    ] = None,
+    no_bench: Annotated[bool, typer.Option("--no-bench", help="No benchmark: the matrix section says so.")] = False,
+    device: Annotated[str, _device_option("For the bench it runs; auto: every device that works here.")] = "auto",
+    limit: Annotated[int, typer.Option(min=1, help="At most this many images for the bench it runs.")] = 10_000,
+    trust_model: Annotated[
+        bool, typer.Option("--trust-model", help="As `cnnkit bench --trust-model` (loading .ts / .pt2 can run code).")
+    ] = False,
+    trust_arch: TrustArch = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write the run's model card into the run folder: report.html (self-contained) and report.md."""
+    from cnnkit.report import report as write_report
+
+    if bench_file is not None and no_bench:
+        raise DataError("--bench and --no-bench contradict each other: give one")
+    result = write_report(
+        str(run) if run else None,
+        bench_file=str(bench_file) if bench_file else None,
+        run_bench=not no_bench,
+        bench_options={"device": device, "limit": limit, "trust_model": trust_model, "trust_arch": trust_arch},
+    )
+    _emit(result.to_dict(), as_json, "\n".join(f"report: note: {n}" for n in result.notes) or None)
 
 
 @app.command()

@@ -110,6 +110,20 @@ def test_bench_cli_json_and_table(run_dir) -> None:
     assert "artifact" in res.stderr and "img/s" in res.stderr
 
 
+def test_bench_latency_and_cold_start_options(run_dir) -> None:
+    args = ["bench", "--run", run_dir, "--limit", "6", "--device", "cpu", "--latency-calls", "12"]
+    res = runner.invoke(app, [*args, "--throughput-batches", "2,4", "--cold-starts", "0", "--json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    assert d["latency_calls"] == 12 and d["throughput_batches"] == [2, 4, 256] and d["cold_starts"] == 0
+    for r in d["rows"]:
+        assert r["latency_calls"] == 12 and r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"]
+        assert r["best_batch"] in (2, 4, 256) and r["cold_start_ms"] is None and r["peak_rss_mb"] is None
+    for bad in ("0", "x,2"):
+        res = runner.invoke(app, [*args, "--throughput-batches", bad])
+        assert res.exit_code == 2 and "--throughput-batches" in res.stderr
+
+
 def test_bench_skips_fp16_without_cuda_and_refuses_missing_cuda(run_dir, tmp_path) -> None:
     fp16 = os.path.join(run_dir, "model.fp16.onnx")
     with open(os.path.join(run_dir, "model.onnx"), "rb") as f:

@@ -79,7 +79,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         ),
     ),
     # `cnnkit` itself is the public facade: its names come from the layers below, imported on first use.
-    ("apps", ("cnnkit", "cnnkit.api", "cnnkit.bench", "cnnkit.doctor", "cnnkit.cli", "cnnkit.__main__")),
+    (
+        "apps",
+        ("cnnkit", "cnnkit.api", "cnnkit.bench", "cnnkit.report", "cnnkit.doctor", "cnnkit.cli", "cnnkit.__main__"),
+    ),
 ]
 LEVEL = {mod: i for i, (_, mods) in enumerate(LAYERS) for mod in mods}
 TORCH_FREE = ("core", "datasets", "runtime")  # the Raspberry Pi install: numpy + onnxruntime

@@ -701,6 +701,7 @@ def _write_reports(
         "test_loss": test_loss,
         "test_images": n_test,
         "world_size": run.d.world,
+        "images_loaded": run.images_loaded,
         **reported,
     }
     write_json(os.path.join(run.run_dir, "metrics.json"), metrics)
