@@ -349,6 +349,22 @@ TrustArch = Annotated[
         "checkpoint's own import string (docs/train.md).",
     ),
 ]
+ExportBatch = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        max=4096,
+        help="fp32 ONNX: fix the batch axis to N (NNAPI/CoreML need fixed shapes); "
+        "written as model.bN.onnx beside the dynamic model.onnx.",
+    ),
+]
+ExportFold = Annotated[
+    bool,
+    typer.Option(
+        "--fold/--no-fold",
+        help="ONNX: fold BatchNorm into the convolutions where exact (the gate compares with the unfolded model).",
+    ),
+]
 ExportKeepPaths = Annotated[
     bool,
     typer.Option(
@@ -376,6 +392,8 @@ def export(
     strict: ExportStrict = False,
     keep_paths: ExportKeepPaths = False,
     trust_arch: TrustArch = None,
+    batch: ExportBatch = None,
+    fold: ExportFold = True,
     as_json: JsonOpt = False,
 ) -> None:
     """Export a checkpoint to ONNX (fp32, int8, fp16), TorchScript or pt2; keep it only if it passes its gate."""
@@ -400,6 +418,8 @@ def export(
         strict=strict,
         keep_paths=keep_paths,
         trust_arch=trust_arch,
+        batch=batch,
+        fold=fold,
         **kwargs,
     )
     _emit(result.to_dict(), as_json)  # the library has logged each step, its warnings and gates, once

@@ -3,6 +3,7 @@
 runs/<name>/checkpoint.pt     last epoch (written after every epoch)
 runs/<name>/best.pt           the epoch selected on validation (what export reads by default)
 runs/<name>/model.onnx        `cnnkit export --format onnx` (model.int8.onnx, model.fp16.onnx: INT8, FP16)
+runs/<name>/model.b1.onnx     `cnnkit export --batch 1`: a fixed batch axis of 1 (`fixed_batch_name`)
 runs/<name>/model.ts          `cnnkit export --format torchscript`
 runs/<name>/model.pt2         `cnnkit export --format pt2`
 runs/<name>/mistakes.png      `cnnkit train`: the most confident wrong predictions on testing/ (or validation)
@@ -35,6 +36,17 @@ ARTIFACT_NAMES = {
     "torchscript": TORCHSCRIPT_NAME,
     "pt2": PT2_NAME,
 }
+
+
+def fixed_batch_name(name: str, batch: int | None) -> str:
+    """The file name of an artifact with a fixed batch axis (`cnnkit export --batch N`): `model.onnx` ->
+    `model.bN.onnx`, beside the dynamic one and never replacing it; `name` itself when `batch` is None."""
+    if batch is None:
+        return name
+    stem, dot, ext = name.rpartition(".")
+    return f"{stem}.b{batch}.{ext}" if dot else f"{name}.b{batch}"
+
+
 PREDICTIONS_NAME = "predictions.csv"
 MISTAKES_NAME = "mistakes.png"  # train's grid of its most confident wrong predictions (`cnnkit.mistakes`)
 REPORT_SUFFIX = ".parity.json"  # `cnnkit export`'s report beside each artifact (stays on this machine)

@@ -271,8 +271,8 @@ def test_broken_onnx_artifact_fails_gate_and_leaves_nothing(tmp_path, data_root:
     ckpt = make_checkpoint(str(tmp_path), "small", 3, data_root)
     real = onnx_export.export_onnx
 
-    def broken(model, meta, path, exporter, opset):
-        info = real(model, meta, path, exporter, opset)
+    def broken(model, meta, path, exporter, opset, batch=None):
+        info = real(model, meta, path, exporter, opset, batch)
         _perturb_first_weight(path)
         return info
 

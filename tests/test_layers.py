@@ -59,6 +59,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "export",
         (
             "cnnkit.export",
+            "cnnkit.export.fold",
+            "cnnkit.export.mobile",
             "cnnkit.export.onnx",
             "cnnkit.export.parity",
             "cnnkit.export.diff",

@@ -123,6 +123,7 @@ def export_onnx(
     path: str,
     exporter: str = DEFAULT_EXPORTER,
     opset: int | None = None,
+    batch: int | None = None,
 ) -> dict[str, Any]:
     """Export `model` to a self-contained ONNX file at `path` (written atomically).
 
@@ -132,13 +133,15 @@ def export_onnx(
         path: the file to write.
         exporter: `dynamo` or `torchscript` (torch's legacy ONNX exporter, `dynamo=False`).
         opset: ONNX opset (default `DEFAULT_OPSET`).
+        batch: a fixed batch size for the graph's input and output (what NNAPI and CoreML need), or
+            None for a dynamic batch axis.
 
     Returns:
-        Plain info: format, exporter, opset, ir_version, seconds, bytes, input and output shapes.
+        Plain info: format, exporter, opset, ir_version, seconds, bytes, batch, input and output shapes.
 
     Raises:
-        ModelError: bad exporter/opset, or a graph that fails the checks (static batch axis, wrong
-            opset, onnxruntime cannot load it).
+        ModelError: bad exporter/opset, or a graph that fails the checks (a batch axis other than
+            asked for, wrong opset, onnxruntime cannot load it).
     """
     import torch
 
@@ -147,10 +150,11 @@ def export_onnx(
     opset = check_options(exporter, opset)
     model = model.to("cpu").eval()
     c, h, w = meta.input_shape
-    # Trace with a batch of 2: a batch of 1 lets exporters specialize the batch dimension to 1.
-    example = example_batch(meta.input_shape)
+    # Dynamic: trace with a batch of 2, as a batch of 1 lets exporters specialize the batch dimension
+    # to 1. Fixed: trace with exactly that batch, and no dynamic axis.
+    example = example_batch(meta.input_shape, n=batch or 2)
     t0 = time.perf_counter()
-    proto = _trace(model, example, exporter, opset)
+    proto = _trace(model, example, exporter, opset, fixed=batch is not None)
     seconds = time.perf_counter() - t0
 
     got = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
@@ -164,9 +168,11 @@ def export_onnx(
         ir_version=int(proto.ir_version),
         precision="fp32",
         torch=str(torch.__version__),
+        batch=batch,
     )
     write_record(proto, record)
-    size = finish(proto, meta, path)
+    size = finish(proto, meta, path, batch)
+    dim = batch or BATCH_DIM
     return {
         "format": "onnx",
         "exporter": exporter,
@@ -174,20 +180,22 @@ def export_onnx(
         "ir_version": int(proto.ir_version),
         "seconds": round(seconds, 3),
         "bytes": size,
-        "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": [BATCH_DIM, c, h, w]},
-        "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": [BATCH_DIM, _out_width(meta)]},
+        "batch": batch,
+        "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": [dim, c, h, w]},
+        "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": [dim, _out_width(meta)]},
     }
 
 
-def _trace(model: Any, example: Any, exporter: str, opset: int) -> Any:
-    """The ONNX graph (a ModelProto) of `model` traced on `example`, with a dynamic batch axis."""
+def _trace(model: Any, example: Any, exporter: str, opset: int, fixed: bool = False) -> Any:
+    """The ONNX graph (a ModelProto) of `model` traced on `example`, with a dynamic batch axis unless
+    `fixed` (then the batch is `len(example)`)."""
     import onnx
     import torch
 
     names = {"input_names": [INPUT_NAME], "output_names": [OUTPUT_NAME], "opset_version": opset}
     with quiet():
         if exporter == "dynamo":
-            dynamic = ({0: torch.export.Dim(BATCH_DIM, min=1)},)
+            dynamic = None if fixed else ({0: torch.export.Dim(BATCH_DIM, min=1)},)
             program = torch.onnx.export(
                 model, (example,), None, dynamo=True, dynamic_shapes=dynamic, verbose=False, **names
             )
@@ -199,7 +207,7 @@ def _trace(model: Any, example: Any, exporter: str, opset: int) -> Any:
             buf,
             dynamo=False,
             do_constant_folding=True,
-            dynamic_axes={INPUT_NAME: {0: BATCH_DIM}, OUTPUT_NAME: {0: BATCH_DIM}},
+            dynamic_axes=None if fixed else {INPUT_NAME: {0: BATCH_DIM}, OUTPUT_NAME: {0: BATCH_DIM}},
             **names,
         )
         return onnx.load_model_from_string(buf.getvalue())
@@ -213,8 +221,9 @@ def _dims(value_info: Any) -> list[int | str]:
     return [d.dim_param if d.HasField("dim_param") else d.dim_value for d in value_info.type.tensor_type.shape.dim]
 
 
-def _check_graph(proto: Any, meta: ModelMeta) -> None:
-    """The ONNX checker, then shape inference: one uint8 input and one output, both batch-symbolic."""
+def _check_graph(proto: Any, meta: ModelMeta, batch: int | None = None) -> None:
+    """The ONNX checker, then shape inference: one uint8 input and one output, both batch-symbolic (or
+    both of the fixed `batch`)."""
     import onnx
 
     try:
@@ -229,13 +238,19 @@ def _check_graph(proto: Any, meta: ModelMeta) -> None:
     if inputs[0].type.tensor_type.elem_type != onnx.TensorProto.UINT8:
         raise ModelError("exported graph does not take uint8 input")
     in_dims, out_dims = _dims(inputs[0]), _dims(outputs[0])
+    if batch is not None:
+        if in_dims != [batch, *meta.input_shape] or len(out_dims) != 2 or out_dims[0] != batch:
+            raise ModelError(
+                f"exported graph does not have the fixed batch {batch}: input {in_dims}, output {out_dims}"
+            )
+        return
     want_in = [BATCH_DIM, *meta.input_shape]
     if in_dims != want_in or len(out_dims) != 2 or not isinstance(out_dims[0], str) or not out_dims[0]:
         raise ModelError(f"exported graph is not batch-dynamic: input {in_dims}, output {out_dims}")
 
 
-def _check_session(data: bytes, meta: ModelMeta) -> None:
-    """onnxruntime loads the bytes and sees a symbolic batch dimension."""
+def _check_session(data: bytes, meta: ModelMeta, batch: int | None = None) -> None:
+    """onnxruntime loads the bytes and sees a symbolic batch dimension (or the fixed `batch`)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -246,8 +261,11 @@ def _check_session(data: bytes, meta: ModelMeta) -> None:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ModelError(f"onnxruntime {ort.__version__} cannot load the exported graph: {first}") from None
     shape = session.get_inputs()[0].shape
-    if not isinstance(shape[0], str) or list(shape[1:]) != list(meta.input_shape):
-        raise ModelError(f"onnxruntime sees input shape {shape}, expected [{BATCH_DIM}, *{list(meta.input_shape)}]")
+    first_ok = shape[0] == batch if batch is not None else isinstance(shape[0], str)
+    if not first_ok or list(shape[1:]) != list(meta.input_shape):
+        raise ModelError(
+            f"onnxruntime sees input shape {shape}, expected [{batch or BATCH_DIM}, *{list(meta.input_shape)}]"
+        )
 
 
 def read_record(proto: Any, where: str = "ONNX model") -> ModelMeta:
@@ -269,11 +287,12 @@ def opset_of(proto: Any) -> int | None:
     return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
-def finish(proto: Any, meta: ModelMeta, path: str) -> int:
-    """Check a derived graph (int8, fp16) like a fresh export, then write it atomically; returns its bytes."""
-    _check_graph(proto, meta)
+def finish(proto: Any, meta: ModelMeta, path: str, batch: int | None = None) -> int:
+    """Check a graph (fresh, or derived: int8, fp16) for its batch axis, then write it atomically;
+    returns its bytes."""
+    _check_graph(proto, meta, batch)
     data = proto.SerializeToString()
-    _check_session(data, meta)
+    _check_session(data, meta, batch)
     write_bytes(path, data)
     return len(data)
 

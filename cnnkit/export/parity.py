@@ -39,7 +39,7 @@ import numpy as np
 from cnnkit.devices import parse_device
 from cnnkit.errors import DeviceError, ParityError
 from cnnkit.meta import predict
-from cnnkit.runtime.session import load_cuda_libraries, quiet_session, runs_on_cuda
+from cnnkit.runtime.session import fixed_batch, load_cuda_libraries, quiet_session, run_fixed, runs_on_cuda
 
 Runner = Callable[[np.ndarray], np.ndarray]
 
@@ -297,11 +297,15 @@ def onnx_runner(path: str, device: str = "cpu") -> Runner:
             + (f": {said}" if said else "")
         )
     name = session.get_inputs()[0].name
+    fixed = fixed_batch(list(session.get_inputs()[0].shape))
 
-    def run(x: np.ndarray) -> np.ndarray:
+    def once(x: np.ndarray) -> np.ndarray:
         return session.run(None, {name: np.ascontiguousarray(x)})[0]
 
-    return run
+    if fixed is None:
+        return once
+    # A fixed-batch file (`cnnkit export --batch N`) is fed as `cnnkit infer` feeds it: N at a time, padded.
+    return lambda x: run_fixed(once, np.ascontiguousarray(x), fixed)
 
 
 def torchscript_runner(module: Any) -> Runner:

@@ -31,7 +31,7 @@ from cnnkit.files import atomic_path, check_not_an_input, check_outside, check_w
 from cnnkit.listing import class_of, list_pngs
 from cnnkit.meta import OUTPUT_LOGITS, ModelMeta
 from cnnkit.provenance import check_key, record
-from cnnkit.runs import ARTIFACT_NAMES, BEST_NAME, CHECKPOINT_NAME, REPORT_SUFFIX, latest_file
+from cnnkit.runs import ARTIFACT_NAMES, BEST_NAME, CHECKPOINT_NAME, REPORT_SUFFIX, fixed_batch_name, latest_file
 from cnnkit.runtime.session import read_meta
 from cnnkit.version import __version__
 
@@ -65,6 +65,10 @@ class ExportResult:
             or None for an FP16 file nothing here could run.
         accuracy: INT8 only: the accuracy gate (`cnnkit.export.quantize.AccuracyGate.to_dict()`).
         notes: remarks for the user (where a gate ran, what it could not check).
+        batch: ONNX: the fixed batch size of the graph (`batch=N`), None for a dynamic batch axis.
+        fold: ONNX: BatchNorm folded into convolutions before export (`cnnkit.export.fold`):
+            {"folded": [...], "unfolded": [{"layer", "why"}]}; None with `fold=False` and other formats.
+        mobile: ONNX: onnxruntime's mobile usability verdict on the file (`cnnkit.export.mobile`).
     """
 
     format: str
@@ -82,6 +86,9 @@ class ExportResult:
     verified_on: str | None = "cpu"
     accuracy: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+    batch: int | None = None
+    fold: dict[str, Any] | None = None
+    mobile: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -131,6 +138,8 @@ def export(
     strict: bool = False,
     keep_paths: bool = False,
     trust_arch: str | None = None,
+    batch: int | None = None,
+    fold: bool = True,
 ) -> ExportResult:
     """Export a checkpoint and gate the artifact against the eager model.
 
@@ -158,6 +167,10 @@ def export(
             only folder names (`shipped_meta`). The report beside it keeps full paths either way.
         trust_arch: a checkpoint of a user arch (`module.path:ClassName`) is exported only when this is
             the same import string: rebuilding it imports that module, which runs its code (SECURITY.md).
+        batch: fp32 ONNX only: fix the graph's batch axis to this size (NNAPI and CoreML need fixed
+            shapes); the file is `model.bN.onnx` by default (`cnnkit.runs.fixed_batch_name`).
+        fold: ONNX: fold BatchNorm into the convolutions where exact (`cnnkit.export.fold`); the gate
+            still compares against the unfolded eager model.
 
     Returns:
         The result; `result.to_dict()` is the JSON the CLI prints.
@@ -174,6 +187,7 @@ def export(
     precision, spec, tol, opset = _check_options(fmt, quantize, half, device, exporter, opset, max_abs_tol)
     if n_images < 1:
         raise CnnkitError(f"n_images must be at least 1, got {n_images}")
+    _check_batch(batch, fmt, precision)
     if quantize:
         from cnnkit.export.quantize import check_options as check_int8
 
@@ -192,9 +206,11 @@ def export(
         calibration_size=calibration_size,
         max_accuracy_drop=max_accuracy_drop,
         eval_limit=eval_limit,
+        batch=batch,
+        fold=fold,
     )
     checkpoint, model, meta = _load_checkpoint(checkpoint, trust_arch)
-    out = _resolve_out(out, checkpoint, fmt if precision == "fp32" else f"onnx-{precision}")
+    out = _resolve_out(out, checkpoint, fmt if precision == "fp32" else f"onnx-{precision}", batch)
     return _export_loaded(model, meta, checkpoint, checkpoint, out, data, settings, t0)
 
 
@@ -309,6 +325,20 @@ class _Settings:
     calibration_size: int = DEFAULT_CALIBRATION_SIZE
     max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP
     eval_limit: int = DEFAULT_EVAL_LIMIT
+    batch: int | None = None  # fp32 ONNX: a fixed batch axis
+    fold: bool = True  # ONNX: fold BatchNorm into convolutions (`cnnkit.export.fold`)
+
+
+def _check_batch(batch: int | None, fmt: str, precision: str) -> None:
+    """A fixed batch is for fp32 ONNX (what NNAPI and CoreML load), from 1 to the runtime's limit."""
+    from cnnkit.runtime.session import MAX_FIXED_BATCH
+
+    if batch is None:
+        return
+    if fmt != "onnx" or precision != "fp32":
+        raise ModelError("--batch applies to fp32 --format onnx only (not --quantize, --half or other formats)")
+    if not 1 <= batch <= MAX_FIXED_BATCH:
+        raise ModelError(f"--batch must be 1 to {MAX_FIXED_BATCH}, got {batch}")
 
 
 def _export_loaded(
@@ -328,17 +358,21 @@ def _export_loaded(
         else None
     )
 
+    from cnnkit.export.fold import fold_batchnorm
     from cnnkit.export.parity import torch_runner
 
     shipped, ship = _shipping(meta, s.keep_paths)  # what the artifact may tell about this machine
+    folded, fold_info = fold_batchnorm(model) if s.fmt == "onnx" and s.fold else (model, None)
+    if fold_info is not None:
+        log(f"export: BatchNorm folded into convolutions: {_fold_summary(fold_info)}")
     job = _Job(
         checkpoint=checkpoint,
         source=source,
         fmt=s.fmt,
         precision=s.precision,
-        model=model,
+        model=folded,
         meta=shipped,
-        reference=torch_runner(model),
+        reference=torch_runner(model),  # the unfolded eager model: the gate checks the folding too
         images=images,
         exporter=s.exporter,
         opset=s.opset,
@@ -348,6 +382,8 @@ def _export_loaded(
         int8_inputs=int8_inputs,
         max_accuracy_drop=s.max_accuracy_drop,
         ship=ship,
+        batch=s.batch,
+        fold=fold_info,
     )
     gated = _write_and_gate(job, out)
     return _write_report(job, gated, out, data_dir, meta, t0)  # the report keeps full paths: it stays here
@@ -373,6 +409,8 @@ class _Job:
     int8_inputs: tuple[np.ndarray, str, np.ndarray, np.ndarray, str] | None
     max_accuracy_drop: float
     ship: Callable[[Any], Any]  # a path as the artifact records it (`shipped_path`)
+    batch: int | None = None  # fp32 ONNX: the fixed batch axis
+    fold: dict[str, Any] | None = None  # what `fold_batchnorm` folded into `model`, None if not asked
 
 
 @dataclass
@@ -385,6 +423,7 @@ class _Gated:
     accuracy: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
     verified_on: str | None = "cpu"
+    mobile: dict[str, Any] | None = None
 
 
 def _check_options(
@@ -430,22 +469,32 @@ def _write_and_gate(job: _Job, out: str) -> _Gated:
     try:
         with atomic_path(out) as tmp:
             try:
-                return _export_fp32(job, tmp) if job.precision == "fp32" else _export_from_fp32_graph(job, tmp)
+                gated = _export_fp32(job, tmp) if job.precision == "fp32" else _export_from_fp32_graph(job, tmp)
             except ParityError as e:
                 if job.fmt != "onnx" or e.diff is not None or not (os.path.isfile(tmp) and os.path.getsize(tmp)):
                     raise
                 raise located(e, job.model, tmp, job.images) from None
+            if job.fmt == "onnx":
+                from cnnkit.export.mobile import mobile_verdict, summary
+
+                gated.mobile = mobile_verdict(tmp)
+                log(f"export: {summary(gated.mobile)}")
+            return gated
     except PermissionError as e:  # an exporter's own write (atomic_path reports the rest)
         raise ModelError(f"cannot write {out}: {e.strerror or e}; pass another --out") from None
 
 
 def _export_fp32(job: _Job, tmp: str) -> _Gated:
     """An fp32 ONNX, TorchScript or pt2 file at `tmp`, gated against the eager model."""
-    info, candidate = _export_to(tmp, job.model, job.meta, job.fmt, job.exporter, job.opset)
+    info, candidate = _export_to(tmp, job.model, job.meta, job.fmt, job.exporter, job.opset, job.batch)
     used_exporter = info["exporter"]
     how = f"{used_exporter}, opset {job.opset}" if job.fmt == "onnx" else used_exporter
+    if job.batch is not None:
+        how += f", fixed batch {job.batch}"
     log(f"export: {job.fmt} via {how} in {info['seconds']:.2f} s")
-    report = run_parity(job.reference, candidate, job.images, job.meta.output, job.tol)
+    # A fixed-batch file runs at its own batch size only (the runner pads the last, partial batch).
+    sizes = {} if job.batch is None else {"batch_sizes": (job.batch,)}
+    report = run_parity(job.reference, candidate, job.images, job.meta.output, job.tol, **sizes)
     log(f"export: {report.summary()}")
     if not report.passed:  # atomic_path removes the temporary file
         raise ParityError(f"{job.fmt} export of {job.source} ({how}): {report.summary()}; nothing was written")
@@ -458,7 +507,7 @@ def _export_from_fp32_graph(job: _Job, tmp: str) -> _Gated:
         fp32 = os.path.join(work, "model.fp32.onnx")
         base_tol = job.tol if job.precision == "int8" else TIERS["fp32"].max_abs
         base_info, base = _fp32_base(
-            fp32, job.model, job.meta, job.exporter, job.opset, job.images, base_tol, job.source
+            fp32, job.model, job.meta, job.exporter, job.opset, job.images, base_tol, job.source, job.reference
         )
         used_exporter = base_info["exporter"]
         if job.precision == "int8":
@@ -500,6 +549,9 @@ def _write_report(job: _Job, gated: _Gated, out: str, data_dir: str, local_meta:
         verified_on=verified_on if report is not None else None,
         accuracy=gated.accuracy,
         notes=gated.notes,
+        batch=job.batch,
+        fold=job.fold,
+        mobile=gated.mobile,
     )
     # Lets `cnnkit bench` load a .ts / .pt2 it can prove cnnkit wrote (cnnkit.provenance): the hash of
     # the bytes the gate loaded, not of whatever is at `out` by now.
@@ -508,6 +560,13 @@ def _write_report(job: _Job, gated: _Gated, out: str, data_dir: str, local_meta:
     write_json(result.report_path, {**result.to_dict(), "meta": local_meta.to_dict()})  # stays on this machine
     log(f"export: wrote {out} ({gated.info['bytes']:,} bytes) and {result.report_path}")
     return result
+
+
+def _fold_summary(info: dict[str, Any]) -> str:
+    """`net.2, net.6 folded; net.9 left (why)` for the log."""
+    done = f"{', '.join(info['folded'])} folded" if info["folded"] else "nothing folded"
+    left = "; ".join(f"{u['layer']} left in place: {u['why']}" for u in info["unfolded"])
+    return f"{done}; {left}" if left else done
 
 
 DATA_PATH_KEYS = ("root", "train", "test")  # the folders `extra["data"]` records (cnnkit.trainer.loop)
@@ -547,14 +606,16 @@ def _fp32_base(
     images: np.ndarray,
     tol: float,
     checkpoint: str,
+    reference: Any,
 ) -> tuple[dict[str, Any], ParityReport]:
-    """Export the fp32 ONNX graph that INT8/FP16 start from, and gate it like a plain ONNX export."""
+    """Export the fp32 ONNX graph that INT8/FP16 start from, and gate it like a plain ONNX export
+    (against `reference`, the unfolded eager model)."""
     from cnnkit.export import onnx as onnx_export
     from cnnkit.export import parity
 
     info = onnx_export.export_onnx(model, meta, path, exporter, opset)
     _check_record(read_meta(path), meta, path)
-    report = run_parity(parity.torch_runner(model), parity.onnx_runner(path), images, meta.output, tol)
+    report = run_parity(reference, parity.onnx_runner(path), images, meta.output, tol)
     log(f"export: fp32 graph ({info['exporter']}, opset {info['opset']}): {report.summary()}")
     if not report.passed:
         raise located(
@@ -691,14 +752,14 @@ def _fp16(
 
 
 def _export_to(
-    path: str, model: Any, meta: ModelMeta, fmt: str, exporter: str, opset: int | None
+    path: str, model: Any, meta: ModelMeta, fmt: str, exporter: str, opset: int | None, batch: int | None = None
 ) -> tuple[dict[str, Any], Any]:
     """Write the artifact to `path`; return (info, a parity runner over the file as written)."""
     from cnnkit.export import onnx as onnx_export
     from cnnkit.export import parity, pt2, torchscript
 
     if fmt == "onnx":
-        info = onnx_export.export_onnx(model, meta, path, exporter, opset)
+        info = onnx_export.export_onnx(model, meta, path, exporter, opset, batch)
         _check_record(read_meta(path), meta, path)
         return info, parity.onnx_runner(path)
     # These formats run code when loaded: the gate loads the bytes it hashes, and the manifest vouches
@@ -752,8 +813,8 @@ def _check_record(record: ModelMeta, meta: ModelMeta, path: str) -> None:
         raise ModelError(f"{path}: the metadata written into the artifact does not match the checkpoint's")
 
 
-def _resolve_out(out: str | None, checkpoint: str, kind: str) -> str:
-    name = ARTIFACT_NAMES[kind]
+def _resolve_out(out: str | None, checkpoint: str, kind: str, batch: int | None = None) -> str:
+    name = fixed_batch_name(ARTIFACT_NAMES[kind], batch)
     if out is None:
         out = os.path.join(os.path.dirname(checkpoint), name)
     elif out.endswith(("/", os.sep)) or os.path.isdir(out):

@@ -30,6 +30,7 @@ from cnnkit.meta import METADATA_KEY, OUTPUT_SIGMOID, ModelMeta
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 CPU_SLICE = 64  # images per onnxruntime call on the CPU provider (see `Session.run`)
+MAX_FIXED_BATCH = 4096  # the largest fixed batch axis a model may have (`cnnkit export --batch`)
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,6 +237,8 @@ class Session:
         threads: intra-op threads (CPU provider), None for onnxruntime's default.
         notes: one-line remarks for the user (e.g. why `auto` did not use CUDA).
         cpu_slice: the CPU provider runs larger batches in slices of this many images.
+        batch: the model's fixed batch size (`cnnkit export --batch N`), None for a dynamic batch axis;
+            `run` then feeds it exactly N images per call, padding the last call.
     """
 
     path: str
@@ -248,24 +251,27 @@ class Session:
     notes: list[str] = field(default_factory=list)
     cpu_slice: int = CPU_SLICE
     device_id: int = 0  # the GPU, when `provider` is CUDA
+    batch: int | None = None
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """Model outputs for a uint8 batch of shape (N, C, H, W) or (N, H, W) (1 channel)."""
+        """Model outputs for a uint8 batch of shape (N, C, H, W) or (N, H, W) (1 channel), any N."""
         if batch.ndim == 3:
             batch = batch[:, None]
         batch = np.ascontiguousarray(batch, dtype=np.uint8)
+        if self.batch is not None:
+            one = self._run_cuda if self.provider == CUDA else self._run_once
+            return run_fixed(one, batch, self.batch)
         if self.provider == CUDA:
             return self._run_cuda(batch)
         n, step = len(batch), self.cpu_slice
         if n <= step:
-            return self.ort_session.run([self.output_name], {self.input_name: batch})[0]
+            return self._run_once(batch)
         # Cache-sized slices: the lecture CNN costs 11 us per image in runs of 64 (its conv
         # activations, 2.4 MB, stay in L2/L3) and 17 us in runs of 256 or more, on one core.
-        parts = [
-            self.ort_session.run([self.output_name], {self.input_name: batch[i : i + step]})[0]
-            for i in range(0, n, step)
-        ]
-        return np.concatenate(parts)
+        return np.concatenate([self._run_once(batch[i : i + step]) for i in range(0, n, step)])
+
+    def _run_once(self, batch: np.ndarray) -> np.ndarray:
+        return self.ort_session.run([self.output_name], {self.input_name: batch})[0]
 
     def _run_cuda(self, batch: np.ndarray) -> np.ndarray:
         # IOBinding, the CUDA pattern onnxruntime documents: the output is bound on the device and
@@ -397,12 +403,29 @@ def _input_problem(path: str, meta: ModelMeta, name: str, type_name: str, shape:
             f"{path}: input {name!r} has shape {shape}, the model record says "
             f"[batch, {', '.join(map(str, meta.input_shape))}]"
         )
-    if isinstance(shape[0], int) and shape[0] > 0:
+    if isinstance(shape[0], int) and not 0 < shape[0] <= MAX_FIXED_BATCH:
         return (
-            f"{path}: input {name!r} has a fixed batch size {shape[0]}; re-export it with a dynamic "
-            "batch axis (`cnnkit export --format onnx` does)"
+            f"{path}: input {name!r} has batch size {shape[0]}; expected a dynamic batch axis or 1 to {MAX_FIXED_BATCH}"
         )
     return None
+
+
+def fixed_batch(shape: list[Any]) -> int | None:
+    """The batch size a graph input of `shape` is fixed to (`cnnkit export --batch N`), or None when dynamic."""
+    return shape[0] if shape and isinstance(shape[0], int) and shape[0] > 0 else None
+
+
+def run_fixed(run: Any, batch: np.ndarray, n: int) -> np.ndarray:
+    """`run` (one model call) over `batch` in chunks of exactly `n` images, for a model whose batch
+    axis is fixed to `n`: the last, partial chunk is padded with zero images whose outputs are dropped."""
+    parts = []
+    for i in range(0, len(batch), n):
+        chunk = batch[i : i + n]
+        k = len(chunk)
+        if k < n:
+            chunk = np.concatenate([chunk, np.zeros((n - k, *chunk.shape[1:]), dtype=chunk.dtype)])
+        parts.append(run(chunk)[:k])
+    return np.concatenate(parts)
 
 
 def _check_io(path: str, meta: ModelMeta, sess: Any) -> tuple[str, str]:
@@ -456,6 +479,7 @@ def create_session(path: str, device: str = "auto", threads: int | None = None) 
         notes.append(f"device auto: the CUDA provider did not load, running on the CPU: {_cuda_fix()}")
     input_name, output_name = _check_io(path, meta, sess)
     provider = CUDA if on_cuda else CPU
+    fixed = fixed_batch(list(sess.get_inputs()[0].shape))
     return Session(
         path,
         meta,
@@ -466,4 +490,5 @@ def create_session(path: str, device: str = "auto", threads: int | None = None) 
         sess,
         notes,
         device_id=spec.cuda_index if provider == CUDA else 0,
+        batch=fixed,
     )
