@@ -45,10 +45,12 @@ def exported(request, trained, tmp_path_factory) -> str:
     return export(trained, out=out, exporter=request.param, n_images=16).path
 
 
-def _corrupt(src: str, dst: str, weight: str = "net.4.weight") -> str:
-    """A copy of `src` with one value of `weight` (the second convolution's) moved by 1.0."""
+def _corrupt(src: str, dst: str, layer: str = "net.4") -> str:
+    """A copy of `src` with one value of `layer`'s convolution weight (the second convolution's; folded
+    or not, its initializer's name holds the layer's) moved by 1.0."""
     proto = onnx.load(src)
-    init = next(t for t in proto.graph.initializer if t.name == weight)
+    init = next(t for t in proto.graph.initializer if layer + "." in t.name + "." and len(t.dims) == 4)
+    weight = init.name
     values = numpy_helper.to_array(init).copy()
     values.flat[0] += 1.0
     init.CopyFrom(numpy_helper.from_array(values, weight))
@@ -127,8 +129,8 @@ def test_torchscript_compares_the_final_output_and_needs_proof(trained, tmp_path
 def test_the_export_gate_names_the_broken_layer(trained, tmp_path, monkeypatch) -> None:
     real = onnx_export.export_onnx
 
-    def broken(model, meta, path, exporter="dynamo", opset=None):
-        info = real(model, meta, path, exporter, opset)
+    def broken(model, meta, path, exporter="dynamo", opset=None, batch=None):
+        info = real(model, meta, path, exporter, opset, batch)
         _corrupt(path, path)
         return info
 

@@ -356,7 +356,12 @@ def diff(
     model, meta, _ = model_from_checkpoint(checkpoint, trust_arch)
     images = _images(data, meta, checkpoint, n_images)
     if artifact.endswith(".onnx"):
-        _same_model(read_meta(artifact), meta, artifact, checkpoint)
+        record = read_meta(artifact)
+        _same_model(record, meta, artifact, checkpoint)
+        if isinstance(record.extra.get("fold"), dict) and record.extra["fold"].get("folded"):
+            from cnnkit.export.fold import fold_batchnorm
+
+            model, _ = fold_batchnorm(model)  # as export did: its layers are the folded ones
         result = diff_file(model, artifact, images)
     else:
         result = _diff_final(model, meta, artifact, images, trust_model, checkpoint)

@@ -79,7 +79,6 @@ def fold_batchnorm(model: Any) -> tuple[Any, dict[str, Any]]:
     if not isinstance(net, nn.Sequential):
         return model, info
     layers = list(net)
-    drop: set[int] = set()
     for i, layer in enumerate(layers):
         if not isinstance(layer, nn.Conv2d):
             continue
@@ -91,7 +90,7 @@ def fold_batchnorm(model: Any) -> tuple[Any, dict[str, Any]]:
             info["unfolded"].append({"layer": f"net.{j}", "why": why})
             continue
         layers[i] = _folded_conv(layer, *_scale_shift(layers[j]))
-        drop.add(j)
+        layers[j] = nn.Identity()  # kept in place: every other layer keeps its name (`cnnkit diff` maps by name)
         info["folded"].append(f"net.{j}")
-    model.net = nn.Sequential(*(m for k, m in enumerate(layers) if k not in drop)).eval()
+    model.net = nn.Sequential(*layers).eval()
     return model, info

@@ -365,6 +365,7 @@ def _export_loaded(
     folded, fold_info = fold_batchnorm(model) if s.fmt == "onnx" and s.fold else (model, None)
     if fold_info is not None:
         log(f"export: BatchNorm folded into convolutions: {_fold_summary(fold_info)}")
+        shipped = shipped.replace(extra={**shipped.extra, "fold": fold_info})  # `cnnkit diff` folds alike
     job = _Job(
         checkpoint=checkpoint,
         source=source,
