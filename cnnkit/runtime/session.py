@@ -248,6 +248,7 @@ class Session:
     notes: list[str] = field(default_factory=list)
     cpu_slice: int = CPU_SLICE
     device_id: int = 0  # the GPU, when `provider` is CUDA
+    backend: str = "onnxruntime"  # as `runtime.backends.BACKENDS`
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Model outputs for a uint8 batch of shape (N, C, H, W) or (N, H, W) (1 channel)."""
