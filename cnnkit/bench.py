@@ -18,6 +18,9 @@ with more threads than idle cores, torch's OpenMP pool waits on the machine's lo
 and the table would compare that load rather than the artifacts. Rows run
 one after another in this process, so compare rows of one table, not numbers across tables.
 
+With openvino installed (`pip install 'cnnkit[openvino]'`), every ONNX file also gets a CPU row on
+OpenVINO (`backend` "openvino", the session `cnnkit infer --backend openvino` uses, at f32 precision).
+
 Torch rows need torch; without it the ONNX rows still run (the reference columns are then empty),
 so the benchmark works on an edge device with onnxruntime + numpy only.
 """
@@ -94,6 +97,7 @@ class BenchRow:
         p50_ms: median warm call at batch 1.
         images_per_second: at `batch_size`.
         error: why the row could not run (the other numbers are then None).
+        backend: `onnxruntime` or `openvino` for ONNX files (`cnnkit.runtime.backends`), `torch` otherwise.
     """
 
     artifact: str
@@ -110,6 +114,7 @@ class BenchRow:
     p50_ms: float | None = None
     images_per_second: float | None = None
     error: str | None = None
+    backend: str = ""
 
 
 @dataclass
@@ -159,6 +164,10 @@ TABLE_HEADERS = (
 )
 
 
+def _device_cell(row: BenchRow) -> str:
+    return f"{row.device} (openvino)" if row.backend == "openvino" else row.device
+
+
 def format_table(result: BenchResult) -> str:
     """The human table (stderr): one line per row, `-` where a number does not apply."""
 
@@ -168,12 +177,12 @@ def format_table(result: BenchResult) -> str:
     rows = []
     for r in result.rows:
         if r.error:
-            rows.append([r.artifact, r.device, round(r.bytes / 1024), f"error: {r.error}", *[""] * 7])
+            rows.append([r.artifact, _device_cell(r), round(r.bytes / 1024), f"error: {r.error}", *[""] * 7])
             continue
         rows.append(
             [
                 r.artifact,
-                r.device,
+                _device_cell(r),
                 round(r.bytes / 1024),
                 num(None if r.accuracy is None else r.accuracy * 100, ".2f"),
                 num(r.accuracy_change, "+.2f"),
@@ -229,10 +238,17 @@ def _load(
     threads: int | None = DEFAULT_THREADS,
     data: bytes | None = None,
     trust_arch: str | None = None,
+    backend: str = "onnxruntime",
 ) -> tuple[Runner, str]:
     """(runner: uint8 batch -> float32 outputs, runtime description); torch's threads are set by `bench`.
     `data`: a TorchScript or pt2 file's checked bytes, loaded instead of `path`; `trust_arch`: the user
-    arch the eager checkpoint may name (`cnnkit.checkpoint.model_from_checkpoint`)."""
+    arch the eager checkpoint may name (`cnnkit.checkpoint.model_from_checkpoint`); `backend`: the
+    runtime of an ONNX file (`cnnkit.runtime.backends`)."""
+    if artifact.startswith("onnx") and backend == "openvino":
+        from cnnkit.runtime.openvino import create_openvino_session
+
+        ov = create_openvino_session(path, device=device, threads=threads)
+        return ov.run, f"openvino {ov.config['openvino']} CPU ({ov.config['INFERENCE_PRECISION_HINT']})"
     if artifact.startswith("onnx"):
         from cnnkit.runtime.session import create_session
 
@@ -498,11 +514,19 @@ def _devices(
     return torch_devices, ort_devices
 
 
+def _have_openvino() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
+
+
 def _plan(
     found: dict[str, str], torch_devices: list[str], ort_devices: list[str], gpu: str, notes: list[str]
-) -> list[tuple[str, str, str]]:
-    """(artifact kind, path, device) of every row, in the table's order."""
-    plan: list[tuple[str, str, str]] = []
+) -> list[tuple[str, str, str, str]]:
+    """(artifact kind, path, device, backend) of every row, in the table's order: each ONNX file on
+    onnxruntime, then on OpenVINO's CPU device when it is installed and the CPU is benchmarked."""
+    plan: list[tuple[str, str, str, str]] = []
+    openvino = _have_openvino() and "cpu" in ort_devices
     for kind, _, runtime in ARTIFACTS:
         if kind not in found:
             continue
@@ -512,7 +536,10 @@ def _plan(
             if gpu not in devices:
                 notes.append(f"{found[kind]}: skipped, FP16 runs on the CUDA provider and none works here")
             devices = [d for d in devices if d == gpu]
-        plan += [(kind, found[kind], d) for d in devices]
+        backend = "torch" if runtime == "torch" else "onnxruntime"
+        plan += [(kind, found[kind], d, backend) for d in devices]
+        if runtime != "torch" and kind != "onnx-fp16" and openvino:
+            plan.append((kind, found[kind], "cpu", "openvino"))
     return plan
 
 
@@ -530,7 +557,7 @@ def _torch_threads(threads: int) -> Iterator[None]:
 
 
 def _run_plan(
-    plan: list[tuple[str, str, str]],
+    plan: list[tuple[str, str, str, str]],
     found: dict[str, str],
     images: np.ndarray,
     labels: np.ndarray | None,
@@ -543,22 +570,22 @@ def _run_plan(
     """Measure each (artifact, path, device) of the plan; the eager CPU run is the reference."""
     reference: np.ndarray | None = None
     ref_acc: float | None = None
-    if "eager" in found and ("eager", found["eager"], "cpu") not in plan:
+    if "eager" in found and ("eager", found["eager"], "cpu", "torch") not in plan:
         # --device cuda: the reference still runs in float32 on the CPU
         ref_run, _ = _load("eager", found["eager"], "cpu", threads, trust_arch=trust_arch)
         reference = np.concatenate([ref_run(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
         ref_acc = None if labels is None else top1(reference, labels, meta.output)
     rows: list[BenchRow] = []
-    for kind, path, dev in plan:
-        row = BenchRow(artifact=kind, path=path, device=dev, runtime="", bytes=os.path.getsize(path))
+    for kind, path, dev, backend in plan:
+        row = BenchRow(artifact=kind, path=path, device=dev, runtime="", bytes=os.path.getsize(path), backend=backend)
         try:
             t = time.perf_counter()
-            runner, row.runtime = _load(kind, path, dev, threads, data=proven.get(kind), trust_arch=trust_arch)
+            runner, row.runtime = _load(kind, path, dev, threads, proven.get(kind), trust_arch, backend)
             row.load_ms = round((time.perf_counter() - t) * 1e3, 2)
             outputs, cold, p50, ips = _measure(runner, images, batch_size)
         except Exception as e:  # a row that fails is reported, the others still run
             row.error = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            log(f"bench: {kind} on {dev}: {row.error}")
+            log(f"bench: {kind} on {_device_cell(row)}: {row.error}")
             rows.append(row)
             continue
         row.cold_ms, row.p50_ms, row.images_per_second = round(cold, 3), round(p50, 4), round(ips, 1)
@@ -574,7 +601,7 @@ def _run_plan(
             if row.accuracy is not None and ref_acc is not None:
                 row.accuracy_change = round((row.accuracy - ref_acc) * 100, 4)
         rows.append(row)
-        log(f"bench: {kind} on {dev}: {row.images_per_second:,.0f} img/s")
+        log(f"bench: {kind} on {_device_cell(row)}: {row.images_per_second:,.0f} img/s")
     return rows, reference
 
 
@@ -582,7 +609,7 @@ def _versions() -> dict[str, str]:
     from importlib import metadata
 
     out = {}
-    for dist in ("cnnkit", "onnxruntime", "onnxruntime-gpu", "torch", "numpy"):
+    for dist in ("cnnkit", "onnxruntime", "onnxruntime-gpu", "openvino", "torch", "numpy"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

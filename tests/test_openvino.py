@@ -146,3 +146,19 @@ print("HEAVY", heavy, file=sys.stderr)
     assert proc.returncode == 0, proc.stderr
     assert "HEAVY []" in proc.stderr, proc.stderr
     assert json.loads(proc.stdout)["backend_parity"]["passed"] is True
+
+
+def test_bench_plans_an_openvino_row_per_onnx_file_on_the_cpu(monkeypatch):
+    from cnnkit import bench
+
+    found = {"eager": "best.pt", "onnx": "model.onnx", "onnx-int8": "model.int8.onnx", "onnx-fp16": "model.fp16.onnx"}
+    plan = bench._plan(found, ["cpu"], ["cpu"], "cuda", [])
+    assert [(k, d, b) for k, _, d, b in plan] == [
+        ("eager", "cpu", "torch"),
+        ("onnx", "cpu", "onnxruntime"),
+        ("onnx", "cpu", "openvino"),
+        ("onnx-int8", "cpu", "onnxruntime"),
+        ("onnx-int8", "cpu", "openvino"),
+    ]
+    monkeypatch.setattr(bench, "_have_openvino", lambda: False)
+    assert all(b != "openvino" for *_, b in bench._plan(found, ["cpu"], ["cpu"], "cuda", []))
