@@ -24,6 +24,9 @@ with more threads than idle cores, torch's OpenMP pool waits on the machine's lo
 and the table would compare that load rather than the artifacts. Rows run
 one after another in this process, so compare rows of one table, not numbers across tables.
 
+With openvino installed (`pip install 'cnnkit[openvino]'`), every ONNX file also gets a CPU row on
+OpenVINO (`backend` "openvino", the session `cnnkit infer --backend openvino` uses, at f32 precision).
+
 Torch rows need torch; without it the ONNX rows still run (the reference columns are then empty),
 so the benchmark works on an edge device with onnxruntime + numpy only.
 """
@@ -117,6 +120,7 @@ class BenchRow:
         cold_start_ms: ONNX rows: a fresh process, spawn to first prediction (median of `cold_starts`).
         peak_rss_mb: that process's peak resident memory, MiB (largest of the `cold_starts` processes).
         cold_start_error: why the cold-start process gave no answer (the two columns are then None).
+        backend: `onnxruntime` or `openvino` for ONNX files (`cnnkit.runtime.backends`), `torch` otherwise.
     """
 
     artifact: str
@@ -142,6 +146,7 @@ class BenchRow:
     cold_start_ms: float | None = None
     peak_rss_mb: float | None = None
     cold_start_error: str | None = None
+    backend: str = ""
 
 
 @dataclass
@@ -204,6 +209,10 @@ TABLE_HEADERS = (
 )
 
 
+def _device_cell(row: BenchRow) -> str:
+    return f"{row.device} (openvino)" if row.backend == "openvino" else row.device
+
+
 def format_table(result: BenchResult) -> str:
     """The human table (stderr): one line per row, `-` where a number does not apply."""
 
@@ -214,13 +223,19 @@ def format_table(result: BenchResult) -> str:
     for r in result.rows:
         if r.error:
             rows.append(
-                [r.artifact, r.device, round(r.bytes / 1024), f"error: {r.error}", *[""] * (len(TABLE_HEADERS) - 4)]
+                [
+                    r.artifact,
+                    _device_cell(r),
+                    round(r.bytes / 1024),
+                    f"error: {r.error}",
+                    *[""] * (len(TABLE_HEADERS) - 4),
+                ]
             )
             continue
         rows.append(
             [
                 r.artifact,
-                r.device,
+                _device_cell(r),
                 round(r.bytes / 1024),
                 num(None if r.accuracy is None else r.accuracy * 100, ".2f"),
                 num(r.accuracy_change, "+.2f"),
@@ -285,10 +300,17 @@ def _load(
     threads: int | None = DEFAULT_THREADS,
     data: bytes | None = None,
     trust_arch: str | None = None,
+    backend: str = "onnxruntime",
 ) -> tuple[Runner, str]:
     """(runner: uint8 batch -> float32 outputs, runtime description); torch's threads are set by `bench`.
     `data`: a TorchScript or pt2 file's checked bytes, loaded instead of `path`; `trust_arch`: the user
-    arch the eager checkpoint may name (`cnnkit.checkpoint.model_from_checkpoint`)."""
+    arch the eager checkpoint may name (`cnnkit.checkpoint.model_from_checkpoint`); `backend`: the
+    runtime of an ONNX file (`cnnkit.runtime.backends`)."""
+    if artifact.startswith("onnx") and backend == "openvino":
+        from cnnkit.runtime.openvino import create_openvino_session
+
+        ov = create_openvino_session(path, device=device, threads=threads)
+        return ov.run, f"openvino {ov.config['openvino']} CPU ({ov.config['INFERENCE_PRECISION_HINT']})"
     if artifact.startswith("onnx"):
         from cnnkit.runtime.session import create_session
 
@@ -450,6 +472,9 @@ def _first_image(folder: str) -> str | None:
 def _cold_columns(row: BenchRow, image: str | None, threads: int, runs: int) -> None:
     """Fill the cold-start columns of an ONNX row from `runs` fresh processes (median time, largest memory)."""
     if runs < 1 or not row.artifact.startswith("onnx") or row.error:
+        return
+    if row.backend == "openvino":  # its first run also checks parity against onnxruntime: not a cold start
+        row.cold_start_error = "measured on onnxruntime rows only"
         return
     if image is None or not hasattr(os, "wait4"):
         row.cold_start_error = "no image file to predict" if image is None else "needs os.wait4 (POSIX)"
@@ -682,11 +707,19 @@ def _devices(
     return torch_devices, ort_devices
 
 
+def _have_openvino() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
+
+
 def _plan(
     found: dict[str, str], torch_devices: list[str], ort_devices: list[str], gpu: str, notes: list[str]
-) -> list[tuple[str, str, str]]:
-    """(artifact kind, path, device) of every row, in the table's order."""
-    plan: list[tuple[str, str, str]] = []
+) -> list[tuple[str, str, str, str]]:
+    """(artifact kind, path, device, backend) of every row, in the table's order: each ONNX file on
+    onnxruntime, then on OpenVINO's CPU device when it is installed and the CPU is benchmarked."""
+    plan: list[tuple[str, str, str, str]] = []
+    openvino = _have_openvino() and "cpu" in ort_devices
     for kind, _, runtime in ARTIFACTS:
         if kind not in found:
             continue
@@ -696,7 +729,10 @@ def _plan(
             if gpu not in devices:
                 notes.append(f"{found[kind]}: skipped, FP16 runs on the CUDA provider and none works here")
             devices = [d for d in devices if d == gpu]
-        plan += [(kind, found[kind], d) for d in devices]
+        backend = "torch" if runtime == "torch" else "onnxruntime"
+        plan += [(kind, found[kind], d, backend) for d in devices]
+        if runtime != "torch" and kind != "onnx-fp16" and openvino:
+            plan.append((kind, found[kind], "cpu", "openvino"))
     return plan
 
 
@@ -726,7 +762,7 @@ class _Settings:
 
 
 def _run_plan(
-    plan: list[tuple[str, str, str]],
+    plan: list[tuple[str, str, str, str]],
     found: dict[str, str],
     images: np.ndarray,
     labels: np.ndarray | None,
@@ -738,14 +774,14 @@ def _run_plan(
     """Measure each (artifact, path, device) of the plan; the eager CPU run is the reference."""
     reference: np.ndarray | None = None
     ref_acc: float | None = None
-    if "eager" in found and ("eager", found["eager"], "cpu") not in plan:
+    if "eager" in found and ("eager", found["eager"], "cpu", "torch") not in plan:
         # --device cuda: the reference still runs in float32 on the CPU
         ref_run, _ = _load("eager", found["eager"], "cpu", how.threads, trust_arch=trust_arch)
         b = how.batch_size
         reference = np.concatenate([ref_run(images[i : i + b]) for i in range(0, len(images), b)])
         ref_acc = None if labels is None else top1(reference, labels, meta.output)
     rows: list[BenchRow] = []
-    for kind, path, dev in plan:
+    for kind, path, dev, backend in plan:
         row = BenchRow(
             artifact=kind,
             path=path,
@@ -753,6 +789,7 @@ def _run_plan(
             runtime="",
             bytes=os.path.getsize(path),
             precision=PRECISIONS.get(kind, "fp32"),
+            backend=backend,
         )
         rows.append(row)
         outputs = _measure_row(row, images, how, proven.get(kind), trust_arch)
@@ -765,7 +802,7 @@ def _run_plan(
         if reference is not None:
             _compare(row, outputs, reference, ref_acc, meta.output)
         _cold_columns(row, how.image, how.threads, how.cold_starts)
-        log(f"bench: {kind} on {dev}: {row.images_per_second:,.0f} img/s")
+        log(f"bench: {kind} on {_device_cell(row)}: {row.images_per_second:,.0f} img/s")
     return rows, reference
 
 
@@ -775,12 +812,14 @@ def _measure_row(
     """Load the row's artifact and fill its timing columns; its outputs, or None with `row.error` set."""
     try:
         t = time.perf_counter()
-        runner, row.runtime = _load(row.artifact, row.path, row.device, how.threads, data=data, trust_arch=trust_arch)
+        runner, row.runtime = _load(
+            row.artifact, row.path, row.device, how.threads, data=data, trust_arch=trust_arch, backend=row.backend
+        )
         row.load_ms = round((time.perf_counter() - t) * 1e3, 2)
         m = _measure(runner, images, how.batch_size, how.latency_calls, how.sweep)
     except Exception as e:  # a row that fails is reported, the others still run
         row.error = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        log(f"bench: {row.artifact} on {row.device}: {row.error}")
+        log(f"bench: {row.artifact} on {_device_cell(row)}: {row.error}")
         return None
     p50, p95, p99 = np.percentile(m.latencies_ms, [50, 95, 99])
     row.cold_ms, row.images_per_second = round(m.cold_ms, 3), round(m.images_per_second, 1)
@@ -804,7 +843,7 @@ def _versions() -> dict[str, str]:
     from importlib import metadata
 
     out = {}
-    for dist in ("cnnkit", "onnxruntime", "onnxruntime-gpu", "torch", "numpy"):
+    for dist in ("cnnkit", "onnxruntime", "onnxruntime-gpu", "openvino", "torch", "numpy"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

@@ -492,12 +492,20 @@ def infer(
             "in <output>.failures.csv.",
         ),
     ] = False,
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="onnxruntime or openvino (CPU; pip install 'cnnkit[openvino]'). OpenVINO's first run on a "
+            "model file is checked against onnxruntime and refused (exit 3) if they disagree."
+        ),
+    ] = "onnxruntime",
     as_json: JsonOpt = False,
 ) -> None:
-    """Classify every PNG under FOLDER with ONNX Runtime; write a CSV and print a summary.
+    """Classify every PNG under FOLDER with ONNX Runtime (or OpenVINO); write a CSV and print a summary.
 
-    Exit status: 0 every file predicted; 4 some files could not be used (listed in
-    <output>.failures.csv; the rest predicted), or with --strict the run stopped at the first one.
+    Exit status: 0 every file predicted; 3 --backend openvino does not agree with onnxruntime on this
+    model; 4 some files could not be used (listed in <output>.failures.csv; the rest predicted), or
+    with --strict the run stopped at the first one.
     """
     from cnnkit.runtime.infer import format_summary
     from cnnkit.runtime.infer import infer as run_infer
@@ -513,6 +521,7 @@ def infer(
         workers=workers,
         shard=picked,
         strict=strict,
+        backend=backend,
     )
     _emit(result.to_dict(), as_json, format_summary(result))
     if result.n_failed:

@@ -22,6 +22,14 @@ import and session; wall: the whole process, interpreter start to exit):
                    Python; its images/s counts the listing, creating the Predictor (onnxruntime's import,
                    the session, the decoder processes) and predict, as cnnkit's counts its own steps;
                    `predict_seconds` is predict alone (a Predictor already made)
+    cnnkit-int8    as cnnkit, on the INT8 file (`--int8-model`, default model.int8.onnx beside --model)
+    openvino       as cnnkit with backend="openvino" (`cnnkit infer --backend openvino`: f32 precision
+                   hint, 1 thread beside the decoders); the first run pays the first-use parity check
+                   against onnxruntime (256 images), later runs reuse its verdict (a cache per benchmark)
+    openvino-int8  the same on the INT8 file
+With an openvino method, the model-only table also times OpenVINO on both files, and `backend_parity`
+compares OpenVINO with onnxruntime on every decoded image of the folder (full outputs: max |diff|,
+argmax agreement), fp32 and INT8.
 The torch peers run the checkpoint's weights (`--checkpoint`, default runs/latest/best.pt); without
 one they run random weights, and the results file says `"trained": false`.
 
@@ -64,7 +72,7 @@ import tempfile
 import threading
 import time
 
-METHODS = ("lecture", "imagefolder", "ort+pillow", "cnnkit", "predictor")
+METHODS = ("lecture", "imagefolder", "ort+pillow", "cnnkit", "predictor", "cnnkit-int8", "openvino", "openvino-int8")
 BATCH = 256
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -154,11 +162,12 @@ def run_ort_pillow(a: argparse.Namespace) -> dict:
     return {"n": n, "seconds": time.perf_counter() - t0, "provider": sess.get_providers()[0]}
 
 
-def run_cnnkit(a: argparse.Namespace) -> dict:
+def run_cnnkit(a: argparse.Namespace, model: str | None = None, backend: str = "onnxruntime") -> dict:
     from cnnkit.runtime.infer import infer
 
     with tempfile.TemporaryDirectory() as tmp:
-        res = infer(a.folder, a.model, device=a.device, output=os.path.join(tmp, "predictions.csv"))
+        out = os.path.join(tmp, "predictions.csv")
+        res = infer(a.folder, model or a.model, device=a.device, output=out, backend=backend)
     d = res.to_dict()
     return {
         "n": d["n_images"],
@@ -167,7 +176,40 @@ def run_cnnkit(a: argparse.Namespace) -> dict:
         "workers": d["workers"],
         "threads": d["threads"],
         "n_failed": d["n_failed"],
+        "accuracy": d["accuracy"],
+        "backend": d["backend"],
+        "backend_config": d["backend_config"],
+        "backend_parity": d["backend_parity"],
     }
+
+
+def _int8_model(a: argparse.Namespace) -> str:
+    return a.int8_model or os.path.join(os.path.dirname(os.path.abspath(a.model)), "model.int8.onnx")
+
+
+def backend_parity(a: argparse.Namespace) -> dict:
+    """OpenVINO vs onnxruntime (cnnkit's sessions, 1 thread) on every decodable image of the folder."""
+    import numpy as np
+
+    from cnnkit.batches import load_images
+    from cnnkit.meta import predict
+    from cnnkit.runtime.backends import create_session
+
+    out = {}
+    for name, model in (("fp32", a.model), ("int8", _int8_model(a))):
+        ort = create_session(model, device="cpu", threads=1)
+        ov = create_session(model, device="cpu", threads=1, backend="openvino")
+        images = load_images(a.folder, ort.meta, limit=None).images
+        x, y = ort.run(images).astype(np.float64), ov.run(images).astype(np.float64)
+        same = predict(x, ort.meta.output)[0] == predict(y, ort.meta.output)[0]
+        out[name] = {
+            "model": os.path.abspath(model),
+            "n_images": len(images),
+            "max_abs_diff": float(np.abs(x - y).max()),
+            "argmax_agreement": float(same.mean()),
+            "n_disagree": int((~same).sum()),
+        }
+    return out
 
 
 def run_predictor(a: argparse.Namespace) -> dict:
@@ -222,6 +264,17 @@ def run_models(a: argparse.Namespace) -> dict:
     out["onnxruntime cpu (cnnkit session: 1 thread, runs of 64)"] = best_rate(lambda: cn.run(xn))
     cn2 = create_session(a.model, device="cpu")
     out["onnxruntime cpu (cnnkit session: all cores, runs of 64)"] = best_rate(lambda: cn2.run(xn))
+    if os.path.isfile(_int8_model(a)):
+        q = create_session(_int8_model(a), device="cpu", threads=1)
+        out["onnxruntime cpu int8 (cnnkit session: 1 thread)"] = best_rate(lambda: q.run(xn))
+    if a.openvino:
+        from cnnkit.runtime.openvino import create_openvino_session
+
+        for label, model in (("", a.model), (" int8", _int8_model(a))):
+            ov = create_openvino_session(model, device="cpu", threads=1)
+            out[f"openvino cpu{label} (cnnkit session: f32 hint, 1 thread, batch 256)"] = best_rate(
+                lambda ov=ov: [ov.run(xn[i : i + BATCH]) for i in range(0, big, BATCH)]
+            )
     return {"rates": out, "batch": big, "torch_threads": torch.get_num_threads()}
 
 
@@ -231,7 +284,11 @@ RUNNERS = {
     "ort+pillow": run_ort_pillow,
     "cnnkit": run_cnnkit,
     "predictor": run_predictor,
+    "cnnkit-int8": lambda a: run_cnnkit(a, _int8_model(a)),
+    "openvino": lambda a: run_cnnkit(a, backend="openvino"),
+    "openvino-int8": lambda a: run_cnnkit(a, _int8_model(a), backend="openvino"),
     "models": run_models,
+    "backend_parity": backend_parity,
 }
 
 
@@ -279,7 +336,9 @@ def wait_quiet(max_wait: float = 120.0) -> bool:
 def run_one(method: str, a: argparse.Namespace) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--_run", method, a.folder, "--model", a.model]
     cmd += ["--device", a.device] + (["--checkpoint", a.checkpoint] if a.checkpoint else [])
+    cmd += (["--int8-model", a.int8_model] if a.int8_model else []) + (["--openvino"] if a.openvino else [])
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env["CNNKIT_CACHE"] = a.cache  # openvino's parity verdicts: this benchmark's own
     quiet = wait_quiet() if a.wait_quiet else None
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
@@ -315,6 +374,8 @@ def _child(argv: list[str]) -> None:
     p.add_argument("--model")
     p.add_argument("--device", default="cpu")
     p.add_argument("--checkpoint")
+    p.add_argument("--int8-model")
+    p.add_argument("--openvino", action="store_true")
     a = p.parse_args(argv)
     res = RUNNERS[a.method](a)
     self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -332,7 +393,10 @@ def main() -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--checkpoint", default=None, help="weights for the torch peers (default runs/latest/best.pt)")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(METHODS[:5]))
+    p.add_argument(
+        "--int8-model", default=None, help="for cnnkit-int8/openvino-int8 (default model.int8.onnx beside --model)"
+    )
     p.add_argument("--no-models", action="store_true", help="skip the model-only throughput table")
     p.add_argument("--json", action="store_true", help="print every run as JSON on stdout")
     p.add_argument("--wait-quiet", action="store_true", help="before each run, wait until no other process is runnable")
@@ -344,6 +408,8 @@ def main() -> None:
     if a.checkpoint is None and os.path.isfile("runs/latest/best.pt"):
         a.checkpoint = "runs/latest/best.pt"
     methods = [m for m in a.methods.split(",") if m]
+    a.openvino = any(m.startswith("openvino") for m in methods)
+    a.cache = tempfile.mkdtemp(prefix="bench-infer-cache-")
     for m in methods:
         if m not in METHODS:
             raise SystemExit(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
@@ -368,6 +434,7 @@ def main() -> None:
                 file=sys.stderr,
             )
     models = None if a.no_models else run_one("models", a)
+    parity = run_one("backend_parity", a) if a.openvino else None
 
     from cnnkit.console import table
 
@@ -393,8 +460,13 @@ def main() -> None:
         print()
         print(f"model only, batch {models['batch']} (torch threads {models['torch_threads']}):")
         print(table(["runtime", "images/s"], [[k, round(v)] for k, v in models["rates"].items()]))
+    if parity:
+        for k in ("fp32", "int8"):
+            print(
+                f"openvino vs onnxruntime, {k}: " + ", ".join(f"{n} {v}" for n, v in parity[k].items() if n != "model")
+            )
     if a.json:
-        print(json.dumps({"runs": runs, "models": models}, indent=2))
+        print(json.dumps({"runs": runs, "models": models, "backend_parity": parity}, indent=2))
     if a.results:
         summary = {
             m: {
@@ -408,6 +480,8 @@ def main() -> None:
             for m, r in zip(methods, rows, strict=True)
         }
         body = {"summary": summary, "runs": runs, "models": models, "files": len(files)}
+        if parity:
+            body["backend_parity"] = parity
         if "predictor" in summary and "cnnkit" in summary:  # the Python API's target: within 10% of the CLI
             predict_only = [x["n"] / x["predict_seconds"] for x in runs if x["method"] == "predictor"]
             body["predictor_predict_only_median_ips"] = round(statistics.median(predict_only))

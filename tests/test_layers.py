@@ -48,8 +48,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         (
             "cnnkit.runtime",
             "cnnkit.runtime.session",
+            "cnnkit.runtime.openvino",
             "cnnkit.runtime.outputs",
             "cnnkit.runtime.shard",
+            "cnnkit.runtime.backends",
             "cnnkit.runtime.infer",
             "cnnkit.runtime.predictor",
         ),

@@ -41,6 +41,14 @@ from cnnkit.listing import Listing, describe_ignored, is_listed, iter_pngs
 from cnnkit.meta import ModelMeta, predict
 from cnnkit.mistakes import Mistakes
 from cnnkit.runs import ONNX_NAME, PREDICTIONS_NAME, latest_file
+from cnnkit.runtime.backends import (
+    ONNXRUNTIME,
+    AnySession,
+    backend_config,
+    check_backend,
+    check_backend_parity,
+    create_session,
+)
 from cnnkit.runtime.outputs import (
     CSV_COLUMNS,
     FAILURE_COLUMNS,
@@ -49,7 +57,7 @@ from cnnkit.runtime.outputs import (
     mistakes_path,
     summary_path,
 )
-from cnnkit.runtime.session import Session, create_session, external_data_files, read_meta
+from cnnkit.runtime.session import external_data_files, read_meta
 from cnnkit.runtime.shard import Shard, ShardFilter, parse_shard, write_shard_summary
 
 # Paths and class names that the csv module must quote, or that `escape` must prefix (at a cell's start:
@@ -107,7 +115,7 @@ class InferResult:
 
     Attributes:
         model: the model file.
-        provider: the onnxruntime execution provider that ran it.
+        provider: the execution provider (onnxruntime) or device (`OpenVINO CPU`) that ran it.
         output: the predictions CSV.
         classes: the model's class names.
         n_images: images predicted (rows in the CSV).
@@ -128,6 +136,10 @@ class InferResult:
         mistakes: when `accuracy` is set, the most confident wrong predictions, highest score first
             ({"path", "true", "predicted", "score"}, `cnnkit.mistakes`); else empty.
         mistakes_png: `<output>.mistakes.png`, those images drawn as a grid; None when there are none.
+        backend: `onnxruntime` or `openvino` (`cnnkit.runtime.backends`).
+        backend_config: the openvino compile settings (precision hint, threads, ...); None for onnxruntime.
+        backend_parity: openvino's recorded verdict against onnxruntime on this model file
+            (`check_backend_parity`); None for onnxruntime.
     """
 
     model: str
@@ -154,6 +166,9 @@ class InferResult:
     png_folders: list[str] = field(default_factory=list)
     mistakes: list[dict[str, Any]] = field(default_factory=list)
     mistakes_png: str | None = None
+    backend: str = ONNXRUNTIME
+    backend_config: dict[str, Any] | None = None
+    backend_parity: dict[str, Any] | None = None
 
     @property
     def images_per_second(self) -> float:
@@ -185,6 +200,9 @@ class InferResult:
             "png_folders": list(self.png_folders),
             "mistakes": list(self.mistakes),
             "mistakes_png": self.mistakes_png,
+            "backend": self.backend,
+            "backend_config": self.backend_config,
+            "backend_parity": self.backend_parity,
         }
 
 
@@ -208,6 +226,7 @@ def infer(
     progress: bool = True,
     shard: Shard | str | None = None,
     strict: bool = False,
+    backend: str = ONNXRUNTIME,
 ) -> InferResult:
     """Classify every PNG under `folder` and write one CSV row per image.
 
@@ -227,6 +246,8 @@ def infer(
             and a summary `<output>.json` for `cnnkit merge`.
         strict: stop at the first file that cannot be used (`FileFailedError`, nothing written)
             instead of listing it in `<output>.failures.csv` and going on.
+        backend: `onnxruntime` or `openvino`; openvino's first run on a model file is checked against
+            onnxruntime on the first decoded images (`cnnkit.runtime.backends`).
 
     Returns:
         An `InferResult` (`to_dict()` for JSON). Files that failed are not in the CSV; they are
@@ -234,14 +255,17 @@ def infer(
         run is removed when none failed) and the first `FAILURES_KEPT` in `result.failures`.
 
     Raises:
-        ModelError, DeviceError, DataError: a model, device or folder that cannot be used.
+        ModelError, DeviceError, DataError: a model, device, backend or folder that cannot be used.
+        ParityError: the openvino backend does not agree with onnxruntime on this model file.
         FileFailedError: with `strict`, a file that could not be used.
     """
     t0 = time.perf_counter()
-    job = _job(folder, model, batch_size, output, shard, strict)
+    job = _job(folder, model, batch_size, output, shard, strict, check_backend(backend))
     plan = _plan(job, workers, threads, min_files_for_workers)
-    session, counts, failure_log = _stream(job, plan, device, progress)
-    return _result(job, plan, session, counts, failure_log, t0)
+    session, counts, failure_log, parity = _stream(job, plan, device, progress)
+    result = _result(job, plan, session, counts, failure_log, t0)
+    result.backend, result.backend_config, result.backend_parity = session.backend, backend_config(session), parity
+    return result
 
 
 @dataclass(frozen=True)
@@ -257,10 +281,17 @@ class _Job:
     batch_size: int
     strict: bool
     grid: str | None  # where the mistakes grid goes; None where it would be read as one of the images
+    backend: str = ONNXRUNTIME
 
 
 def _job(
-    folder: str, model: str | None, batch_size: int, output: str | None, shard: Shard | str | None, strict: bool
+    folder: str,
+    model: str | None,
+    batch_size: int,
+    output: str | None,
+    shard: Shard | str | None,
+    strict: bool,
+    backend: str = ONNXRUNTIME,
 ) -> _Job:
     """Check and default the arguments, before any work: a foreign or broken model, or an output that
     cannot be written, fails here."""
@@ -286,6 +317,7 @@ def _job(
         batch_size=batch_size,
         strict=strict,
         grid=grid,
+        backend=backend,
     )
 
 
@@ -359,8 +391,11 @@ class _Counts:
     mistakes: Mistakes = field(default_factory=Mistakes)  # fed while `labeled`
 
 
-def _stream(job: _Job, plan: _Plan, device: str, progress: bool) -> tuple[Session, _Counts, _FailureLog]:
-    """Decode the files, run the model and write the CSV and failure list, a decoded batch at a time."""
+def _stream(
+    job: _Job, plan: _Plan, device: str, progress: bool
+) -> tuple[AnySession, _Counts, _FailureLog, dict[str, Any] | None]:
+    """Decode the files, run the model and write the CSV and failure list, a decoded batch at a time
+    (the backend's parity verdict is settled on the first batch, before any row is written)."""
     in_flight: deque[list[str]] = deque()  # the files of the chunks being decoded, in order
     chunks = _chunked(plan.files, plan.task, in_flight)
     batches = decode_batches(job.folder, (), job.meta.input_shape, plan.task, workers=plan.workers, chunks=chunks)
@@ -368,7 +403,8 @@ def _stream(job: _Job, plan: _Plan, device: str, progress: bool) -> tuple[Sessio
     with contextlib.closing(batches):
         # Fork the decoders (first batch) before onnxruntime starts its threads.
         first = next(batches, None)  # None: a shard without files
-        session = create_session(job.model, device=device, threads=plan.threads)
+        session = create_session(job.model, device=device, threads=plan.threads, backend=job.backend)
+        parity = check_backend_parity(session, first.images) if first is not None and len(first.images) else None
         bar = Progress(None if plan.streaming else plan.n_known, "infer", unit="img") if progress else None
         # Names that are not valid UTF-8 reach us surrogate-escaped (`os.fsdecode`): they are written
         # back as their original bytes, so the CSV names exactly the file on disk. The failure list
@@ -396,7 +432,7 @@ def _stream(job: _Job, plan: _Plan, device: str, progress: bool) -> tuple[Sessio
                 failure_log.add(path, reason)
         if bar is not None:
             bar.close()
-    return session, counts, failure_log
+    return session, counts, failure_log, parity
 
 
 def _take_failures(
@@ -418,7 +454,7 @@ def _take_failures(
 
 def _predict_batch(
     job: _Job,
-    session: Session,
+    session: AnySession,
     batch: DecodedBatch,
     files: list[str],
     labels: np.ndarray,
@@ -465,7 +501,7 @@ class _PredictionRows:
 
 
 def _result(
-    job: _Job, plan: _Plan, session: Session, counts: _Counts, failure_log: _FailureLog, t0: float
+    job: _Job, plan: _Plan, session: AnySession, counts: _Counts, failure_log: _FailureLog, t0: float
 ) -> InferResult:
     """The `InferResult` of a finished run (and, with a shard, its summary for `cnnkit merge`)."""
     # PNG-named entries the walk could not use failed too; with a shard, each belongs to one shard.
@@ -586,10 +622,25 @@ def _print_failures(failures: list[tuple[str, str]], n_failed: int, listed_in: s
         log(f"  ... and {n_failed - FAILURES_PRINTED:,} more")
 
 
+def _backend_line(result: InferResult) -> str:
+    """`, precision f32, parity checked ...` for a backend other than onnxruntime; else empty."""
+    parts = []
+    if result.backend_config:
+        parts.append(f"precision {result.backend_config.get('INFERENCE_PRECISION_HINT')}")
+    p = result.backend_parity
+    if p:
+        parts.append(
+            f"vs onnxruntime: max |diff| {p['max_abs_diff']:.3g}, {p['argmax_agreement']:.2%} same on "
+            f"{p['n_images']} images ({'recorded earlier' if p.get('cached') else 'checked now'})"
+        )
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
 def format_summary(result: InferResult) -> str:
     """A short human-readable report: provider, counts, speed, accuracy and the confusion matrix."""
     lines = [
         f"model     {result.model} ({result.provider})",
+        f"backend   {result.backend}{_backend_line(result)}",
         f"images    {result.n_images:,} predicted, {result.n_failed:,} failed, {result.n_converted:,} converted",
         f"speed     {result.images_per_second:,.0f} images/s ({result.seconds:.2f} s)",
         f"output    {result.output}",

@@ -13,6 +13,8 @@ runtime thread pools run is unsafe), and kept until `close()`.
 Thread safety: `predict` may be called from many threads at once. A `Predictor` holds no mutable
 state after it is created: onnxruntime's `InferenceSession.run` is thread-safe, `Session.run` only
 reads its fields, and each call waits only on its own decode tasks (`cnnkit.batches.DecodePool`).
+With `backend="openvino"`, calls take turns on its one infer request (`runtime.openvino`), and the
+first batch ever predicted settles its parity verdict against onnxruntime (`runtime.backends`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, overload
@@ -30,8 +33,9 @@ from cnnkit.batches import DecodedBatch, DecodePool, default_workers
 from cnnkit.errors import DataError
 from cnnkit.images import ImageError, convert_pixels, decode_image, read_bytes
 from cnnkit.meta import ModelMeta, predict_all
+from cnnkit.runtime.backends import ONNXRUNTIME, check_backend, check_backend_parity, create_session
 from cnnkit.runtime.infer import MIN_TASK_FILES, task_files, threads_for
-from cnnkit.runtime.session import create_session, read_meta
+from cnnkit.runtime.session import read_meta
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
@@ -85,11 +89,15 @@ class Predictor:
             cores), every core without.
         workers: PNG decoder processes for long lists of paths; default one per core, 0 for none
             (every input is then decoded in the calling thread).
+        backend: `onnxruntime` or `openvino` (CPU; `pip install 'cnnkit[openvino]'`). OpenVINO's first
+            run on a model file is checked against onnxruntime on the first images predicted;
+            `backend_parity` holds the verdict.
 
     Raises:
         ModelError: a missing or foreign model file, or one whose input does not match its record.
-        DeviceError: an unknown device, or `cuda` where its provider does not load.
-        DataError: `batch_size` below 1.
+        DeviceError: an unknown device, `cuda` where its provider does not load, or openvino not installed.
+        DataError: `batch_size` below 1, or an unknown backend.
+        ParityError: (from `predict`) openvino does not agree with onnxruntime on this model file.
 
     Use it as a context manager, or call `close()`, to end the decoder processes.
     """
@@ -102,16 +110,21 @@ class Predictor:
         batch_size: int = 256,
         threads: int | None = None,
         workers: int | None = None,
+        backend: str = ONNXRUNTIME,
     ):
         if batch_size < 1:
             raise DataError("batch size must be at least 1")
+        check_backend(backend)
+        self.backend_parity: dict[str, Any] | None = None
+        self._parity_lock = threading.Lock()
+        self._parity_done = backend == ONNXRUNTIME
         self.model = os.fspath(model)
         self.meta: ModelMeta = read_meta(self.model)  # a foreign model fails before any process starts
         self.batch_size = batch_size
         n = default_workers() if workers is None else max(0, workers)
         self._pool = DecodePool(n) if n > 0 else None  # forked before the session's threads exist
         try:
-            self._session = create_session(self.model, device, threads_for(n) if threads is None else threads)
+            self._session = create_session(self.model, device, threads_for(n) if threads is None else threads, backend)
         except BaseException:
             self.close()
             raise
@@ -123,8 +136,20 @@ class Predictor:
 
     @property
     def provider(self) -> str:
-        """The onnxruntime execution provider that really runs the model."""
+        """The onnxruntime execution provider (or `OpenVINO CPU`) that really runs the model."""
         return self._session.provider
+
+    @property
+    def backend(self) -> str:
+        """`onnxruntime` or `openvino`."""
+        return self._session.backend
+
+    def _check_parity(self, images: np.ndarray) -> None:
+        """Settle the backend's verdict against onnxruntime once, on the first images predicted."""
+        with self._parity_lock:
+            if not self._parity_done:
+                self.backend_parity = check_backend_parity(self._session, images)
+                self._parity_done = True
 
     def close(self) -> None:
         """End the decoder processes; `predict` then decodes in the calling thread."""
@@ -202,6 +227,8 @@ class Predictor:
     def _answer(self, batch: DecodedBatch, out: list[Prediction | None]) -> None:
         """Run the model on a decoded batch and put each image's `Prediction` at its position."""
         images, step = batch.images, self.batch_size
+        if not self._parity_done:
+            self._check_parity(images)
         outputs = [self._session.run(images[s : s + step]) for s in range(0, len(images), step)]
         prob, idx = predict_all(outputs[0] if len(outputs) == 1 else np.concatenate(outputs), self.meta.output)
         scores = np.take_along_axis(prob, idx[:, None], axis=1)[:, 0].tolist()

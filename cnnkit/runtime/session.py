@@ -252,6 +252,7 @@ class Session:
     cpu_slice: int = CPU_SLICE
     device_id: int = 0  # the GPU, when `provider` is CUDA
     batch: int | None = None
+    backend: str = "onnxruntime"  # as `runtime.backends.BACKENDS`
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Model outputs for a uint8 batch of shape (N, C, H, W) or (N, H, W) (1 channel), any N."""
