@@ -31,6 +31,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "cnnkit.provenance",
             "cnnkit.runs",
             "cnnkit.mistakes",
+            "cnnkit.cpu",
         ),
     ),
     (
@@ -49,6 +50,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "cnnkit.runtime",
             "cnnkit.runtime.session",
             "cnnkit.runtime.outputs",
+            "cnnkit.runtime.precision",
             "cnnkit.runtime.shard",
             "cnnkit.runtime.infer",
             "cnnkit.runtime.predictor",

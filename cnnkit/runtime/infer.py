@@ -40,7 +40,7 @@ from cnnkit.files import atomic_path, check_not_an_input, check_writable, remove
 from cnnkit.listing import Listing, describe_ignored, is_listed, iter_pngs
 from cnnkit.meta import ModelMeta, predict
 from cnnkit.mistakes import Mistakes
-from cnnkit.runs import ONNX_NAME, PREDICTIONS_NAME, latest_file
+from cnnkit.runs import PREDICTIONS_NAME
 from cnnkit.runtime.outputs import (
     CSV_COLUMNS,
     FAILURE_COLUMNS,
@@ -49,7 +49,8 @@ from cnnkit.runtime.outputs import (
     mistakes_path,
     summary_path,
 )
-from cnnkit.runtime.session import Session, create_session, external_data_files, read_meta
+from cnnkit.runtime.precision import FILES, Choice, open_choice, resolve
+from cnnkit.runtime.session import Session, external_data_files, read_meta
 from cnnkit.runtime.shard import Shard, ShardFilter, parse_shard, write_shard_summary
 
 # Paths and class names that the csv module must quote, or that `escape` must prefix (at a cell's start:
@@ -154,6 +155,8 @@ class InferResult:
     png_folders: list[str] = field(default_factory=list)
     mistakes: list[dict[str, Any]] = field(default_factory=list)
     mistakes_png: str | None = None
+    precision: str = "fp32"
+    precision_reason: str = ""
 
     @property
     def images_per_second(self) -> float:
@@ -185,6 +188,8 @@ class InferResult:
             "png_folders": list(self.png_folders),
             "mistakes": list(self.mistakes),
             "mistakes_png": self.mistakes_png,
+            "precision": self.precision,
+            "precision_reason": self.precision_reason,
         }
 
 
@@ -208,13 +213,15 @@ def infer(
     progress: bool = True,
     shard: Shard | str | None = None,
     strict: bool = False,
+    precision: str | None = None,
 ) -> InferResult:
     """Classify every PNG under `folder` and write one CSV row per image.
 
     Args:
         folder: the images (searched recursively; files under a folder named like a class are
             labeled with it, and when all are, accuracy and a confusion matrix are computed).
-        model: an ONNX model exported by cnnkit; default `runs/latest/model.onnx`.
+        model: an ONNX model exported by cnnkit, or a run folder (its artifacts, chosen by `precision`);
+            default `runs/latest/model.onnx`.
         device: `auto`, `cpu` or `cuda`.
         batch_size: images per model call (the answer does not depend on it).
         output: the CSV to write (atomically); default `predictions.csv` next to the model.
@@ -227,6 +234,8 @@ def infer(
             and a summary `<output>.json` for `cnnkit merge`.
         strict: stop at the first file that cannot be used (`FileFailedError`, nothing written)
             instead of listing it in `<output>.failures.csv` and going on.
+        precision: with a run folder as `model`: `auto` (its default), `fp32`, `int8` or `fp16`
+            (`cnnkit.runtime.precision`); given without `model`, the run `runs/latest`.
 
     Returns:
         An `InferResult` (`to_dict()` for JSON). Files that failed are not in the CSV; they are
@@ -238,10 +247,10 @@ def infer(
         FileFailedError: with `strict`, a file that could not be used.
     """
     t0 = time.perf_counter()
-    job = _job(folder, model, batch_size, output, shard, strict)
+    job = _job(folder, resolve(model, precision, device), batch_size, output, shard, strict)
     plan = _plan(job, workers, threads, min_files_for_workers)
-    session, counts, failure_log = _stream(job, plan, device, progress)
-    return _result(job, plan, session, counts, failure_log, t0)
+    opened, counts, failure_log = _stream(job, plan, device, progress)
+    return _result(job, plan, opened, counts, failure_log, t0)
 
 
 @dataclass(frozen=True)
@@ -250,6 +259,8 @@ class _Job:
 
     folder: str
     model: str
+    choice: Choice
+    run_dir: str | None  # the run folder whose artifacts `choice` chose among; None for one file
     meta: ModelMeta
     classes: list[str]
     output: str
@@ -260,25 +271,35 @@ class _Job:
 
 
 def _job(
-    folder: str, model: str | None, batch_size: int, output: str | None, shard: Shard | str | None, strict: bool
+    folder: str,
+    resolved: tuple[Choice, str | None],
+    batch_size: int,
+    output: str | None,
+    shard: Shard | str | None,
+    strict: bool,
 ) -> _Job:
     """Check and default the arguments, before any work: a foreign or broken model, or an output that
     cannot be written, fails here."""
     if batch_size < 1:
         raise DataError("batch size must be at least 1")
-    if model is None:
-        model = latest_file(ONNX_NAME, "export one with `cnnkit export --format onnx`, or pass the model path")
+    choice, run_dir = resolved
+    if run_dir is not None:
+        log(f"infer: precision {choice.precision} ({choice.path}): {choice.reason}")
+    model = choice.path
     meta = read_meta(model)
     if isinstance(shard, str):
         shard = parse_shard(shard)
     if output is None:
         name = PREDICTIONS_NAME if shard is None else shard.default_output
         output = os.path.join(os.path.dirname(os.path.abspath(model)), name)
-    _check_outputs(folder, model, [output, failures_path(output), *([summary_path(output)] if shard else [])])
-    grid = _grid_path(folder, model, output)
+    models = [model, *([os.path.join(run_dir, name) for name in FILES.values()] if run_dir else [])]
+    _check_outputs(folder, models, [output, failures_path(output), *([summary_path(output)] if shard else [])])
+    grid = _grid_path(folder, models, output)
     return _Job(
         folder=folder,
         model=model,
+        choice=choice,
+        run_dir=run_dir,
         meta=meta,
         classes=list(meta.classes),
         output=output,
@@ -289,13 +310,13 @@ def _job(
     )
 
 
-def _grid_path(folder: str, model: str, output: str) -> str | None:
+def _grid_path(folder: str, models: list[str], output: str) -> str | None:
     """`<output>.mistakes.png`, checked like the other outputs; None when it would lie among the images
     (a CSV may go there, but a PNG would be read as an image by the next run): no grid then."""
     grid = mistakes_path(output)
     if is_listed(folder, grid, existing=False):
         return None
-    _check_outputs(folder, model, [grid])
+    _check_outputs(folder, models, [grid])
     return grid
 
 
@@ -359,7 +380,7 @@ class _Counts:
     mistakes: Mistakes = field(default_factory=Mistakes)  # fed while `labeled`
 
 
-def _stream(job: _Job, plan: _Plan, device: str, progress: bool) -> tuple[Session, _Counts, _FailureLog]:
+def _stream(job: _Job, plan: _Plan, device: str, progress: bool) -> tuple[tuple[Session, Choice], _Counts, _FailureLog]:
     """Decode the files, run the model and write the CSV and failure list, a decoded batch at a time."""
     in_flight: deque[list[str]] = deque()  # the files of the chunks being decoded, in order
     chunks = _chunked(plan.files, plan.task, in_flight)
@@ -368,7 +389,7 @@ def _stream(job: _Job, plan: _Plan, device: str, progress: bool) -> tuple[Sessio
     with contextlib.closing(batches):
         # Fork the decoders (first batch) before onnxruntime starts its threads.
         first = next(batches, None)  # None: a shard without files
-        session = create_session(job.model, device=device, threads=plan.threads)
+        session, choice = open_choice(job.choice, job.run_dir, device, plan.threads)
         bar = Progress(None if plan.streaming else plan.n_known, "infer", unit="img") if progress else None
         # Names that are not valid UTF-8 reach us surrogate-escaped (`os.fsdecode`): they are written
         # back as their original bytes, so the CSV names exactly the file on disk. The failure list
@@ -396,7 +417,7 @@ def _stream(job: _Job, plan: _Plan, device: str, progress: bool) -> tuple[Sessio
                 failure_log.add(path, reason)
         if bar is not None:
             bar.close()
-    return session, counts, failure_log
+    return (session, choice), counts, failure_log
 
 
 def _take_failures(
@@ -465,9 +486,10 @@ class _PredictionRows:
 
 
 def _result(
-    job: _Job, plan: _Plan, session: Session, counts: _Counts, failure_log: _FailureLog, t0: float
+    job: _Job, plan: _Plan, opened: tuple[Session, Choice], counts: _Counts, failure_log: _FailureLog, t0: float
 ) -> InferResult:
     """The `InferResult` of a finished run (and, with a shard, its summary for `cnnkit merge`)."""
+    session, choice = opened
     # PNG-named entries the walk could not use failed too; with a shard, each belongs to one shard.
     n_seen = plan.picker.n_seen if plan.picker is not None else counts.n_images + counts.n_failed
     n_listed = n_seen + len(plan.listing.skipped)
@@ -480,7 +502,7 @@ def _result(
     mistakes = counts.mistakes if labeled else Mistakes()
     grid = mistakes.write_grid(job.grid, job.classes) if job.grid is not None else None
     result = InferResult(
-        model=job.model,
+        model=choice.path,
         provider=session.provider,
         output=job.output,
         classes=job.classes,
@@ -503,16 +525,18 @@ def _result(
         png_folders=plan.listing.png_folders[:FAILURES_KEPT],
         mistakes=mistakes.to_json(job.classes),
         mistakes_png=grid,
+        precision=choice.precision,
+        precision_reason=choice.reason,
     )
     if job.shard is not None:
         result.summary = write_shard_summary(result, job.folder, job.shard, n_listed)
     return result
 
 
-def _check_outputs(folder: str, model: str, outputs: list[str]) -> None:
-    """Refuse, before any work, outputs that would destroy an input (the model, an image of the folder)
+def _check_outputs(folder: str, models: list[str], outputs: list[str]) -> None:
+    """Refuse, before any work, outputs that would destroy an input (a model, an image of the folder)
     or that cannot be written: a failure at the end would leave some outputs written and not others."""
-    check_not_an_input(outputs, [model, *external_data_files(model)])
+    check_not_an_input(outputs, [*models, *(f for m in models if os.path.isfile(m) for f in external_data_files(m))])
     for out in outputs:
         if is_listed(folder, out):
             raise DataError(
@@ -589,7 +613,7 @@ def _print_failures(failures: list[tuple[str, str]], n_failed: int, listed_in: s
 def format_summary(result: InferResult) -> str:
     """A short human-readable report: provider, counts, speed, accuracy and the confusion matrix."""
     lines = [
-        f"model     {result.model} ({result.provider})",
+        f"model     {result.model} ({result.provider}, {result.precision})",
         f"images    {result.n_images:,} predicted, {result.n_failed:,} failed, {result.n_converted:,} converted",
         f"speed     {result.images_per_second:,.0f} images/s ({result.seconds:.2f} s)",
         f"output    {result.output}",

@@ -31,7 +31,8 @@ from cnnkit.errors import DataError
 from cnnkit.images import ImageError, convert_pixels, decode_image, read_bytes
 from cnnkit.meta import ModelMeta, predict_all
 from cnnkit.runtime.infer import MIN_TASK_FILES, task_files, threads_for
-from cnnkit.runtime.session import create_session, read_meta
+from cnnkit.runtime.precision import open_choice, resolve
+from cnnkit.runtime.session import read_meta
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
@@ -78,13 +79,17 @@ class Predictor:
     """An ONNX model exported by cnnkit, ready to classify images from Python (no torch needed).
 
     Args:
-        model: the `.onnx` file (with its cnnkit record; `cnnkit export --format onnx` writes one).
+        model: the `.onnx` file (with its cnnkit record; `cnnkit export --format onnx` writes one), or
+            a run folder: one of its ONNX files, chosen by `precision`.
         device: `auto`, `cpu`, `cuda` or `cuda:N`, as `cnnkit infer --device`.
         batch_size: images per model call (the answers do not depend on it).
         threads: onnxruntime intra-op threads; default 1 with decoder processes (they use the other
             cores), every core without.
         workers: PNG decoder processes for long lists of paths; default one per core, 0 for none
             (every input is then decoded in the calling thread).
+        precision: with a run folder: `auto` (the default there), `fp32`, `int8` or `fp16`, as
+            `cnnkit infer --precision` (`cnnkit.runtime.precision`); `self.precision` and
+            `self.precision_reason` say what was picked and why.
 
     Raises:
         ModelError: a missing or foreign model file, or one whose input does not match its record.
@@ -102,19 +107,22 @@ class Predictor:
         batch_size: int = 256,
         threads: int | None = None,
         workers: int | None = None,
+        precision: str | None = None,
     ):
         if batch_size < 1:
             raise DataError("batch size must be at least 1")
-        self.model = os.fspath(model)
+        choice, run_dir = resolve(os.fspath(model), precision, device)
+        self.model = choice.path
         self.meta: ModelMeta = read_meta(self.model)  # a foreign model fails before any process starts
         self.batch_size = batch_size
         n = default_workers() if workers is None else max(0, workers)
         self._pool = DecodePool(n) if n > 0 else None  # forked before the session's threads exist
         try:
-            self._session = create_session(self.model, device, threads_for(n) if threads is None else threads)
+            self._session, choice = open_choice(choice, run_dir, device, threads_for(n) if threads is None else threads)
         except BaseException:
             self.close()
             raise
+        self.model, self.precision, self.precision_reason = choice.path, choice.precision, choice.reason
 
     @property
     def classes(self) -> list[str]:
