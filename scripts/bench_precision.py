@@ -2,7 +2,8 @@
 
 Each method runs `cnnkit infer FOLDER --model RUN ...` in a fresh process, in turn (round-robin over
 `--rounds`), so that load from other jobs on a shared machine hits every method alike; the table
-compares best and median runs (images/s as `cnnkit infer` reports it: listing to last prediction).
+compares best and median runs (images/s as `cnnkit infer` reports it: listing to last prediction);
+the load average before and after is recorded (other users' jobs on a shared machine).
 Methods:
     fp32        --precision fp32
     auto        --precision auto (what it picks and why is recorded)
@@ -85,6 +86,7 @@ def main() -> None:
     a = p.parse_args()
     methods = a.methods.split(",")
     runs: dict[str, list[dict]] = {m: [] for m in methods}
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-precision-") as work:
         for r in range(a.rounds):
             for m in methods:
@@ -107,6 +109,7 @@ def main() -> None:
             "int8_speed": int8_speed(read_meta(os.path.join(a.run, "model.int8.onnx"))),
         },
         "commands": {m: " ".join(command(m, a.folder, a.run, "OUT.csv")[1:]) for m in methods},
+        "load_average_1_5_15min": {"before": load_before, "after": os.getloadavg()},
         "runs": runs,
         "summary": summarize(runs),
     }
