@@ -462,11 +462,21 @@ def diff(
 # infer
 
 
+INFER_MODEL_HELP = (
+    "ONNX model, or a run folder (its model.onnx / model.int8.onnx / model.fp16.onnx, chosen by --precision). "
+    "Default: runs/latest/model.onnx."
+)
+PRECISION_HELP = (
+    "With a run folder as --model: auto (the default there: int8 where the run measured it faster on this CPU's "
+    "instruction-set class, fp16 on CUDA, else fp32), fp32, int8 or fp16. Without --model: the run runs/latest."
+)
+
+
 @app.command()
 @_reports_errors
 def infer(
     folder: Annotated[Path, typer.Argument(help="Folder of PNGs (searched recursively).")],
-    model: Annotated[Path | None, typer.Option(help="ONNX model. Default: runs/latest/model.onnx.")] = None,
+    model: Annotated[Path | None, typer.Option(help=INFER_MODEL_HELP)] = None,
     device: Annotated[str, _device_option("cuda[:N] fails if its provider does not load.")] = "auto",
     batch_size: Annotated[int, typer.Option(min=1, max=MAX_BATCH)] = 256,
     output: Annotated[
@@ -499,6 +509,7 @@ def infer(
             "model file is checked against onnxruntime and refused (exit 3) if they disagree."
         ),
     ] = "onnxruntime",
+    precision: Annotated[str | None, typer.Option(help=PRECISION_HELP)] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Classify every PNG under FOLDER with ONNX Runtime (or OpenVINO); write a CSV and print a summary.
@@ -522,6 +533,7 @@ def infer(
         shard=picked,
         strict=strict,
         backend=backend,
+        precision=precision,
     )
     _emit(result.to_dict(), as_json, format_summary(result))
     if result.n_failed:

@@ -14,6 +14,8 @@ installed `torch/version.py`, as text). Checks, in order:
      earlier ones CUDA 12). torch 2.12+ wheels use CUDA 13. Two majors in one environment means one
      of them has no libraries (pip installs only the `nvidia-*-cu13` or `-cu12` wheels each asks for).
   4. GPU and driver (`nvidia-smi`): name, driver version, the highest CUDA the driver supports.
+  5. The CPU's integer and bf16 instruction sets and its INT8 class (`cnnkit.cpu`): whether an INT8
+     model can be faster here than fp32 (`cnnkit infer --precision auto` decides by that class).
 
 Status per check: `ok`, `note` (worth knowing, not broken) or `problem` (with `fix`, the command).
 """
@@ -27,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from typing import Any
 
+import cnnkit.cpu as cpu
 from cnnkit.runtime.session import CUDA, load_cuda_libraries, quiet_session
 
 ORT_CUDA13_FROM = (1, 27)  # onnxruntime-gpu 1.27+ wheels on PyPI are CUDA 13 builds; earlier: CUDA 12
@@ -60,6 +63,7 @@ class DoctorReport:
     onnxruntime: dict[str, Any] = field(default_factory=dict)
     torch: dict[str, Any] = field(default_factory=dict)
     gpu: dict[str, Any] = field(default_factory=dict)
+    cpu: dict[str, Any] = field(default_factory=dict)
 
     @property
     def problems(self) -> list[Check]:
@@ -255,6 +259,7 @@ def doctor() -> DoctorReport:
         *_check_providers(prov, dists, gpu, has_gpu, extra),
         *_check_cuda_majors(torch_info, ort_gpu, need),
         *_check_gpu(gpu, need, torch_info),
+        _check_cpu(cpu.cpu_info()),
     ]
     return DoctorReport(
         healthy=not any(c.status == "problem" for c in checks),
@@ -262,6 +267,7 @@ def doctor() -> DoctorReport:
         onnxruntime={"distributions": dists, **prov},
         torch=torch_info or {},
         gpu=gpu or {},
+        cpu=cpu_report(cpu.cpu_info()),
     )
 
 
@@ -407,6 +413,31 @@ def _check_gpu(gpu: dict[str, Any] | None, need: int | None, torch_info: dict[st
             )
         ]
     return [Check("GPU", "ok", detail)]
+
+
+def cpu_report(info: cpu.CpuInfo) -> dict[str, Any]:
+    """`--json`'s `cpu`: model name, where the flags came from, the INT8 class and each feature."""
+    return {
+        "model": info.model,
+        "source": info.source,
+        "isa_class": cpu.isa_class_of(info),
+        "features": info.features(),
+    }
+
+
+def _check_cpu(info: cpu.CpuInfo) -> Check:
+    """5. The CPU's INT8 class: a note where INT8 models are not expected to be faster."""
+    klass = cpu.isa_class_of(info)
+    have = [name for name, on in info.features().items() if on]
+    detail = f"{info.model}: INT8 class {klass} ({', '.join(have) or 'none of ' + ', '.join(cpu.FEATURES)})"
+    if klass in ("avx2", "none", "unknown"):
+        return Check(
+            "CPU",
+            "note",
+            detail + "; no integer dot-product instructions known: INT8 models are unlikely "
+            "to be faster than fp32 here",
+        )
+    return Check("CPU", "ok", detail)
 
 
 def format_report(report: DoctorReport) -> str:

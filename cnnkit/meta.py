@@ -15,6 +15,7 @@ ONNX models all see the same numbers and there is no preprocessing to get wrong 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -40,6 +41,11 @@ MAX_CLASSES = 10_000
 MAX_SIDE = 4096  # pixels, for H and W
 MAX_RECORD_CHARS = 4 << 20  # 10,000 class names of 100 characters are 1 MB of JSON
 MAX_RECORD_DEPTH = 32  # cnnkit's own records nest 4 deep
+# Bounds on the INT8 speed record (`int8_speed`): it decides which file `cnnkit infer --precision auto` runs.
+MAX_SPEEDUP = 1000.0
+MAX_RECORDED_THREADS = 4096
+MAX_CPU_CHARS = 200
+_ISA_NAME = re.compile(r"[a-z0-9-]{1,32}")
 _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 
 
@@ -160,6 +166,44 @@ class ModelMeta:
             raise ModelError(f"model record needs two or more distinct classes, got {self.classes}")
         if self.output == OUTPUT_SIGMOID and len(self.classes) != 2:
             raise ModelError("a sigmoid output needs exactly two classes")
+
+
+def int8_speed(meta: ModelMeta) -> dict[str, Any] | None:
+    """The INT8 speed record of an INT8 file (`extra["export"]["quantization"]["speed"]`, written by
+    `cnnkit export --quantize int8`), checked; None when the file has none (exported before it existed).
+
+    Raises:
+        ModelError: a record that is there but malformed or out of bounds.
+    """
+    export = meta.extra.get("export")
+    quantization = export.get("quantization") if isinstance(export, dict) else None
+    speed = quantization.get("speed") if isinstance(quantization, dict) else None
+    return None if speed is None else check_speed(speed)
+
+
+def check_speed(d: Any) -> dict[str, Any]:
+    """`{"int8_speedup", "isa_class", "cpu", "threads"}` checked against the bounds above (a copy).
+
+    Raises:
+        ModelError: anything else.
+    """
+    if not isinstance(d, dict):
+        raise ModelError(f"malformed int8 speed record: {type(d).__name__}, expected an object")
+    x, isa, cpu, threads = (d.get(k) for k in ("int8_speedup", "isa_class", "cpu", "threads"))
+    problems = [
+        "int8_speedup"
+        if isinstance(x, bool) or not isinstance(x, int | float) or not (math.isfinite(x) and 0 < x <= MAX_SPEEDUP)
+        else "",
+        "isa_class" if not (isinstance(isa, str) and _ISA_NAME.fullmatch(isa)) else "",
+        "cpu" if not (isinstance(cpu, str) and len(cpu) <= MAX_CPU_CHARS and cpu.isprintable()) else "",
+        "threads"
+        if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_RECORDED_THREADS
+        else "",
+    ]
+    bad = [p for p in problems if p]
+    if bad:
+        raise ModelError(f"malformed int8 speed record: bad {', '.join(bad)} (the file is damaged or not cnnkit's)")
+    return {"int8_speedup": float(x), "isa_class": isa, "cpu": cpu, "threads": threads}  # type: ignore[arg-type]
 
 
 def _nesting(text: str) -> int:

@@ -31,6 +31,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "cnnkit.provenance",
             "cnnkit.runs",
             "cnnkit.mistakes",
+            "cnnkit.cpu",
         ),
     ),
     (
@@ -50,6 +51,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "cnnkit.runtime.session",
             "cnnkit.runtime.openvino",
             "cnnkit.runtime.outputs",
+            "cnnkit.runtime.precision",
             "cnnkit.runtime.shard",
             "cnnkit.runtime.backends",
             "cnnkit.runtime.infer",

@@ -29,7 +29,7 @@ from cnnkit.export.parity import TIERS, ParityReport, run_parity
 from cnnkit.export.quantize import DEFAULT_CALIBRATION_SIZE, DEFAULT_EVAL_LIMIT, DEFAULT_MAX_ACCURACY_DROP
 from cnnkit.files import atomic_path, check_not_an_input, check_outside, check_writable, write_json
 from cnnkit.listing import class_of, list_pngs
-from cnnkit.meta import OUTPUT_LOGITS, ModelMeta
+from cnnkit.meta import OUTPUT_LOGITS, ModelMeta, int8_speed
 from cnnkit.provenance import check_key, record
 from cnnkit.runs import ARTIFACT_NAMES, BEST_NAME, CHECKPOINT_NAME, REPORT_SUFFIX, fixed_batch_name, latest_file
 from cnnkit.runtime.session import read_meta
@@ -64,6 +64,8 @@ class ExportResult:
         verified_on: where the gate ran: `cpu` (fp32 and INT8 files, which are for any provider), `cuda:N`,
             or None for an FP16 file nothing here could run.
         accuracy: INT8 only: the accuracy gate (`cnnkit.export.quantize.AccuracyGate.to_dict()`).
+        int8_speed: INT8 only: what the file records for `cnnkit infer --precision auto`
+            (`{"int8_speedup", "isa_class", "cpu", "threads"}`, `cnnkit.meta.int8_speed`); else None.
         notes: remarks for the user (where a gate ran, what it could not check).
         batch: ONNX: the fixed batch size of the graph (`batch=N`), None for a dynamic batch axis.
         fold: ONNX: BatchNorm folded into convolutions before export (`cnnkit.export.fold`):
@@ -89,6 +91,7 @@ class ExportResult:
     batch: int | None = None
     fold: dict[str, Any] | None = None
     mobile: dict[str, Any] | None = None
+    int8_speed: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -553,6 +556,7 @@ def _write_report(job: _Job, gated: _Gated, out: str, data_dir: str, local_meta:
         batch=job.batch,
         fold=job.fold,
         mobile=gated.mobile,
+        int8_speed=int8_speed(read_meta(out)) if precision == "int8" else None,
     )
     # Lets `cnnkit bench` load a .ts / .pt2 it can prove cnnkit wrote (cnnkit.provenance): the hash of
     # the bytes the gate loaded, not of whatever is at `out` by now.

@@ -41,7 +41,7 @@ import numpy as np
 from cnnkit.console import log
 from cnnkit.errors import CnnkitError, ModelError
 from cnnkit.export.onnx import finish, opset_of, quiet, read_record, write_record
-from cnnkit.meta import ModelMeta, predict
+from cnnkit.meta import ModelMeta, check_speed, predict
 
 DEFAULT_CALIBRATION_SIZE = 1024  # training images for the activation ranges (the issue's quick check)
 DEFAULT_MAX_ACCURACY_DROP = 0.5  # points of top-1 accuracy, int8 vs fp32
@@ -71,6 +71,8 @@ class AccuracyGate:
         batch_size: the batch size of the speed runs.
         threads: onnxruntime intra-op threads in the speed runs.
         passed: drop_points <= max_drop_points.
+        isa_class: this CPU's INT8 ISA class (`cnnkit.cpu.isa_class`), where the speeds were measured.
+        cpu: this CPU's model name.
     """
 
     n_images: int
@@ -90,9 +92,16 @@ class AccuracyGate:
     batch_size: int
     threads: int
     passed: bool
+    isa_class: str = "unknown"
+    cpu: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def speed_record(self) -> dict[str, Any]:
+        """The record `cnnkit infer --precision auto` reads (`cnnkit.meta.int8_speed`): the measured
+        int8/fp32 model-only speedup and the CPU it holds for."""
+        return {"int8_speedup": self.speedup, "isa_class": self.isa_class, "cpu": self.cpu, "threads": self.threads}
 
     def summary(self) -> str:
         verdict = "passed" if self.passed else "FAILED"
@@ -101,7 +110,8 @@ class AccuracyGate:
             f"(drop {self.drop_points:+.2f} points, limit {self.max_drop_points:g}) on {self.n_images} images, "
             f"argmax agreement {self.argmax_agreement:.2%}; size {self.int8_bytes:,} vs {self.fp32_bytes:,} bytes "
             f"({self.size_ratio:.0%}); CPU provider, {self.threads} thread(s), batch {self.batch_size}: "
-            f"{self.int8_images_per_second:,.0f} vs {self.fp32_images_per_second:,.0f} img/s ({self.speedup:.2f}x)"
+            f"{self.int8_images_per_second:,.0f} vs {self.fp32_images_per_second:,.0f} img/s "
+            f"({self.speedup:.2f}x on {self.isa_class}, {self.cpu})"
         )
 
 
@@ -252,7 +262,8 @@ def record_gate(path: str, meta: ModelMeta, gate: AccuracyGate) -> None:
     proto = onnx.load(path)
     quantization = dict(read_record(proto).extra["export"]["quantization"])
     keys = ("n_images", "data", "fp32_accuracy", "int8_accuracy", "drop_points", "max_drop_points", "argmax_agreement")
-    quantization["accuracy_gate"] = {k: getattr(gate, k) for k in keys}
+    quantization["accuracy_gate"] = {**{k: getattr(gate, k) for k in keys}, "passed": gate.passed}
+    quantization["speed"] = check_speed(gate.speed_record())
     set_quantization_record(proto, quantization)
     finish(proto, meta, path)
 
@@ -321,6 +332,7 @@ def accuracy_gate(
     Returns:
         The gate's numbers; `passed` says whether it holds.
     """
+    import cnnkit.cpu as cpu
     from cnnkit.runtime.session import create_session
 
     files = {"fp32": fp32, "int8": int8}
@@ -353,6 +365,8 @@ def accuracy_gate(
         batch_size=batch_size,
         threads=SPEED_THREADS,
         passed=bool(drop <= max_drop and not np.isnan(max_abs)),
+        isa_class=cpu.isa_class(),
+        cpu=cpu.cpu_info().model,
     )
     log(f"export: {gate.summary()}")
     return gate

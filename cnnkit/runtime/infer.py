@@ -40,14 +40,13 @@ from cnnkit.files import atomic_path, check_not_an_input, check_writable, remove
 from cnnkit.listing import Listing, describe_ignored, is_listed, iter_pngs
 from cnnkit.meta import ModelMeta, predict
 from cnnkit.mistakes import Mistakes
-from cnnkit.runs import ONNX_NAME, PREDICTIONS_NAME, latest_file
+from cnnkit.runs import PREDICTIONS_NAME
 from cnnkit.runtime.backends import (
     ONNXRUNTIME,
     AnySession,
     backend_config,
     check_backend,
     check_backend_parity,
-    create_session,
 )
 from cnnkit.runtime.outputs import (
     CSV_COLUMNS,
@@ -57,6 +56,7 @@ from cnnkit.runtime.outputs import (
     mistakes_path,
     summary_path,
 )
+from cnnkit.runtime.precision import FILES, Choice, open_choice, resolve
 from cnnkit.runtime.session import external_data_files, read_meta
 from cnnkit.runtime.shard import Shard, ShardFilter, parse_shard, write_shard_summary
 
@@ -169,6 +169,8 @@ class InferResult:
     backend: str = ONNXRUNTIME
     backend_config: dict[str, Any] | None = None
     backend_parity: dict[str, Any] | None = None
+    precision: str = "fp32"
+    precision_reason: str = ""
 
     @property
     def images_per_second(self) -> float:
@@ -203,6 +205,8 @@ class InferResult:
             "backend": self.backend,
             "backend_config": self.backend_config,
             "backend_parity": self.backend_parity,
+            "precision": self.precision,
+            "precision_reason": self.precision_reason,
         }
 
 
@@ -227,13 +231,15 @@ def infer(
     shard: Shard | str | None = None,
     strict: bool = False,
     backend: str = ONNXRUNTIME,
+    precision: str | None = None,
 ) -> InferResult:
     """Classify every PNG under `folder` and write one CSV row per image.
 
     Args:
         folder: the images (searched recursively; files under a folder named like a class are
             labeled with it, and when all are, accuracy and a confusion matrix are computed).
-        model: an ONNX model exported by cnnkit; default `runs/latest/model.onnx`.
+        model: an ONNX model exported by cnnkit, or a run folder (its artifacts, chosen by `precision`);
+            default `runs/latest/model.onnx`.
         device: `auto`, `cpu` or `cuda`.
         batch_size: images per model call (the answer does not depend on it).
         output: the CSV to write (atomically); default `predictions.csv` next to the model.
@@ -248,6 +254,8 @@ def infer(
             instead of listing it in `<output>.failures.csv` and going on.
         backend: `onnxruntime` or `openvino`; openvino's first run on a model file is checked against
             onnxruntime on the first decoded images (`cnnkit.runtime.backends`).
+        precision: with a run folder as `model`: `auto` (its default), `fp32`, `int8` or `fp16`
+            (`cnnkit.runtime.precision`); given without `model`, the run `runs/latest`.
 
     Returns:
         An `InferResult` (`to_dict()` for JSON). Files that failed are not in the CSV; they are
@@ -260,12 +268,10 @@ def infer(
         FileFailedError: with `strict`, a file that could not be used.
     """
     t0 = time.perf_counter()
-    job = _job(folder, model, batch_size, output, shard, strict, check_backend(backend))
+    job = _job(folder, resolve(model, precision, device), batch_size, output, shard, strict, check_backend(backend))
     plan = _plan(job, workers, threads, min_files_for_workers)
-    session, counts, failure_log, parity = _stream(job, plan, device, progress)
-    result = _result(job, plan, session, counts, failure_log, t0)
-    result.backend, result.backend_config, result.backend_parity = session.backend, backend_config(session), parity
-    return result
+    opened, counts, failure_log = _stream(job, plan, device, progress)
+    return _result(job, plan, opened, counts, failure_log, t0)
 
 
 @dataclass(frozen=True)
@@ -274,6 +280,8 @@ class _Job:
 
     folder: str
     model: str
+    choice: Choice
+    run_dir: str | None  # the run folder whose artifacts `choice` chose among; None for one file
     meta: ModelMeta
     classes: list[str]
     output: str
@@ -286,7 +294,7 @@ class _Job:
 
 def _job(
     folder: str,
-    model: str | None,
+    resolved: tuple[Choice, str | None],
     batch_size: int,
     output: str | None,
     shard: Shard | str | None,
@@ -297,19 +305,24 @@ def _job(
     cannot be written, fails here."""
     if batch_size < 1:
         raise DataError("batch size must be at least 1")
-    if model is None:
-        model = latest_file(ONNX_NAME, "export one with `cnnkit export --format onnx`, or pass the model path")
+    choice, run_dir = resolved
+    if run_dir is not None:
+        log(f"infer: precision {choice.precision} ({choice.path}): {choice.reason}")
+    model = choice.path
     meta = read_meta(model)
     if isinstance(shard, str):
         shard = parse_shard(shard)
     if output is None:
         name = PREDICTIONS_NAME if shard is None else shard.default_output
         output = os.path.join(os.path.dirname(os.path.abspath(model)), name)
-    _check_outputs(folder, model, [output, failures_path(output), *([summary_path(output)] if shard else [])])
-    grid = _grid_path(folder, model, output)
+    models = [model, *([os.path.join(run_dir, name) for name in FILES.values()] if run_dir else [])]
+    _check_outputs(folder, models, [output, failures_path(output), *([summary_path(output)] if shard else [])])
+    grid = _grid_path(folder, models, output)
     return _Job(
         folder=folder,
         model=model,
+        choice=choice,
+        run_dir=run_dir,
         meta=meta,
         classes=list(meta.classes),
         output=output,
@@ -321,13 +334,13 @@ def _job(
     )
 
 
-def _grid_path(folder: str, model: str, output: str) -> str | None:
+def _grid_path(folder: str, models: list[str], output: str) -> str | None:
     """`<output>.mistakes.png`, checked like the other outputs; None when it would lie among the images
     (a CSV may go there, but a PNG would be read as an image by the next run): no grid then."""
     grid = mistakes_path(output)
     if is_listed(folder, grid, existing=False):
         return None
-    _check_outputs(folder, model, [grid])
+    _check_outputs(folder, models, [grid])
     return grid
 
 
@@ -391,11 +404,18 @@ class _Counts:
     mistakes: Mistakes = field(default_factory=Mistakes)  # fed while `labeled`
 
 
-def _stream(
-    job: _Job, plan: _Plan, device: str, progress: bool
-) -> tuple[AnySession, _Counts, _FailureLog, dict[str, Any] | None]:
+@dataclass
+class _Opened:
+    """What `_stream` ran the model with: the session, the artifact chosen, the backend's parity verdict."""
+
+    session: AnySession
+    choice: Choice
+    parity: dict[str, Any] | None
+
+
+def _stream(job: _Job, plan: _Plan, device: str, progress: bool) -> tuple[_Opened, _Counts, _FailureLog]:
     """Decode the files, run the model and write the CSV and failure list, a decoded batch at a time
-    (the backend's parity verdict is settled on the first batch, before any row is written)."""
+    (a non-default backend's parity verdict is settled on the first batch, before any row is written)."""
     in_flight: deque[list[str]] = deque()  # the files of the chunks being decoded, in order
     chunks = _chunked(plan.files, plan.task, in_flight)
     batches = decode_batches(job.folder, (), job.meta.input_shape, plan.task, workers=plan.workers, chunks=chunks)
@@ -403,7 +423,7 @@ def _stream(
     with contextlib.closing(batches):
         # Fork the decoders (first batch) before onnxruntime starts its threads.
         first = next(batches, None)  # None: a shard without files
-        session = create_session(job.model, device=device, threads=plan.threads, backend=job.backend)
+        session, choice = open_choice(job.choice, job.run_dir, device, plan.threads, job.backend)
         parity = check_backend_parity(session, first.images) if first is not None and len(first.images) else None
         bar = Progress(None if plan.streaming else plan.n_known, "infer", unit="img") if progress else None
         # Names that are not valid UTF-8 reach us surrogate-escaped (`os.fsdecode`): they are written
@@ -432,7 +452,7 @@ def _stream(
                 failure_log.add(path, reason)
         if bar is not None:
             bar.close()
-    return session, counts, failure_log, parity
+    return _Opened(session, choice, parity), counts, failure_log
 
 
 def _take_failures(
@@ -501,9 +521,10 @@ class _PredictionRows:
 
 
 def _result(
-    job: _Job, plan: _Plan, session: AnySession, counts: _Counts, failure_log: _FailureLog, t0: float
+    job: _Job, plan: _Plan, opened: _Opened, counts: _Counts, failure_log: _FailureLog, t0: float
 ) -> InferResult:
     """The `InferResult` of a finished run (and, with a shard, its summary for `cnnkit merge`)."""
+    session, choice = opened.session, opened.choice
     # PNG-named entries the walk could not use failed too; with a shard, each belongs to one shard.
     n_seen = plan.picker.n_seen if plan.picker is not None else counts.n_images + counts.n_failed
     n_listed = n_seen + len(plan.listing.skipped)
@@ -516,7 +537,7 @@ def _result(
     mistakes = counts.mistakes if labeled else Mistakes()
     grid = mistakes.write_grid(job.grid, job.classes) if job.grid is not None else None
     result = InferResult(
-        model=job.model,
+        model=choice.path,
         provider=session.provider,
         output=job.output,
         classes=job.classes,
@@ -539,16 +560,21 @@ def _result(
         png_folders=plan.listing.png_folders[:FAILURES_KEPT],
         mistakes=mistakes.to_json(job.classes),
         mistakes_png=grid,
+        precision=choice.precision,
+        precision_reason=choice.reason,
+        backend=session.backend,
+        backend_config=backend_config(session),
+        backend_parity=opened.parity,
     )
     if job.shard is not None:
         result.summary = write_shard_summary(result, job.folder, job.shard, n_listed)
     return result
 
 
-def _check_outputs(folder: str, model: str, outputs: list[str]) -> None:
-    """Refuse, before any work, outputs that would destroy an input (the model, an image of the folder)
+def _check_outputs(folder: str, models: list[str], outputs: list[str]) -> None:
+    """Refuse, before any work, outputs that would destroy an input (a model, an image of the folder)
     or that cannot be written: a failure at the end would leave some outputs written and not others."""
-    check_not_an_input(outputs, [model, *external_data_files(model)])
+    check_not_an_input(outputs, [*models, *(f for m in models if os.path.isfile(m) for f in external_data_files(m))])
     for out in outputs:
         if is_listed(folder, out):
             raise DataError(
@@ -639,7 +665,7 @@ def _backend_line(result: InferResult) -> str:
 def format_summary(result: InferResult) -> str:
     """A short human-readable report: provider, counts, speed, accuracy and the confusion matrix."""
     lines = [
-        f"model     {result.model} ({result.provider})",
+        f"model     {result.model} ({result.provider}, {result.precision})",
         f"backend   {result.backend}{_backend_line(result)}",
         f"images    {result.n_images:,} predicted, {result.n_failed:,} failed, {result.n_converted:,} converted",
         f"speed     {result.images_per_second:,.0f} images/s ({result.seconds:.2f} s)",

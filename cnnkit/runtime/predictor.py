@@ -33,8 +33,9 @@ from cnnkit.batches import DecodedBatch, DecodePool, default_workers
 from cnnkit.errors import DataError
 from cnnkit.images import ImageError, convert_pixels, decode_image, read_bytes
 from cnnkit.meta import ModelMeta, predict_all
-from cnnkit.runtime.backends import ONNXRUNTIME, check_backend, check_backend_parity, create_session
+from cnnkit.runtime.backends import ONNXRUNTIME, check_backend, check_backend_parity
 from cnnkit.runtime.infer import MIN_TASK_FILES, task_files, threads_for
+from cnnkit.runtime.precision import open_choice, resolve
 from cnnkit.runtime.session import read_meta
 
 if TYPE_CHECKING:
@@ -82,7 +83,8 @@ class Predictor:
     """An ONNX model exported by cnnkit, ready to classify images from Python (no torch needed).
 
     Args:
-        model: the `.onnx` file (with its cnnkit record; `cnnkit export --format onnx` writes one).
+        model: the `.onnx` file (with its cnnkit record; `cnnkit export --format onnx` writes one), or
+            a run folder: one of its ONNX files, chosen by `precision`.
         device: `auto`, `cpu`, `cuda` or `cuda:N`, as `cnnkit infer --device`.
         batch_size: images per model call (the answers do not depend on it).
         threads: onnxruntime intra-op threads; default 1 with decoder processes (they use the other
@@ -92,6 +94,9 @@ class Predictor:
         backend: `onnxruntime` or `openvino` (CPU; `pip install 'cnnkit[openvino]'`). OpenVINO's first
             run on a model file is checked against onnxruntime on the first images predicted;
             `backend_parity` holds the verdict.
+        precision: with a run folder: `auto` (the default there), `fp32`, `int8` or `fp16`, as
+            `cnnkit infer --precision` (`cnnkit.runtime.precision`); `self.precision` and
+            `self.precision_reason` say what was picked and why.
 
     Raises:
         ModelError: a missing or foreign model file, or one whose input does not match its record.
@@ -111,6 +116,7 @@ class Predictor:
         threads: int | None = None,
         workers: int | None = None,
         backend: str = ONNXRUNTIME,
+        precision: str | None = None,
     ):
         if batch_size < 1:
             raise DataError("batch size must be at least 1")
@@ -118,16 +124,19 @@ class Predictor:
         self.backend_parity: dict[str, Any] | None = None
         self._parity_lock = threading.Lock()
         self._parity_done = backend == ONNXRUNTIME
-        self.model = os.fspath(model)
+        choice, run_dir = resolve(os.fspath(model), precision, device)
+        self.model = choice.path
         self.meta: ModelMeta = read_meta(self.model)  # a foreign model fails before any process starts
         self.batch_size = batch_size
         n = default_workers() if workers is None else max(0, workers)
         self._pool = DecodePool(n) if n > 0 else None  # forked before the session's threads exist
         try:
-            self._session = create_session(self.model, device, threads_for(n) if threads is None else threads, backend)
+            threads = threads_for(n) if threads is None else threads
+            self._session, choice = open_choice(choice, run_dir, device, threads, backend)
         except BaseException:
             self.close()
             raise
+        self.model, self.precision, self.precision_reason = choice.path, choice.precision, choice.reason
 
     @property
     def classes(self) -> list[str]:
