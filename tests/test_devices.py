@@ -84,7 +84,7 @@ def test_fp16_gate_runner_asks_for_the_gpu_it_was_given(monkeypatch):
             return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
         def get_inputs(self):
-            return [SimpleNamespace(name="images")]
+            return [SimpleNamespace(name="images", shape=["batch", 1, 28, 28])]
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     monkeypatch.setattr(ort, "InferenceSession", FakeSession)

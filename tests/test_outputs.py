@@ -150,7 +150,7 @@ def test_output_under_a_regular_file_is_one_line_before_any_work(work, monkeypat
     tmp, images, model = work
     (tmp / "file").write_text("x")
     bad = str(tmp / "file" / "out.csv")
-    monkeypatch.setattr(infer_mod, "create_session", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(infer_mod, "open_choice", lambda *a, **k: pytest.fail("work started"))
     line = one_line_error(runner.invoke(app, ["infer", images, "--model", model, "--output", bad]))
     assert line == f"error: {bad}: cannot write there ({tmp / 'file'} is not a folder; choose another output path)"
     with pytest.raises(DataError, match="is not a folder"):
