@@ -25,7 +25,7 @@ from cnnkit.devices import DEVICE_HELP, parse_device
 from cnnkit.errors import EXIT_FILES_FAILED, CnnkitError, DataError, DeviceError
 
 app = typer.Typer(
-    help="Train a small image CNN, export it with a parity gate, and classify folders of PNGs.",
+    help="Train a small image CNN, export it with a parity gate, and classify folders of images.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -234,7 +234,7 @@ TrainSize = Annotated[
     ),
 ]
 TrainWorkers = Annotated[
-    int | None, typer.Option(min=0, max=MAX_PROCESSES, help="PNG decoder processes. Default: one per core.")
+    int | None, typer.Option(min=0, max=MAX_PROCESSES, help="Image decoder processes. Default: one per core.")
 ]
 
 
@@ -258,7 +258,7 @@ def train(
     resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Train a CNN on a folder of PNGs; write checkpoints, metrics.json and plots to a run folder."""
+    """Train a CNN on a folder of images (class folders); write checkpoints, metrics.json and plots to a run folder."""
     from cnnkit.trainer.loop import Interrupted, TrainConfig, format_summary
     from cnnkit.trainer.loop import train as run_training
 
@@ -321,7 +321,7 @@ ExportHalf = Annotated[
     ),
 ]
 ExportCalibration = Annotated[
-    Path | None, typer.Option(help="INT8: folder of PNGs to calibrate on. Default: the run's training data.")
+    Path | None, typer.Option(help="INT8: folder of images to calibrate on. Default: the run's training data.")
 ]
 ExportCalibrationSize = Annotated[int, typer.Option(min=1, help="INT8: calibration images (spread over the folder).")]
 ExportMaxAccuracyDrop = Annotated[
@@ -433,7 +433,8 @@ def diff(
         Path, typer.Argument(help="model.onnx, model.int8.onnx, model.fp16.onnx, model.ts or model.pt2.")
     ],
     data: Annotated[
-        Path | None, typer.Option(help="Folder of PNGs to run. Default: the testing split the model was trained with.")
+        Path | None,
+        typer.Option(help="Folder of images to run. Default: the testing split the model was trained with."),
     ] = None,
     images: Annotated[int, typer.Option(min=1, max=MAX_BATCH, help="How many images (spread over the folder).")] = 64,
     trust_model: Annotated[
@@ -475,7 +476,9 @@ PRECISION_HELP = (
 @app.command()
 @_reports_errors
 def infer(
-    folder: Annotated[Path, typer.Argument(help="Folder of PNGs (searched recursively).")],
+    folder: Annotated[
+        Path, typer.Argument(help="Folder of images: PNG, JPEG, WebP, BMP, TIFF, GIF (searched recursively).")
+    ],
     model: Annotated[Path | None, typer.Option(help=INFER_MODEL_HELP)] = None,
     device: Annotated[str, _device_option("cuda[:N] fails if its provider does not load.")] = "auto",
     batch_size: Annotated[int, typer.Option(min=1, max=MAX_BATCH)] = 256,
@@ -512,7 +515,7 @@ def infer(
     precision: Annotated[str | None, typer.Option(help=PRECISION_HELP)] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Classify every PNG under FOLDER with ONNX Runtime (or OpenVINO); write a CSV and print a summary.
+    """Classify every image under FOLDER with ONNX Runtime (or OpenVINO); write a CSV and print a summary.
 
     Exit status: 0 every file predicted; 3 --backend openvino does not agree with onnxruntime on this
     model; 4 some files could not be used (listed in <output>.failures.csv; the rest predicted), or
@@ -604,7 +607,7 @@ def _parse_batches(text: str) -> tuple[int, ...]:
 def bench(
     data: Annotated[
         Path | None,
-        typer.Argument(help="Folder of PNGs (class folders give accuracy). Default: the run's testing split."),
+        typer.Argument(help="Folder of images (class folders give accuracy). Default: the run's testing split."),
     ] = None,
     run: Annotated[Path | None, typer.Option(help="Run folder. Default: runs/latest.")] = None,
     device: Annotated[str, _device_option("auto: every device that works here.")] = "auto",
