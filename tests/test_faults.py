@@ -482,7 +482,20 @@ def _children(pid: int) -> list[int]:
 def _start_and_kill(args: list[str], out: str, sig: int, min_bytes: int = 20_000) -> tuple[int, str, list[int]]:
     """Start `cnnkit infer`, wait until its temporary CSV holds `min_bytes`, send `sig`.
 
-    Returns (exit status, stderr, the decoder processes it had)."""
+    On a loaded machine the run (30,000 images in about a second) may finish between the check and
+    the signal: then the CSV it wrote is removed if there was none before, and it is tried again,
+    killed sooner. Returns (exit status, stderr, the decoder processes it had)."""
+    existed = os.path.exists(out)
+    for attempt in range(4):
+        rc, err, kids = _run_and_signal(args, out, sig, min_bytes >> (2 * attempt))
+        if rc != 0:
+            return rc, err, kids
+        if not existed:
+            os.remove(out)
+    raise AssertionError("every run ended before the signal reached it")
+
+
+def _run_and_signal(args: list[str], out: str, sig: int, min_bytes: int) -> tuple[int, str, list[int]]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "cnnkit", "infer", *args, "--output", out],
         env=_env(),
@@ -496,11 +509,12 @@ def _start_and_kill(args: list[str], out: str, sig: int, min_bytes: int = 20_000
         temps = glob.glob(pattern)
         if temps and os.path.getsize(temps[0]) >= min_bytes:
             break
-        assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read()
+        if proc.poll() is not None:
+            break
         time.sleep(0.005)
     kids = _children(proc.pid)
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=120)
     return proc.returncode, err, kids
 
 
@@ -565,7 +579,7 @@ def test_interrupted_training_leaves_the_last_checkpoint_loadable(tiny_tree, tmp
         assert time.monotonic() < deadline
         time.sleep(0.02)
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=180)  # a loaded machine: the epoch in flight stops at its next step
     assert proc.returncode == 130, err
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: interrupted during epoch") and f"--resume {run}" in last, err
