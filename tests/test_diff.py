@@ -141,3 +141,15 @@ def test_the_export_gate_names_the_broken_layer(trained, tmp_path, monkeypatch) 
     assert "first layer out of tolerance: net.4" in str(caught.value) and "\n" not in str(caught.value)
     assert caught.value.diff is not None and caught.value.diff["first_bad"] == "net.4"
     assert not out.exists() and os.listdir(tmp_path) == []
+
+
+def test_tensorless_layers_after_a_tensor_are_its_fused_candidates() -> None:
+    """After folding, conv -> pool -> Identity (the folded BatchNorm) -> ReLU: the INT8 graph's pool tensor
+    is already clipped by the ReLU the quantizer dropped, so both following layers are candidates."""
+    from cnnkit.export.diff import _fused_into
+
+    order = ["prep", "net.0", "net.1", "net.2", "net.3", "net.4", "net.5", "net"]
+    have = {"prep", "net.0", "net.1", "net.4"}
+    assert _fused_into("net.1", order, have) == ["net.2", "net.3"]
+    assert _fused_into("net.0", order, have) == []  # the pool has its own tensor
+    assert _fused_into("net.4", order, have) == ["net.5"]  # not the container that ends after it

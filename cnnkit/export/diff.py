@@ -214,13 +214,18 @@ def module_tensors(proto: Any) -> list[tuple[str, str]]:
     return found
 
 
-def _fused_into(module: str, order: list[str], have: set[str]) -> str | None:
-    """The module an exporter may have fused into `module`'s node: the next one to run, when it has no
-    tensor of its own (a BatchNorm folded into the Conv before it; a ReLU that the INT8 quantizer
-    folded into the uint8 range of the layer before it)."""
-    pos = order.index(module) if module in order else -1
-    nxt = order[pos + 1] if 0 <= pos < len(order) - 1 else None
-    return nxt if nxt and nxt not in have else None
+def _fused_into(module: str, order: list[str], have: set[str]) -> list[str]:
+    """The modules an exporter may have fused into `module`'s node: those that run next with no tensor of
+    their own, up to the next one that has one (a BatchNorm folded into the Conv before it, the Identity
+    cnnkit's folding leaves in its place, a ReLU the INT8 quantizer folded into the uint8 range of the
+    layer before it)."""
+    pos = order.index(module) if module in order else len(order)
+    fused = []
+    for nxt in order[pos + 1 : pos + 4]:
+        if nxt in have or not nxt.startswith(module.rsplit(".", 1)[0] + "."):
+            break  # the next layer with its own tensor, or the container ending
+        fused.append(nxt)
+    return fused
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,7 +295,7 @@ def diff_onnx(model: Any, proto: Any, images: np.ndarray, precision: str, artifa
     rows = []
     for module, tensor in sorted(pairs, key=lambda p: _position(p[0], order)):
         # A fused pair's one tensor is compared with both modules' outputs and kept under the closer one.
-        names = [module, _fused_into(module, order, have)] if module != OUTPUT_ROW else [module]
+        names = [module, *_fused_into(module, order, have)] if module != OUTPUT_ROW else [module]
         found = [
             _row(m, kinds.get(m, "output"), tensor, ref[m], got[tensor], precision, tol)
             for m in names
