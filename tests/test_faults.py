@@ -446,6 +446,13 @@ def _env() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
+def _ctrl_c_default() -> None:
+    """In the child before exec: Ctrl-C's default action. A test run started in the background of a
+    non-interactive shell (`cmd &`) inherits SIGINT ignored, as POSIX has background jobs do, and Python
+    then leaves it ignored: the SIGINT cases would test nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture(scope="module")
 def big_folder(tmp_path_factory) -> str:
     """30,000 tiny PNGs (about 2 s of `cnnkit infer` on 2 cores)."""
@@ -502,6 +509,7 @@ def _run_and_signal(args: list[str], out: str, sig: int, min_bytes: int) -> tupl
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_ctrl_c_default,
     )
     pattern = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.{proc.pid}.*.tmp")
     deadline = time.monotonic() + 60
@@ -571,6 +579,7 @@ def test_interrupted_training_leaves_the_last_checkpoint_loadable(tiny_tree, tmp
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_ctrl_c_default,
     )
     ckpt = run / "checkpoint.pt"
     deadline = time.monotonic() + 120
