@@ -212,8 +212,13 @@ def convert_pixels(pixels: np.ndarray, shape: tuple[int, int, int]) -> tuple[np.
     Returns:
         (uint8 (C, H, W), whether anything was converted: mode or size; the rules are in the module
         docstring).
+
+    Raises:
+        ImageError: an image without pixels (a zero side).
     """
     channels, height, width = shape
+    if pixels.size == 0:
+        raise ImageError(f"empty image: {'x'.join(map(str, pixels.shape))} pixels")
     converted = False
     if channels == 1 and pixels.ndim == 3:
         pixels, converted = _luminance(pixels), True

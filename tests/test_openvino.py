@@ -162,3 +162,25 @@ def test_bench_plans_an_openvino_row_per_onnx_file_on_the_cpu(monkeypatch):
     ]
     monkeypatch.setattr(bench, "_have_openvino", lambda: False)
     assert all(b != "openvino" for *_, b in bench._plan(found, ["cpu"], ["cpu"], "cuda", []))
+
+
+def test_a_verdict_covers_the_weights_kept_beside_the_model(onnx_model_factory, tmp_path) -> None:
+    """The verdict's key hashes the external weights too: new weights beside the same .onnx bytes are
+    checked again, not run on the old verdict."""
+    import onnx
+    from onnx import numpy_helper
+
+    from cnnkit.runtime.backends import model_sha256
+
+    source = onnx_model_factory()
+    for name, scale in (("a", 1), ("b", 2)):
+        proto = onnx.load(source)
+        init = proto.graph.initializer[0]
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * scale, init.name))
+        (tmp_path / name).mkdir()
+        onnx.save_model(
+            proto, str(tmp_path / name / "m.onnx"), save_as_external_data=True, size_threshold=0, location="m.data"
+        )
+    a, b = tmp_path / "a" / "m.onnx", tmp_path / "b" / "m.onnx"
+    assert a.read_bytes() == b.read_bytes()  # the same .onnx bytes, other weights beside them
+    assert model_sha256(str(a)) != model_sha256(str(b))

@@ -239,3 +239,23 @@ def test_predictor_takes_a_run_folder(run_dir, tiny_tree, tmp_path, monkeypatch)
         assert p.precision == "fp32" and p.model.endswith("model.onnx") and "not faster" in p.precision_reason
     with Predictor(run, precision="int8", workers=0) as p:
         assert p.precision == "int8" and p.model.endswith("model.int8.onnx")
+
+
+def test_auto_on_cuda_takes_only_the_runs_own_fp16_file(run_dir, tmp_path) -> None:
+    """A `model.fp16.onnx` that is a symlink, or whose record is not an fp16 export, is not picked."""
+    import shutil
+
+    from cnnkit.runtime.precision import choose
+
+    src, _ = run_dir
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    fp16 = run / "model.fp16.onnx"
+    shutil.copy(run / "model.onnx", fp16)  # an fp32 file under the fp16 name
+    assert choose(str(run), "auto", cuda=True).precision != "fp16"
+    fp16.unlink()
+    fp16.symlink_to(run / "model.onnx")
+    assert choose(str(run), "auto", cuda=True).precision != "fp16"
+    (run / "model.int8.onnx").rename(tmp_path / "int8.onnx")
+    (run / "model.int8.onnx").symlink_to(tmp_path / "int8.onnx")  # the run's own INT8 file only
+    assert choose(str(run), "auto").precision == "fp32"

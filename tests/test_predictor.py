@@ -258,3 +258,11 @@ def test_color_jpegs_by_path_and_bytes_answer_as_cnnkit_infer(rgb, tmp_path):
         _check(p.predict(paths), files, want)
         _check(p.predict([open(x, "rb").read() for x in paths]), files, want)
     assert len(files) == 3 and n_converted == 2  # the two not 12 x 12
+
+
+def test_images_without_pixels_are_reported_not_predicted(gray):
+    with Predictor(gray[1], device="cpu", workers=0) as p:
+        out = p.predict([np.zeros((0, 28), np.uint8), np.zeros((0, 0, 3), np.uint8)], errors="report")
+        assert [r.ok for r in out] == [False, False] and all("empty image" in r.error for r in out)
+        with pytest.raises(ImageError, match="empty image"):
+            p.predict([np.zeros((28, 0), np.uint8)])

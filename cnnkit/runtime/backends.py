@@ -32,7 +32,7 @@ from cnnkit.files import default_cache_dir, write_json
 from cnnkit.meta import predict
 from cnnkit.runtime.openvino import BACKEND as OPENVINO
 from cnnkit.runtime.openvino import OpenVINOSession, create_openvino_session, openvino_version
-from cnnkit.runtime.session import Session
+from cnnkit.runtime.session import Session, external_data_files
 from cnnkit.runtime.session import create_session as create_ort_session
 from cnnkit.runtime.shard import file_sha256
 
@@ -71,6 +71,18 @@ def backend_config(session: AnySession) -> dict[str, Any] | None:
     return dict(session.config) if isinstance(session, OpenVINOSession) else None
 
 
+def model_sha256(path: str) -> str:
+    """The SHA-256 a verdict is kept under: of the ONNX file and of every weights file it keeps beside
+    it (`TensorProto.external_data`), which the backends load too; a weights file swapped in after a
+    verdict gets a new one."""
+    digests = [file_sha256(path), *(file_sha256(f) for f in sorted(external_data_files(path)))]
+    if len(digests) == 1:
+        return digests[0]
+    import hashlib
+
+    return hashlib.sha256(" ".join(digests).encode()).hexdigest()
+
+
 def parity_cache_path(model_sha256: str, version: str) -> str:
     return os.path.join(default_cache_dir(), "backend-parity", f"{OPENVINO}-{version}-{model_sha256}.json")
 
@@ -85,7 +97,7 @@ def check_backend_parity(session: AnySession, images: np.ndarray) -> dict[str, A
     """
     if not isinstance(session, OpenVINOSession):
         return None
-    sha, version = file_sha256(session.path), openvino_version()
+    sha, version = model_sha256(session.path), openvino_version()
     cache = parity_cache_path(sha, version)
     verdict = _read_verdict(cache, sha, version)
     if verdict is not None:

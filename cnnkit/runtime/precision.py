@@ -92,7 +92,7 @@ def choose(run_dir: str, precision: str = "auto", cuda: bool = False) -> Choice:
             raise ModelError(f"--precision {precision}: no {path}; make it with {HOW[precision]}")
         return Choice(path, precision, "asked for (--precision)", asked=True)
     fp16 = os.path.join(run_dir, FP16_NAME)
-    if cuda and os.path.isfile(fp16):
+    if cuda and _own_file(fp16, "fp16"):
         return Choice(fp16, "fp16", "a CUDA device, and the run has an FP16 file (written only when its gate passed)")
     int8 = os.path.join(run_dir, INT8_NAME)
     ok, why = (False, "a CUDA device and no FP16 file") if cuda else int8_verdict(int8)
@@ -104,10 +104,22 @@ def choose(run_dir: str, precision: str = "auto", cuda: bool = False) -> Choice:
     return Choice(fp32, "fp32", why)
 
 
+def _own_file(path: str, precision: str) -> bool:
+    """Whether `path` is a regular file of the run (not a symlink to elsewhere) whose record says cnnkit
+    exported it at `precision` (a file of that precision is written only when its gate passed)."""
+    if os.path.islink(path) or not os.path.isfile(path):
+        return False
+    try:
+        export = read_meta(path).extra.get("export", {})
+    except ModelError:
+        return False
+    return isinstance(export, dict) and export.get("precision") == precision
+
+
 def int8_verdict(path: str) -> tuple[bool, str]:
     """(whether `auto` runs the INT8 file at `path` on this CPU, why in one line)."""
-    if not os.path.isfile(path):
-        return False, f"no {INT8_NAME} in the run"
+    if os.path.islink(path) or not os.path.isfile(path):
+        return False, f"no {INT8_NAME} in the run (a symlink is not the run's own)"
     try:
         meta = read_meta(path)
         speed = int8_speed(meta)
