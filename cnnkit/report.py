@@ -22,6 +22,7 @@ import html
 import json
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -486,9 +487,13 @@ def _md(value: str) -> str:
     return html.escape(value, quote=False)
 
 
+_MD_SYNTAX = re.compile(r"([\\`*_\[\]!|])")  # emphasis, code, links and images, table pipes
+
+
 def _md_cell(value: str) -> str:
-    """A Markdown table cell: HTML escaped, pipes and newlines defused."""
-    return _md(value).replace("|", "\\|").replace("\n", " ").replace("\r", " ") or " "
+    """A Markdown table cell: HTML escaped, Markdown syntax backslash-escaped (a class named
+    `![x](http://...)` must not become an image a viewer fetches), newlines defused."""
+    return _MD_SYNTAX.sub(r"\\\1", _md(value)).replace("\n", " ").replace("\r", " ") or " "
 
 
 def _md_part(part: Part) -> str:
