@@ -184,3 +184,21 @@ def test_a_verdict_covers_the_weights_kept_beside_the_model(onnx_model_factory, 
     a, b = tmp_path / "a" / "m.onnx", tmp_path / "b" / "m.onnx"
     assert a.read_bytes() == b.read_bytes()  # the same .onnx bytes, other weights beside them
     assert model_sha256(str(a)) != model_sha256(str(b))
+
+
+def test_a_fixed_batch_file_runs_padded_on_openvino(onnx_model_factory, tiny_tree, tmp_path, cache):
+    """`cnnkit export --batch N` files have a static batch axis: OpenVINO runs them in padded chunks, as
+    onnxruntime does, with the dynamic file's answers."""
+    import onnx
+
+    proto = onnx.load(onnx_model_factory())
+    for value in (*proto.graph.input, *proto.graph.output):
+        dim = value.type.tensor_type.shape.dim[0]
+        dim.ClearField("dim_param")
+        dim.dim_value = 4
+    fixed = str(tmp_path / "model.b4.onnx")
+    onnx.save(proto, fixed)
+    folder = f"{tiny_tree}/testing"
+    dynamic = _rows(_run(folder, onnx_model_factory(), str(tmp_path / "d.csv"), "onnxruntime").output)
+    padded = _rows(_run(folder, fixed, str(tmp_path / "f.csv"), "openvino").output)
+    assert len(padded) == 61 and [r[1] for r in padded] == [r[1] for r in dynamic]

@@ -29,7 +29,7 @@ import numpy as np
 from cnnkit.devices import parse_device
 from cnnkit.errors import DeviceError, ModelError
 from cnnkit.meta import OUTPUT_SIGMOID, ModelMeta
-from cnnkit.runtime.session import read_meta
+from cnnkit.runtime.session import read_meta, run_fixed
 
 BACKEND = "openvino"
 INSTALL_HINT = "pip install 'cnnkit[openvino]'"
@@ -71,6 +71,7 @@ class OpenVINOSession:
     compiled: Any = field(repr=False)
     notes: list[str] = field(default_factory=list)
     backend: str = BACKEND
+    batch: int | None = None  # a fixed-batch file's batch size (`cnnkit export --batch N`): runs padded
 
     def __post_init__(self) -> None:
         # One infer request, reused (its buffers stay allocated); a request is not thread-safe, so
@@ -83,6 +84,11 @@ class OpenVINOSession:
         if batch.ndim == 3:
             batch = batch[:, None]
         batch = np.ascontiguousarray(batch, dtype=np.uint8)
+        if self.batch is not None:
+            return run_fixed(self._infer, batch, self.batch)
+        return self._infer(batch)
+
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
         with self._lock:
             out = self._request.infer({0: batch}, share_inputs=True)[0]
             return np.array(out, dtype=np.float32, copy=True)  # the request reuses its output buffer
@@ -163,4 +169,6 @@ def create_openvino_session(path: str, device: str = "auto", threads: int | None
         raise ModelError(f"{path}: openvino cannot load it: {first}") from None
     record["openvino"] = openvino_version()
     record["file_precision"] = precision
-    return OpenVINOSession(path, meta, "OpenVINO CPU", threads, precision, record, compiled)
+    first = compiled.input(0).get_partial_shape()[0]
+    batch = first.get_length() if first.is_static else None
+    return OpenVINOSession(path, meta, "OpenVINO CPU", threads, precision, record, compiled, batch=batch)
