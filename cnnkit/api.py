@@ -51,25 +51,13 @@ def train(
         CnnkitError: bad data, arguments, device or checkpoint (`cnnkit.errors`).
         Interrupted: SIGINT or SIGTERM stopped the run (its last checkpoint is kept).
     """
+    options = dict(locals())  # every argument but `resume` is a `TrainConfig` field of the same name
+    del options["resume"]
+    options["classes"] = tuple(classes) if classes is not None else None
     from cnnkit.trainer.loop import TrainConfig
     from cnnkit.trainer.loop import train as run_training
 
-    cfg = TrainConfig(
-        data=data,
-        out=out,
-        arch=arch,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        augment=augment,
-        classes=tuple(classes) if classes is not None else None,
-        val_split=val_split,
-        device=device,
-        seed=seed,
-        workers=workers,
-        color=color,
-        size=size,
-    )
+    cfg = TrainConfig(**options)
     d = run_training(cfg, resume=resume).to_dict()
     return {k: v for k, v in d.items() if k != "history"}
 

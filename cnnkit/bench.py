@@ -604,8 +604,7 @@ def bench(
     torch_ok = _have_torch()
     found, notes, proven = _loadable(found, trust_model, torch_ok)  # proven: checked bytes of .ts / .pt2
     _drop_untrusted_arch(found, meta.arch, trust_arch, notes)
-    torch_devices, ort_devices = _devices(found, spec, gpu, torch_ok, notes)
-    plan = _plan(found, torch_devices, ort_devices, gpu, notes)
+    plan = _plan(found, *_devices(found, spec, gpu, torch_ok, notes), gpu, notes)
     how = _Settings(batch_size, threads, latency_calls, tuple(throughput_batches), cold_starts, _first_image(folder))
     with _torch_threads(threads) if torch_ok else contextlib.nullcontext():
         rows, reference = _run_plan(plan, found, images, labels, meta, how, proven, trust_arch)
@@ -613,21 +612,35 @@ def bench(
         notes.append("no eager reference (torch missing or no best.pt in the run): diff columns empty")
     if not rows:
         raise ModelError(f"{run_dir}: nothing to benchmark here ({'; '.join(notes) or 'no artifacts'})")
+    return _result(run_dir, folder, images, labels, rows, notes, how, t0)
+
+
+def _result(
+    run_dir: str,
+    folder: str,
+    images: np.ndarray,
+    labels: np.ndarray | None,
+    rows: list[BenchRow],
+    notes: list[str],
+    how: _Settings,
+    t0: float,
+) -> BenchResult:
+    """The `BenchResult` of the measured rows, with the settings they were measured under."""
     return BenchResult(
         run_dir=run_dir,
         data=folder,
         n_images=len(images),
         labeled=labels is not None,
-        batch_size=batch_size,
+        batch_size=how.batch_size,
         reference="eager (best.pt), float32 on the CPU",
         rows=rows,
         notes=notes,
-        threads=threads,
+        threads=how.threads,
         versions=_versions(),
         seconds=round(time.perf_counter() - t0, 3),
-        latency_calls=latency_calls,
-        throughput_batches=sorted({batch_size, *throughput_batches}),
-        cold_starts=cold_starts,
+        latency_calls=how.latency_calls,
+        throughput_batches=sorted({how.batch_size, *how.sweep}),
+        cold_starts=how.cold_starts,
     )
 
 

@@ -233,7 +233,7 @@ TrainSize = Annotated[
         "common size, else 28x28.",
     ),
 ]
-TrainWorkers = Annotated[
+Workers = Annotated[
     int | None, typer.Option(min=0, max=MAX_PROCESSES, help="Image decoder processes. Default: one per core.")
 ]
 
@@ -252,7 +252,7 @@ def train(
     val_split: TrainValSplit = 0.1,
     device: Annotated[str, _device_option("Mixed precision on CUDA: bf16 where native, else fp16.")] = "auto",
     seed: int = 0,
-    workers: TrainWorkers = None,
+    workers: Workers = None,
     color: TrainColor = Color.auto,
     size: TrainSize = None,
     resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder.")] = None,
@@ -473,45 +473,48 @@ PRECISION_HELP = (
 )
 
 
+InferFolder = Annotated[
+    Path, typer.Argument(help="Folder of images: PNG, JPEG, WebP, BMP, TIFF, GIF (searched recursively).")
+]
+InferOutput = Annotated[
+    Path | None, typer.Option(help="CSV of predictions. Default: predictions.csv next to the model.")
+]
+InferShard = Annotated[
+    str | None,
+    typer.Option(
+        help="K/N: only shard K (0..N-1) of N, by a hash of each file's path; output "
+        "predictions.shard-K-of-N.csv + .json, combined by `cnnkit merge`."
+    ),
+]
+InferStrict = Annotated[
+    bool,
+    typer.Option(
+        "--strict",
+        help="Stop at the first file that cannot be used (exit 4, nothing written) instead of listing it "
+        "in <output>.failures.csv.",
+    ),
+]
+InferBackend = Annotated[
+    str,
+    typer.Option(
+        help="onnxruntime or openvino (CPU; pip install 'cnnkit[openvino]'). OpenVINO's first run on a "
+        "model file is checked against onnxruntime and refused (exit 3) if they disagree."
+    ),
+]
+
+
 @app.command()
 @_reports_errors
 def infer(
-    folder: Annotated[
-        Path, typer.Argument(help="Folder of images: PNG, JPEG, WebP, BMP, TIFF, GIF (searched recursively).")
-    ],
+    folder: InferFolder,
     model: Annotated[Path | None, typer.Option(help=INFER_MODEL_HELP)] = None,
     device: Annotated[str, _device_option("cuda[:N] fails if its provider does not load.")] = "auto",
     batch_size: Annotated[int, typer.Option(min=1, max=MAX_BATCH)] = 256,
-    output: Annotated[
-        Path | None, typer.Option(help="CSV of predictions. Default: predictions.csv next to the model.")
-    ] = None,
-    workers: Annotated[
-        int | None, typer.Option(min=0, max=MAX_PROCESSES, help="Decoder processes. Default: one per core.")
-    ] = None,
-    shard: Annotated[
-        str | None,
-        typer.Option(
-            help="K/N: only shard K (0..N-1) of N, by a hash of each file's "
-            "path; output predictions.shard-K-of-N.csv + .json, "
-            "combined by `cnnkit merge`."
-        ),
-    ] = None,
-    strict: Annotated[
-        bool,
-        typer.Option(
-            "--strict",
-            help="Stop at the first file that cannot be used "
-            "(exit 4, nothing written) instead of listing it "
-            "in <output>.failures.csv.",
-        ),
-    ] = False,
-    backend: Annotated[
-        str,
-        typer.Option(
-            help="onnxruntime or openvino (CPU; pip install 'cnnkit[openvino]'). OpenVINO's first run on a "
-            "model file is checked against onnxruntime and refused (exit 3) if they disagree."
-        ),
-    ] = "onnxruntime",
+    output: InferOutput = None,
+    workers: Workers = None,
+    shard: InferShard = None,
+    strict: InferStrict = False,
+    backend: InferBackend = "onnxruntime",
     precision: Annotated[str | None, typer.Option(help=PRECISION_HELP)] = None,
     as_json: JsonOpt = False,
 ) -> None:

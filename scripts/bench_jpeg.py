@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import statistics
 import sys
@@ -30,7 +29,7 @@ from importlib import metadata
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from machine import describe_machine  # noqa: E402
+from machine import describe_machine, write_results  # noqa: E402
 
 SIZES = {"28x28": (28, 28), "256x256": (256, 256), "1024x768": (768, 1024)}  # name -> (height, width)
 
@@ -126,9 +125,7 @@ def main() -> None:
         "median_us": table,
     }
     if args.results:
-        with open(args.results, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
+        write_results(args.results, result)
 
 
 if __name__ == "__main__":

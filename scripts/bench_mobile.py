@@ -13,7 +13,6 @@ table keeps the best round of each (absolute numbers drift with the machine's lo
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -21,7 +20,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from machine import describe_machine  # noqa: E402
+from machine import describe_machine, write_results  # noqa: E402
 
 VARIANTS = {
     "folded": {},
@@ -102,9 +101,7 @@ def main() -> None:
         "folded_over_unfolded_median": round(median["folded"] / median["unfolded"], 3),
     }
     if args.results:
-        with open(args.results, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
+        write_results(args.results, result)
 
 
 if __name__ == "__main__":

@@ -69,3 +69,12 @@ def describe_machine() -> dict:
     except ImportError:
         pass
     return info
+
+
+def write_results(path: str, doc: dict) -> None:
+    """Write a results file atomically (a temporary file renamed over it), indented, ending in a newline."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+    os.replace(path + ".tmp", path)

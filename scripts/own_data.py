@@ -23,7 +23,6 @@ checkpoint chosen on validation carved from training, testing measured once per 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -33,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from machine import describe_machine, run_json  # noqa: E402
+from machine import describe_machine, run_json, write_results  # noqa: E402
 
 CNNKIT = [sys.executable, "-m", "cnnkit"]
 
@@ -181,9 +180,7 @@ def main() -> None:
     if "color" not in args.skip:
         results["color"] = color_accuracy(color_sets(args.work), args.seeds, args.work)
     results["seconds"] = round(time.time() - t0)
-    with open(args.results + ".tmp", "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(args.results + ".tmp", args.results)
+    write_results(args.results, results)
 
 
 if __name__ == "__main__":

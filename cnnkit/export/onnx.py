@@ -149,7 +149,6 @@ def export_onnx(
 
     opset = check_options(exporter, opset)
     model = model.to("cpu").eval()
-    c, h, w = meta.input_shape
     # Dynamic: trace with a batch of 2, as a batch of 1 lets exporters specialize the batch dimension
     # to 1. Fixed: trace with exactly that batch, and no dynamic axis.
     example = example_batch(meta.input_shape, n=batch or 2)
@@ -172,17 +171,21 @@ def export_onnx(
     )
     write_record(proto, record)
     size = finish(proto, meta, path, batch)
-    dim = batch or BATCH_DIM
+    return _info(record, seconds, size)
+
+
+def _info(record: ModelMeta, seconds: float, size: int) -> dict[str, Any]:
+    """What `export_onnx` reports: the export record's facts, the time, the size and the graph's I/O."""
+    export = record.extra["export"]
+    dim = export["batch"] or BATCH_DIM
+    keys = ("format", "exporter", "opset", "ir_version")
     return {
-        "format": "onnx",
-        "exporter": exporter,
-        "opset": opset,
-        "ir_version": int(proto.ir_version),
+        **{k: export[k] for k in keys},
         "seconds": round(seconds, 3),
         "bytes": size,
-        "batch": batch,
-        "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": [dim, c, h, w]},
-        "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": [dim, _out_width(meta)]},
+        "batch": export["batch"],
+        "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": [dim, *record.input_shape]},
+        "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": [dim, _out_width(record)]},
     }
 
 

@@ -176,9 +176,8 @@ def run_parity(
     """Compare `candidate` against `reference` over `images` at several batch sizes.
 
     Args:
-        reference: uint8 (n, 1, H, W) -> float (n, K) outputs; the eager model.
-        candidate: the same for the exported artifact.
-        images: uint8 (N, 1, H, W).
+        reference, candidate: uint8 (n, C, H, W) -> float (n, K) outputs: the eager model, the artifact.
+        images: uint8 (N, C, H, W).
         output_kind: `logits` or `sigmoid` (how outputs turn into decisions).
         max_abs_tol: the largest |diff| allowed.
         batch_sizes: sizes to run; 0 (or anything >= N) means all images in one batch. Batch size 1
@@ -227,7 +226,7 @@ def run_parity(
 
 
 # --------------------------------------------------------------------------------------------
-# Runners: uint8 (n, 1, H, W) numpy in, float32 (n, K) numpy out, all on the CPU.
+# Runners: uint8 (n, C, H, W) numpy in, float32 (n, K) numpy out, all on the CPU.
 
 
 @contextlib.contextmanager

@@ -144,57 +144,19 @@ def export(
     batch: int | None = None,
     fold: bool = True,
 ) -> ExportResult:
-    """Export a checkpoint and gate the artifact against the eager model.
+    """Export a checkpoint and keep the artifact only if it passes its gate against the eager model.
 
-    Args:
-        checkpoint: a cnnkit checkpoint (default `runs/latest/best.pt`).
-        fmt: `onnx`, `torchscript` or `pt2`.
-        out: the artifact's path, or a folder for it (default: `ARTIFACT_NAMES` beside the checkpoint).
-        data: a folder of PNGs for the parity check (default: the test folder, else the train folder, recorded
-            in the checkpoint); for INT8 also the accuracy gate's labeled images (class folders; default the test one).
-        exporter: ONNX only: `dynamo` (default) or `torchscript` (torch's legacy ONNX exporter).
-        opset: ONNX only: the opset (default `cnnkit.export.onnx.DEFAULT_OPSET`).
-        max_abs_tol: the largest |artifact - eager| output difference allowed (default: the precision
-            tier's, 1e-4 for fp32 and for the fp32 graph INT8 starts from, `TIERS["fp16"]` for FP16).
-        n_images: how many images (spread over the folder's sorted listing) to compare on.
-        quantize: `int8` for a statically quantized ONNX file (`model.int8.onnx`).
-        half: an FP16 ONNX file for the CUDA provider (`model.fp16.onnx`).
-        calibration: INT8: a folder of PNGs to calibrate on (default: the recorded training folder).
-        calibration_size: INT8: how many calibration images (spread over the folder).
-        max_accuracy_drop: INT8: top-1 accuracy points the INT8 file may lose against fp32.
-        eval_limit: INT8: at most this many testing images in the accuracy gate (spread).
-        device: FP16: where its gate runs: `auto` (CUDA when it works, else the CPU provider), `cuda`,
-            `cuda:N` (an error if it does not work), or `cpu`.
-        strict: FP16: refuse to write a file that was not verified on the CUDA provider.
-        keep_paths: record the training machine's full data paths in the artifact; by default it gets
-            only folder names (`shipped_meta`). The report beside it keeps full paths either way.
-        trust_arch: a checkpoint of a user arch (`module.path:ClassName`) is exported only when this is
-            the same import string: rebuilding it imports that module, which runs its code (SECURITY.md).
-        batch: fp32 ONNX only: fix the graph's batch axis to this size (NNAPI and CoreML need fixed
-            shapes); the file is `model.bN.onnx` by default (`cnnkit.runs.fixed_batch_name`).
-        fold: ONNX: fold BatchNorm into the convolutions where exact (`cnnkit.export.fold`); the gate
-            still compares against the unfolded eager model.
-
-    Returns:
-        The result; `result.to_dict()` is the JSON the CLI prints.
-
-    Raises:
-        ModelError: missing/foreign/truncated checkpoint, weights not matching the arch, bad options, a
-            user arch not named by `trust_arch`.
-        DataError: no usable parity, calibration or labeled testing images.
-        ParityError: the artifact does not answer like the eager model, INT8 loses more accuracy
-            than allowed, or (strict) FP16 was not verified on CUDA; nothing was written.
-        DeviceError: an unknown device, or FP16 with `device="cuda[:N]"` and no working CUDA provider.
+    The options are `cnnkit export`'s (docs/export.md): `fmt` onnx, torchscript or pt2; `out` a path or
+    folder; `data` the parity (and INT8 accuracy) images; `max_abs_tol`, `n_images` the gate; ONNX:
+    `exporter`, `opset`, `batch`, `fold`; INT8 (`quantize="int8"`): `calibration`, `calibration_size`,
+    `max_accuracy_drop`, `eval_limit`; FP16 (`half`): `device`, `strict`; `keep_paths` full data paths
+    in the artifact; `trust_arch` the import string a user-arch checkpoint must name (SECURITY.md).
+    Returns the result (`result.to_dict()` is the CLI's JSON). Raises ModelError (checkpoint, options,
+    an untrusted user arch), DataError (no usable images), ParityError (the gate failed: nothing was
+    written) or DeviceError (an unknown device, or FP16 on `cuda[:N]` without a CUDA provider).
     """
     t0 = time.perf_counter()
     precision, spec, tol, opset = _check_options(fmt, quantize, half, device, exporter, opset, max_abs_tol)
-    if n_images < 1:
-        raise CnnkitError(f"n_images must be at least 1, got {n_images}")
-    _check_batch(batch, fmt, precision)
-    if quantize:
-        from cnnkit.export.quantize import check_options as check_int8
-
-        check_int8(calibration_size, max_accuracy_drop, eval_limit)
     settings = _Settings(
         fmt,
         precision,
@@ -330,6 +292,16 @@ class _Settings:
     eval_limit: int = DEFAULT_EVAL_LIMIT
     batch: int | None = None  # fp32 ONNX: a fixed batch axis
     fold: bool = True  # ONNX: fold BatchNorm into convolutions (`cnnkit.export.fold`)
+
+    def __post_init__(self) -> None:
+        """Refuse, before any work, what `_check_options` does not check: the counts and the fixed batch."""
+        if self.n_images < 1:
+            raise CnnkitError(f"n_images must be at least 1, got {self.n_images}")
+        _check_batch(self.batch, self.fmt, self.precision)
+        if self.precision == "int8":
+            from cnnkit.export.quantize import check_options as check_int8
+
+            check_int8(self.calibration_size, self.max_accuracy_drop, self.eval_limit)
 
 
 def _check_batch(batch: int | None, fmt: str, precision: str) -> None:

@@ -199,7 +199,7 @@ def quantize_int8(
         src: the fp32 ONNX file (as written by `export_onnx`).
         path: the file to write.
         meta: the checkpoint's record (checked against the graph's input and output).
-        calibration: uint8 (N, 1, H, W) training images for the activation ranges.
+        calibration: uint8 (N, C, H, W) training images for the activation ranges.
         calibration_data: the folder they came from (recorded).
 
     Returns:
@@ -321,13 +321,9 @@ def accuracy_gate(
     """Compare the int8 file with the fp32 one on labeled images (CPU provider).
 
     Args:
-        fp32 / int8: the two ONNX files.
-        images: uint8 (N, 1, H, W).
-        labels: int64 (N,) class indices.
-        meta: the model's record (output kind).
-        max_drop: accuracy points int8 may lose.
-        data: the folder the images came from (reported).
-        batch_size: batch size of all runs (accuracy and speed).
+        fp32, int8: the two ONNX files; images, labels: uint8 (N, C, H, W) and their int64 classes.
+        meta: the model's record (output kind); max_drop: the accuracy points int8 may lose.
+        data: the folder the images came from (reported); batch_size: of all runs (accuracy and speed).
 
     Returns:
         The gate's numbers; `passed` says whether it holds.
